@@ -1,0 +1,338 @@
+//! Configuration, in layers: defaults < TOML file (`--config`) < environment
+//! (`COCHLEA_*`) < command-line flags.
+//!
+//! The file is deserialized with unknown keys denied, so a typo is an error
+//! that names the key. Environment and flags are one clap layer: every flag
+//! has an environment variable, and clap lets the flag win. Units are in the
+//! names (`_ms`, `_bytes`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sinks::recorder::{RecorderSettings, SampleFormatSetting};
+use crate::sinks::SINK_NAMES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The effective configuration of `cochlea serve`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Directory for WAV recordings and their JSON sidecars.
+    pub recordings_dir: PathBuf,
+    /// HTTP worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// Concurrent sessions before new ones are refused with close code 1013.
+    pub max_sessions: usize,
+    /// Largest WebSocket message accepted (after continuation frames are joined).
+    pub max_message_bytes: usize,
+    /// A session with neither audio nor keepalive for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Close code for an idle session: 1000 (normal) or 1001 (going away).
+    pub idle_close_code: u16,
+    /// On SIGINT/SIGTERM, how long sessions get to finish their sinks.
+    pub shutdown_timeout_ms: u64,
+    /// Largest timestamp gap one `framing=seq` message may open (filled with silence).
+    pub max_gap_ms: u64,
+    /// Blocks queued per sink before the session waits for it.
+    pub sink_queue_blocks: usize,
+    /// Sinks for sessions that do not name any.
+    pub default_sinks: Vec<String>,
+    pub log_format: LogFormat,
+    pub recorder: RecorderConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Longest time written audio may stay outside the WAV header.
+    pub flush_interval_ms: u64,
+    /// Also fsync at each header update (power-loss safety; costs disk syncs).
+    pub fsync: bool,
+    /// `auto` (f32 for pcm_f32le, else s16), `s16` or `f32`.
+    pub sample_format: SampleFormatSetting,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            recordings_dir: PathBuf::from("./recordings"),
+            workers: 0,
+            max_sessions: 5000,
+            max_message_bytes: 64 * 1024,
+            idle_timeout_ms: 30_000,
+            idle_close_code: 1000,
+            shutdown_timeout_ms: 10_000,
+            max_gap_ms: 10_000,
+            sink_queue_blocks: 64,
+            default_sinks: vec!["record".into()],
+            log_format: LogFormat::Text,
+            recorder: RecorderConfig::default(),
+        }
+    }
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1000,
+            fsync: false,
+            sample_format: SampleFormatSetting::Auto,
+        }
+    }
+}
+
+/// Flags of `cochlea serve`; each one can also come from its environment variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "COCHLEA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long, env = "COCHLEA_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "COCHLEA_RECORDINGS_DIR", value_name = "DIR")]
+    pub recordings_dir: Option<PathBuf>,
+    #[arg(long, env = "COCHLEA_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+    #[arg(long, env = "COCHLEA_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<usize>,
+    #[arg(long, env = "COCHLEA_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, env = "COCHLEA_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_IDLE_CLOSE_CODE", value_name = "1000|1001")]
+    pub idle_close_code: Option<u16>,
+    #[arg(long, env = "COCHLEA_SHUTDOWN_TIMEOUT_MS", value_name = "MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_MAX_GAP_MS", value_name = "MS")]
+    pub max_gap_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_SINK_QUEUE_BLOCKS", value_name = "N")]
+    pub sink_queue_blocks: Option<usize>,
+    /// Comma-separated; empty for none.
+    #[arg(
+        long,
+        env = "COCHLEA_DEFAULT_SINKS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub default_sinks: Option<Vec<String>>,
+    #[arg(long, env = "COCHLEA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "COCHLEA_RECORDER_FLUSH_INTERVAL_MS", value_name = "MS")]
+    pub recorder_flush_interval_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_RECORDER_FSYNC", value_name = "BOOL")]
+    pub recorder_fsync: Option<bool>,
+    #[arg(long, env = "COCHLEA_RECORDER_SAMPLE_FORMAT", value_enum)]
+    pub recorder_sample_format: Option<SampleFormatSetting>,
+}
+
+impl Config {
+    /// Parses a TOML document; unknown keys are errors that name the key.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Builds the effective configuration from all layers and validates it.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Config::default(),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Overlays the environment-and-flags layer.
+    fn apply(&mut self, args: &ServeArgs) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        set(&mut self.listen, &args.listen);
+        set(&mut self.recordings_dir, &args.recordings_dir);
+        set(&mut self.workers, &args.workers);
+        set(&mut self.max_sessions, &args.max_sessions);
+        set(&mut self.max_message_bytes, &args.max_message_bytes);
+        set(&mut self.idle_timeout_ms, &args.idle_timeout_ms);
+        set(&mut self.idle_close_code, &args.idle_close_code);
+        set(&mut self.shutdown_timeout_ms, &args.shutdown_timeout_ms);
+        set(&mut self.max_gap_ms, &args.max_gap_ms);
+        set(&mut self.sink_queue_blocks, &args.sink_queue_blocks);
+        set(&mut self.log_format, &args.log_format);
+        set(
+            &mut self.recorder.flush_interval_ms,
+            &args.recorder_flush_interval_ms,
+        );
+        set(&mut self.recorder.fsync, &args.recorder_fsync);
+        set(
+            &mut self.recorder.sample_format,
+            &args.recorder_sample_format,
+        );
+        if let Some(sinks) = &args.default_sinks {
+            self.default_sinks = sinks
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty() && s != "none")
+                .collect();
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !matches!(self.idle_close_code, 1000 | 1001) {
+            return invalid(format!(
+                "idle_close_code must be 1000 or 1001, not {}",
+                self.idle_close_code
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return invalid(format!(
+                "max_message_bytes must be from 1024 to 16777216, not {}",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_sessions == 0 {
+            return invalid("max_sessions must be at least 1".into());
+        }
+        if self.idle_timeout_ms == 0 {
+            return invalid("idle_timeout_ms must be at least 1".into());
+        }
+        if !(10..=60_000).contains(&self.recorder.flush_interval_ms) {
+            return invalid(format!(
+                "recorder.flush_interval_ms must be from 10 to 60000, not {}",
+                self.recorder.flush_interval_ms
+            ));
+        }
+        if let Some(unknown) = self
+            .default_sinks
+            .iter()
+            .find(|s| !SINK_NAMES.contains(&s.as_str()))
+        {
+            return invalid(format!(
+                "default_sinks names unknown sink '{unknown}'; available: {}",
+                SINK_NAMES.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    pub fn recorder_settings(&self) -> RecorderSettings {
+        RecorderSettings {
+            dir: self.recordings_dir.clone(),
+            flush_interval: Duration::from_millis(self.recorder.flush_interval_ms),
+            fsync: self.recorder.fsync,
+            sample_format: self.recorder.sample_format,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("lsten = \"0.0.0.0:1\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("lsten"), "{err}");
+        let err = Config::from_toml("[recorder]\nflush_ms = 5\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("flush_ms"), "{err}");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let mut config = Config::from_toml(
+            "listen = \"127.0.0.1:9000\"\nmax_sessions = 3\n[recorder]\nfsync = true\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert!(config.recorder.fsync);
+        assert_eq!(
+            config.idle_timeout_ms, 30_000,
+            "untouched keys keep defaults"
+        );
+        config.apply(&ServeArgs {
+            max_sessions: Some(7),
+            default_sinks: Some(vec!["none".into()]),
+            ..ServeArgs::default()
+        });
+        assert_eq!(config.max_sessions, 7);
+        assert_eq!(config.listen.port(), 9000);
+        assert!(config.default_sinks.is_empty());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let config = Config {
+            idle_close_code: 1011,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        let config = Config {
+            default_sinks: vec!["tape".into()],
+            ..Config::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("tape"));
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let text = Config::default().to_toml();
+        let back = Config::from_toml(&text, Path::new("printed.toml")).unwrap();
+        assert_eq!(back.listen, Config::default().listen);
+    }
+}

@@ -1,0 +1,270 @@
+//! Client → server text messages, and the stream request they share with the
+//! query string.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::format::{parse_channels, parse_sample_rate, Encoding, Framing, StreamFormat};
+use super::format::{MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
+use super::ProtocolError;
+
+/// What a client asked for, from the query string, a `start` message, or both
+/// (the `start` message wins field by field). Nothing here is validated yet
+/// beyond types: see [`StartRequest::resolve`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StartRequest {
+    pub encoding: Option<String>,
+    pub sample_rate: Option<u32>,
+    pub channels: Option<u16>,
+    pub framing: Option<String>,
+    /// `None`: the configured default sinks. `Some(vec![])`: no sinks.
+    pub sinks: Option<Vec<String>>,
+    pub metadata: Map<String, Value>,
+}
+
+impl StartRequest {
+    /// Reads the stream parameters of a query string (already percent-decoded pairs).
+    ///
+    /// An unknown parameter is an error, so that a typo such as `samplerate=`
+    /// fails loudly instead of silently falling back to a default.
+    pub fn from_query<'a, I>(pairs: I) -> Result<Self, ProtocolError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let mut request = StartRequest::default();
+        for (key, value) in pairs {
+            match key {
+                "encoding" => request.encoding = Some(value.to_owned()),
+                "sample_rate" => request.sample_rate = Some(parse_sample_rate(value)?),
+                "channels" => request.channels = Some(parse_channels(value)?),
+                "framing" => request.framing = Some(value.to_owned()),
+                "sinks" => request.sinks = Some(parse_sink_list(value)),
+                other => return Err(ProtocolError::UnknownParameter(other.to_owned())),
+            }
+        }
+        Ok(request)
+    }
+
+    /// True when the query string alone starts the stream.
+    pub fn starts_stream(&self) -> bool {
+        self.encoding.is_some()
+    }
+
+    /// Overlays a `start` message on the query-string request.
+    pub fn merged_with(mut self, start: StartRequest) -> StartRequest {
+        if start.encoding.is_some() {
+            self.encoding = start.encoding;
+        }
+        if start.sample_rate.is_some() {
+            self.sample_rate = start.sample_rate;
+        }
+        if start.channels.is_some() {
+            self.channels = start.channels;
+        }
+        if start.framing.is_some() {
+            self.framing = start.framing;
+        }
+        if start.sinks.is_some() {
+            self.sinks = start.sinks;
+        }
+        self.metadata.extend(start.metadata);
+        self
+    }
+
+    /// Validates the request into the effective stream format.
+    pub fn resolve(&self) -> Result<StreamFormat, ProtocolError> {
+        let encoding_name = self.encoding.as_deref().ok_or_else(|| {
+            ProtocolError::InvalidMessage(
+                "encoding is required (in start or in the query string)".into(),
+            )
+        })?;
+        let encoding = Encoding::parse(encoding_name)?;
+        let sample_rate = match self.sample_rate.or(encoding.default_sample_rate()) {
+            Some(rate) => rate,
+            None => return Err(ProtocolError::MissingSampleRate(encoding.as_str())),
+        };
+        let framing = match self.framing.as_deref() {
+            Some(text) => Framing::parse(text)?,
+            None => Framing::default(),
+        };
+        Ok(StreamFormat {
+            encoding,
+            sample_rate,
+            channels: self.channels.unwrap_or(1),
+            framing,
+        })
+    }
+}
+
+/// `sinks=record,transcribe`; an empty value or `none` selects no sink.
+fn parse_sink_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && *name != "none")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A text message from the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    Start(StartRequest),
+    Keepalive,
+    Flush,
+    Stop,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartMessage {
+    #[serde(rename = "type")]
+    _type: String,
+    encoding: Option<String>,
+    sample_rate: Option<u64>,
+    channels: Option<u64>,
+    framing: Option<String>,
+    sinks: Option<Vec<String>>,
+    metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BareMessage {
+    #[serde(rename = "type")]
+    _type: String,
+}
+
+/// Parses one text message. Malformed JSON is distinguished from well-formed
+/// JSON that breaks the protocol, because they close with different codes.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ProtocolError::MalformedJson(e.to_string()))?;
+    let Some(kind) = value.get("type").and_then(Value::as_str) else {
+        return Err(ProtocolError::InvalidMessage(
+            "a text message must be a JSON object with a string field \"type\"".into(),
+        ));
+    };
+    let invalid = |e: serde_json::Error| ProtocolError::InvalidMessage(format!("{kind}: {e}"));
+    match kind {
+        "start" => {
+            let m: StartMessage = serde_json::from_value(value.clone()).map_err(invalid)?;
+            let sample_rate = match m.sample_rate {
+                None => None,
+                Some(r) => Some(
+                    u32::try_from(r)
+                        .ok()
+                        .filter(|r| (MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(r))
+                        .ok_or_else(|| ProtocolError::UnsupportedSampleRate(r.to_string()))?,
+                ),
+            };
+            let channels = match m.channels {
+                None => None,
+                Some(c) => Some(
+                    u16::try_from(c)
+                        .ok()
+                        .filter(|c| (1..=MAX_CHANNELS).contains(c))
+                        .ok_or_else(|| ProtocolError::UnsupportedChannels(c.to_string()))?,
+                ),
+            };
+            Ok(ClientMessage::Start(StartRequest {
+                encoding: m.encoding,
+                sample_rate,
+                channels,
+                framing: m.framing,
+                sinks: m.sinks,
+                metadata: m.metadata.unwrap_or_default(),
+            }))
+        }
+        "keepalive" | "flush" | "stop" => {
+            let _: BareMessage = serde_json::from_value(value.clone()).map_err(invalid)?;
+            Ok(match kind {
+                "keepalive" => ClientMessage::Keepalive,
+                "flush" => ClientMessage::Flush,
+                _ => ClientMessage::Stop,
+            })
+        }
+        other => Err(ProtocolError::UnknownMessageType(other.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_alone_can_start_a_stream() {
+        let request = StartRequest::from_query([
+            ("encoding", "mulaw"),
+            ("channels", "2"),
+            ("framing", "seq"),
+        ])
+        .unwrap();
+        assert!(request.starts_stream());
+        let format = request.resolve().unwrap();
+        assert_eq!(format.encoding, Encoding::Mulaw);
+        assert_eq!(format.sample_rate, 8000);
+        assert_eq!(format.channels, 2);
+        assert_eq!(format.framing, Framing::Seq);
+        assert_eq!(format.bytes_per_frame(), 2);
+    }
+
+    #[test]
+    fn pcm_without_a_rate_is_refused() {
+        let request = StartRequest::from_query([("encoding", "pcm_s16le")]).unwrap();
+        assert_eq!(
+            request.resolve(),
+            Err(ProtocolError::MissingSampleRate("pcm_s16le"))
+        );
+    }
+
+    #[test]
+    fn start_message_overrides_query_field_by_field() {
+        let query = StartRequest::from_query([("sinks", "none"), ("sample_rate", "8000")]).unwrap();
+        let ClientMessage::Start(start) = parse_client_message(
+            r#"{"type":"start","encoding":"pcm_s16le","sample_rate":16000,"metadata":{"call":"42"}}"#,
+        )
+        .unwrap() else {
+            panic!("not a start message");
+        };
+        let merged = query.merged_with(start);
+        assert_eq!(merged.sinks, Some(vec![]));
+        assert_eq!(merged.resolve().unwrap().sample_rate, 16000);
+        assert_eq!(merged.metadata["call"], "42");
+    }
+
+    #[test]
+    fn unknown_query_parameter_is_named() {
+        assert_eq!(
+            StartRequest::from_query([("samplerate", "16000")]),
+            Err(ProtocolError::UnknownParameter("samplerate".into()))
+        );
+    }
+
+    #[test]
+    fn messages_are_classified() {
+        assert!(matches!(
+            parse_client_message("{not json"),
+            Err(ProtocolError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"dance"}"#),
+            Err(ProtocolError::UnknownMessageType(_))
+        ));
+        assert!(matches!(
+            parse_client_message(r#"[1,2]"#),
+            Err(ProtocolError::InvalidMessage(_))
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"start","encoding":"mulaw","samplerate":8000}"#),
+            Err(ProtocolError::InvalidMessage(m)) if m.contains("samplerate")
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"start","encoding":"mulaw","sample_rate":96000}"#),
+            Err(ProtocolError::UnsupportedSampleRate(_))
+        ));
+        assert_eq!(
+            parse_client_message(r#"{"type":"stop"}"#),
+            Ok(ClientMessage::Stop)
+        );
+    }
+}

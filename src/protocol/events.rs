@@ -1,0 +1,84 @@
+//! Server → client text messages. Each one has a JSON Schema in
+//! `proto/schemas/`, and the integration tests validate every message the
+//! server sends against it.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::format::StreamFormat;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A message the server sends. Serialized with a `type` tag.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Started(StartedInfo),
+    Error {
+        /// Machine-readable, stable: see the table in PROTOCOL.md.
+        code: &'static str,
+        message: String,
+        /// True when the server closes the connection right after.
+        fatal: bool,
+    },
+    /// Every sink has committed what it had when the client sent `flush`.
+    Flushed,
+    Recording(RecordingInfo),
+    Closed(ClosedSummary),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StartedInfo {
+    pub protocol_version: u32,
+    pub session_id: String,
+    pub format: StreamFormat,
+    pub sinks: Vec<String>,
+    pub metadata: Map<String, Value>,
+    pub max_message_bytes: usize,
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordingInfo {
+    /// Path of the WAV file on the server.
+    pub path: String,
+    /// Path of the JSON sidecar beside it.
+    pub sidecar_path: String,
+    pub duration_seconds: f64,
+    pub sample_frames: u64,
+    pub sample_rate: u32,
+    pub channels: u16,
+    /// `s16` or `f32`.
+    pub sample_format: &'static str,
+    /// Size of the WAV file, header included.
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the whole WAV file.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClosedSummary {
+    /// Why the session ended: `stop`, `error`, `idle_timeout` or `shutdown`.
+    pub reason: &'static str,
+    /// The WebSocket close code that follows.
+    pub close_code: u16,
+    /// Media time of the stream, gaps included.
+    pub duration_seconds: f64,
+    pub sample_frames: u64,
+    pub audio_messages: u64,
+    pub audio_bytes: u64,
+    /// Sample frames of silence inserted for timestamp gaps (`framing=seq`).
+    pub gap_frames: u64,
+    /// `framing=seq` messages dropped because their seq was already seen.
+    pub duplicate_messages: u64,
+}
+
+impl ServerMessage {
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail: no maps with non-string
+        // keys, no failing Serialize impls.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#)
+        })
+    }
+}

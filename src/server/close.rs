@@ -1,0 +1,113 @@
+//! The one place where every way a session can fail is given its
+//! machine-readable error code and its RFC 6455 close code. PROTOCOL.md's
+//! table is this file in prose; keep them together.
+
+use crate::codec::CodecError;
+use crate::pipeline::PipelineError;
+use crate::protocol::ProtocolError;
+use crate::sinks::SinkError;
+
+/// RFC 6455 §7.4.1 close codes used by cochlea.
+pub mod codes {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Why a session ends with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("server is at its limit of {max_sessions} concurrent sessions; retry later")]
+    ServerFull { max_sessions: usize },
+    #[error("no audio or keepalive for {idle_timeout_ms} ms")]
+    IdleTimeout {
+        idle_timeout_ms: u64,
+        close_code: u16,
+    },
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl From<PipelineError> for SessionError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Protocol(e) => SessionError::Protocol(e),
+            PipelineError::Codec(e) => SessionError::Codec(e),
+        }
+    }
+}
+
+impl SessionError {
+    /// `(error code, close code)`.
+    pub fn codes(&self) -> (&'static str, u16) {
+        use codes::*;
+        match self {
+            SessionError::Protocol(e) => match e {
+                ProtocolError::MalformedJson(_) => ("malformed_json", INVALID_PAYLOAD),
+                ProtocolError::InvalidUtf8 => ("invalid_utf8", INVALID_PAYLOAD),
+                ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
+                ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
+                ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
+                ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
+                ProtocolError::UnsupportedSampleRate(_) => {
+                    ("unsupported_sample_rate", UNSUPPORTED_DATA)
+                }
+                ProtocolError::UnsupportedChannels(_) => ("unsupported_channels", UNSUPPORTED_DATA),
+                ProtocolError::UnsupportedFraming(_) => ("unsupported_framing", UNSUPPORTED_DATA),
+                ProtocolError::MissingSampleRate(_) => ("missing_sample_rate", PROTOCOL_ERROR),
+                ProtocolError::AudioBeforeStart => ("audio_before_start", PROTOCOL_ERROR),
+                ProtocolError::AlreadyStarted => ("already_started", PROTOCOL_ERROR),
+                ProtocolError::MessageTooBig { .. } => ("message_too_big", MESSAGE_TOO_BIG),
+                ProtocolError::WebSocket(_) => ("websocket_protocol", PROTOCOL_ERROR),
+                ProtocolError::SeqHeaderTruncated { .. } => {
+                    ("seq_header_truncated", PROTOCOL_ERROR)
+                }
+                ProtocolError::TimestampBackwards { .. } => ("timestamp_backwards", PROTOCOL_ERROR),
+                ProtocolError::GapTooLarge { .. } => ("gap_too_large", POLICY_VIOLATION),
+            },
+            SessionError::Codec(e) => match e {
+                CodecError::PartialFrame { .. } => ("partial_frame", INVALID_PAYLOAD),
+            },
+            SessionError::Sink(e) => match e {
+                SinkError::UnknownSink(_) => ("unknown_sink", UNSUPPORTED_DATA),
+                SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
+                    ("sink_failed", INTERNAL_ERROR)
+                }
+            },
+            SessionError::ServerFull { .. } => ("server_full", TRY_AGAIN_LATER),
+            SessionError::IdleTimeout { close_code, .. } => ("idle_timeout", *close_code),
+            SessionError::ShuttingDown => ("shutting_down", GOING_AWAY),
+        }
+    }
+
+    /// Short text for the close frame (RFC 6455 allows 123 bytes).
+    pub fn close_reason(&self) -> &'static str {
+        self.codes().0
+    }
+}
+
+/// Maps actix-ws stream errors onto protocol errors.
+pub fn from_ws_error(error: actix_ws::ProtocolError, max_message_bytes: usize) -> ProtocolError {
+    match error {
+        actix_ws::ProtocolError::Overflow => ProtocolError::MessageTooBig {
+            max_bytes: max_message_bytes,
+        },
+        // actix-ws reports a text frame that is not UTF-8 as InvalidData.
+        actix_ws::ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            ProtocolError::InvalidUtf8
+        }
+        other => ProtocolError::WebSocket(other.to_string()),
+    }
+}

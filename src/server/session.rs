@@ -1,0 +1,607 @@
+//! One WebSocket stream session: the task that owns the socket.
+//!
+//! It reads client messages, runs them through the pipeline, hands blocks to
+//! the sink tasks, and writes every event back. It arms exactly one timer (the
+//! idle deadline, re-armed lazily when it fires), so an idle session costs a
+//! timer entry and nothing else.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix_web::web::{Bytes, BytesMut};
+use actix_ws::{CloseCode, CloseReason, Item, Message, MessageStream};
+use metrics::Counter;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::close::{codes, from_ws_error, SessionError};
+use super::registry::SessionGuard;
+use crate::config::Config;
+use crate::pipeline::{AudioBlock, Pipeline};
+use crate::protocol::{
+    parse_client_message, ClientMessage, ClosedSummary, ProtocolError, ServerMessage, StartRequest,
+    StartedInfo, PROTOCOL_VERSION,
+};
+use crate::sinks::{self, SinkCommand, SinkContext, SinkEvent};
+use crate::telemetry::names;
+
+/// What a session needs from the server.
+#[derive(Clone)]
+pub struct SessionEnv {
+    pub config: Arc<Config>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs an admitted session to its end.
+pub async fn run(
+    id: String,
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    query: Result<StartRequest, ProtocolError>,
+    env: SessionEnv,
+    guard: SessionGuard,
+) {
+    let span = tracing::info_span!("session", id = %id);
+    async move {
+        tracing::info!("session opened");
+        let mut session = Session::new(id, ws, env.config.clone());
+        let end = match query {
+            Ok(query) => session.drive(query, messages, env.shutdown).await,
+            Err(e) => End::Error(e.into()),
+        };
+        session.end(end).await;
+        drop(guard);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Refuses a connection that was upgraded but cannot be served (server full,
+/// shutting down): the client gets an `error` and a close code it can act on,
+/// which a browser could not read from a failed HTTP upgrade.
+pub async fn refuse(id: String, mut ws: actix_ws::Session, error: SessionError) {
+    let span = tracing::info_span!("session", id = %id);
+    async move {
+        let (code, close_code) = error.codes();
+        tracing::warn!(%error, "session refused");
+        metrics::counter!(names::SESSIONS_REJECTED_TOTAL, "reason" => code).increment(1);
+        let message = ServerMessage::Error {
+            code,
+            message: error.to_string(),
+            fatal: true,
+        };
+        let _ = ws.text(message.to_json()).await;
+        let _ = ws
+            .close(Some(CloseReason {
+                code: CloseCode::from(close_code),
+                description: Some(code.to_owned()),
+            }))
+            .await;
+    }
+    .instrument(span)
+    .await
+}
+
+enum End {
+    /// The client sent `stop`.
+    Stop,
+    /// The connection went away without `stop`; `close_frame` if the client
+    /// sent a Close frame (which must be answered).
+    ClientGone {
+        close_frame: bool,
+    },
+    Error(SessionError),
+    Shutdown,
+}
+
+/// A message being reassembled from continuation frames.
+enum Partial {
+    Text(BytesMut),
+    Binary(BytesMut),
+}
+
+struct SinkSlot {
+    name: &'static str,
+    commands: Option<mpsc::Sender<SinkCommand>>,
+    flushes_done: u64,
+}
+
+/// Counter handles resolved once per session, so the per-frame path does no
+/// registry lookups.
+struct AudioCounters {
+    bytes: Counter,
+    frames: Counter,
+    sample_frames: Counter,
+}
+
+struct Active {
+    pipeline: Pipeline,
+    sinks: Vec<SinkSlot>,
+    events: mpsc::UnboundedReceiver<SinkEvent>,
+    /// Reused for every message to avoid an allocation per frame.
+    blocks: Vec<AudioBlock>,
+    counters: AudioCounters,
+}
+
+struct Session {
+    id: String,
+    ws: actix_ws::Session,
+    config: Arc<Config>,
+    query: StartRequest,
+    started_at: SystemTime,
+    active: Option<Active>,
+    last_activity: Instant,
+    partial: Option<Partial>,
+    flushes_requested: u64,
+    flushes_reported: u64,
+}
+
+impl Session {
+    fn new(id: String, ws: actix_ws::Session, config: Arc<Config>) -> Self {
+        Self {
+            id,
+            ws,
+            config,
+            query: StartRequest::default(),
+            started_at: SystemTime::now(),
+            active: None,
+            last_activity: Instant::now(),
+            partial: None,
+            flushes_requested: 0,
+            flushes_reported: 0,
+        }
+    }
+
+    async fn send(&mut self, message: &ServerMessage) {
+        if self.ws.text(message.to_json()).await.is_err() {
+            tracing::debug!("client gone; message not sent");
+        }
+    }
+
+    /// The main loop: returns how the session ended.
+    async fn drive(
+        &mut self,
+        query: StartRequest,
+        mut messages: MessageStream,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> End {
+        let starts_now = query.starts_stream();
+        self.query = query;
+        if starts_now {
+            if let Err(e) = self.start(StartRequest::default()).await {
+                return End::Error(e);
+            }
+        }
+
+        let idle_timeout = self.config.idle_timeout();
+        let idle = tokio::time::sleep_until(self.last_activity + idle_timeout);
+        tokio::pin!(idle);
+
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = wait_for_shutdown(&mut shutdown) => return End::Shutdown,
+                event = next_event(&mut self.active) => self.on_sink_event(event).await.map(|()| None),
+                message = messages.recv() => match message {
+                    None => return End::ClientGone { close_frame: false },
+                    Some(Ok(message)) => self.on_message(message).await,
+                    Some(Err(actix_ws::ProtocolError::Io(e)))
+                        if e.kind() != std::io::ErrorKind::InvalidData =>
+                    {
+                        tracing::info!(error = %e, "connection lost");
+                        return End::ClientGone { close_frame: false };
+                    }
+                    Some(Err(e)) => Err(from_ws_error(e, self.config.max_message_bytes).into()),
+                },
+                () = &mut idle => {
+                    let deadline = self.last_activity + idle_timeout;
+                    if Instant::now() >= deadline {
+                        Err(SessionError::IdleTimeout {
+                            idle_timeout_ms: self.config.idle_timeout_ms,
+                            close_code: self.config.idle_close_code,
+                        })
+                    } else {
+                        idle.as_mut().reset(deadline);
+                        Ok(None)
+                    }
+                }
+            };
+            match step {
+                Ok(None) => {}
+                Ok(Some(end)) => return end,
+                Err(error) => return End::Error(error),
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<Option<End>, SessionError> {
+        let max_bytes = self.config.max_message_bytes;
+        match message {
+            Message::Text(text) => self.on_text(&text).await,
+            Message::Binary(data) => self.on_audio(&data).await.map(|()| None),
+            Message::Continuation(item) => {
+                let complete = match (item, self.partial.take()) {
+                    (Item::FirstText(b), None) => {
+                        self.partial = Some(Partial::Text(BytesMut::from(&b[..])));
+                        None
+                    }
+                    (Item::FirstBinary(b), None) => {
+                        self.partial = Some(Partial::Binary(BytesMut::from(&b[..])));
+                        None
+                    }
+                    (Item::Continue(b), Some(mut p)) => {
+                        extend(&mut p, &b);
+                        self.partial = Some(p);
+                        None
+                    }
+                    (Item::Last(b), Some(mut p)) => {
+                        extend(&mut p, &b);
+                        Some(p)
+                    }
+                    _ => {
+                        return Err(ProtocolError::WebSocket(
+                            "continuation frame out of sequence".into(),
+                        )
+                        .into())
+                    }
+                };
+                let buffered = match (&self.partial, &complete) {
+                    (Some(p), _) | (None, Some(p)) => partial_len(p),
+                    (None, None) => 0,
+                };
+                if buffered > max_bytes {
+                    return Err(ProtocolError::MessageTooBig { max_bytes }.into());
+                }
+                match complete {
+                    Some(Partial::Text(bytes)) => match std::str::from_utf8(&bytes) {
+                        Ok(text) => self.on_text(text).await,
+                        Err(_) => Err(ProtocolError::InvalidUtf8.into()),
+                    },
+                    Some(Partial::Binary(bytes)) => {
+                        self.on_audio(&bytes.freeze()).await.map(|()| None)
+                    }
+                    None => Ok(None),
+                }
+            }
+            Message::Ping(payload) => {
+                let _ = self.ws.pong(&payload).await;
+                Ok(None)
+            }
+            Message::Pong(_) | Message::Nop => Ok(None),
+            Message::Close(reason) => {
+                tracing::info!(?reason, "client closed the connection without stop");
+                Ok(Some(End::ClientGone { close_frame: true }))
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<Option<End>, SessionError> {
+        match parse_client_message(text)? {
+            ClientMessage::Start(request) => {
+                if self.active.is_some() {
+                    return Err(ProtocolError::AlreadyStarted.into());
+                }
+                self.last_activity = Instant::now();
+                self.start(request).await?;
+                Ok(None)
+            }
+            ClientMessage::Keepalive => {
+                self.last_activity = Instant::now();
+                Ok(None)
+            }
+            ClientMessage::Flush => {
+                self.last_activity = Instant::now();
+                self.flush().await;
+                Ok(None)
+            }
+            ClientMessage::Stop => Ok(Some(End::Stop)),
+        }
+    }
+
+    /// Resolves the format, creates the pipeline and sinks, and says `started`.
+    async fn start(&mut self, start: StartRequest) -> Result<(), SessionError> {
+        let request = std::mem::take(&mut self.query).merged_with(start);
+        let format = request.resolve()?;
+        let sink_names = request
+            .sinks
+            .clone()
+            .unwrap_or_else(|| self.config.default_sinks.clone());
+        let context = SinkContext {
+            session_id: self.id.clone(),
+            format,
+            metadata: request.metadata.clone(),
+            started_at: self.started_at,
+        };
+        let built = sinks::build(&sink_names, &context, &self.config)?;
+
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let slots = built
+            .into_iter()
+            .enumerate()
+            .map(|(index, sink)| {
+                let handle = sinks::spawn(
+                    index,
+                    sink,
+                    self.config.sink_queue_blocks,
+                    events_tx.clone(),
+                );
+                SinkSlot {
+                    name: handle.name,
+                    commands: Some(handle.commands),
+                    flushes_done: 0,
+                }
+            })
+            .collect::<Vec<_>>();
+        // Only the sink tasks hold senders now: see `sinks::spawn`.
+        drop(events_tx);
+
+        let encoding = format.encoding.as_str();
+        let counters = AudioCounters {
+            bytes: metrics::counter!(names::AUDIO_RECEIVED_BYTES_TOTAL, "encoding" => encoding),
+            frames: metrics::counter!(names::AUDIO_RECEIVED_FRAMES_TOTAL, "encoding" => encoding),
+            sample_frames: metrics::counter!(
+                names::AUDIO_DECODED_SAMPLE_FRAMES_TOTAL,
+                "encoding" => encoding,
+                "sample_rate" => format.sample_rate.to_string()
+            ),
+        };
+        let started = StartedInfo {
+            protocol_version: PROTOCOL_VERSION,
+            session_id: self.id.clone(),
+            format,
+            sinks: slots.iter().map(|s| s.name.to_owned()).collect(),
+            metadata: request.metadata,
+            max_message_bytes: self.config.max_message_bytes,
+            idle_timeout_ms: self.config.idle_timeout_ms,
+        };
+        tracing::info!(
+            encoding,
+            sample_rate = format.sample_rate,
+            channels = format.channels,
+            framing = format.framing.as_str(),
+            sinks = ?started.sinks,
+            "stream started"
+        );
+        self.active = Some(Active {
+            pipeline: Pipeline::new(format, self.config.max_gap_ms),
+            sinks: slots,
+            events,
+            blocks: Vec::with_capacity(2),
+            counters,
+        });
+        self.send(&ServerMessage::Started(started)).await;
+        Ok(())
+    }
+
+    async fn on_audio(&mut self, data: &Bytes) -> Result<(), SessionError> {
+        let Some(active) = self.active.as_mut() else {
+            return Err(ProtocolError::AudioBeforeStart.into());
+        };
+        self.last_activity = Instant::now();
+        let before = active.pipeline.stats();
+        active.blocks.clear();
+        active.pipeline.push(data, &mut active.blocks)?;
+        let after = active.pipeline.stats();
+
+        active.counters.bytes.increment(data.len() as u64);
+        active.counters.frames.increment(1);
+        active
+            .counters
+            .sample_frames
+            .increment(after.decoded_frames - before.decoded_frames);
+        if after.gap_frames > before.gap_frames {
+            metrics::counter!(names::AUDIO_GAP_SAMPLE_FRAMES_TOTAL)
+                .increment(after.gap_frames - before.gap_frames);
+        }
+        if after.duplicate_messages > before.duplicate_messages {
+            metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
+        }
+
+        for block in active.blocks.drain(..) {
+            let block = Arc::new(block);
+            for slot in &active.sinks {
+                if let Some(commands) = &slot.commands {
+                    // Waiting here is the recorder's overflow policy: block,
+                    // which pushes back on the client through TCP instead of
+                    // dropping audio. A failed send means the sink stopped;
+                    // its Failed event is already on the way.
+                    let _ = commands.send(SinkCommand::Audio(block.clone())).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) {
+        self.flushes_requested += 1;
+        if let Some(active) = &self.active {
+            for slot in &active.sinks {
+                if let Some(commands) = &slot.commands {
+                    let _ = commands.send(SinkCommand::Flush).await;
+                }
+            }
+        }
+        self.report_flushes().await;
+    }
+
+    /// Sends `flushed` for every flush that all live sinks have processed.
+    async fn report_flushes(&mut self) {
+        let done = self
+            .active
+            .as_ref()
+            .and_then(|a| {
+                a.sinks
+                    .iter()
+                    .filter(|s| s.commands.is_some())
+                    .map(|s| s.flushes_done)
+                    .min()
+            })
+            .unwrap_or(self.flushes_requested);
+        while self.flushes_reported < done.min(self.flushes_requested) {
+            self.flushes_reported += 1;
+            self.send(&ServerMessage::Flushed).await;
+        }
+    }
+
+    async fn on_sink_event(&mut self, event: SinkEvent) -> Result<(), SessionError> {
+        match event {
+            SinkEvent::Message(message) => {
+                if matches!(message, ServerMessage::Recording(_)) {
+                    metrics::counter!(names::RECORDINGS_TOTAL).increment(1);
+                }
+                self.send(&message).await;
+                Ok(())
+            }
+            SinkEvent::Flushed { index } => {
+                if let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) {
+                    slot.flushes_done += 1;
+                }
+                self.report_flushes().await;
+                Ok(())
+            }
+            SinkEvent::Failed { index, error } => {
+                if let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) {
+                    slot.commands = None;
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Finishes every sink, reports, and closes: the one exit of a session.
+    async fn end(mut self, end: End) {
+        if let End::ClientGone { close_frame: true } = end {
+            // Answer the client's Close at once; the sinks finish regardless.
+            let _ = self.ws.clone().close(None).await;
+        }
+        let (reason, mut close_code, error) = match end {
+            End::Stop => ("stop", codes::NORMAL, None),
+            End::ClientGone { .. } => ("client_gone", codes::NORMAL, None),
+            End::Shutdown => ("shutdown", codes::GOING_AWAY, None),
+            End::Error(e) => {
+                let close_code = e.codes().1;
+                let reason = match e {
+                    SessionError::IdleTimeout { .. } => "idle_timeout",
+                    _ => "error",
+                };
+                (reason, close_code, Some(e))
+            }
+        };
+        let mut close_text = reason;
+        if let Some(error) = &error {
+            let (code, _) = error.codes();
+            close_text = code;
+            tracing::warn!(%error, code, close_code, "session error");
+            metrics::counter!(names::SESSION_ERRORS_TOTAL, "kind" => code).increment(1);
+            self.send(&ServerMessage::Error {
+                code,
+                message: error.to_string(),
+                fatal: true,
+            })
+            .await;
+        }
+
+        let mut stats = Default::default();
+        let mut media_frames = 0;
+        let mut sample_rate = 1;
+        if let Some(mut active) = self.active.take() {
+            for slot in &mut active.sinks {
+                slot.commands = None;
+            }
+            // Every sink finishes and reports; the channel closes after the last.
+            while let Some(event) = active.events.recv().await {
+                match event {
+                    SinkEvent::Message(message) => {
+                        if matches!(message, ServerMessage::Recording(_)) {
+                            metrics::counter!(names::RECORDINGS_TOTAL).increment(1);
+                        }
+                        self.send(&message).await;
+                    }
+                    SinkEvent::Flushed { .. } => {}
+                    SinkEvent::Failed { error, .. } => {
+                        let error = SessionError::from(error);
+                        let (code, code_close) = error.codes();
+                        tracing::error!(%error, "sink failed while finishing");
+                        close_code = code_close;
+                        close_text = code;
+                        self.send(&ServerMessage::Error {
+                            code,
+                            message: error.to_string(),
+                            fatal: true,
+                        })
+                        .await;
+                    }
+                }
+            }
+            stats = active.pipeline.stats();
+            media_frames = active.pipeline.media_frames();
+            sample_rate = active.pipeline.format().sample_rate;
+        }
+
+        let summary = ClosedSummary {
+            reason,
+            close_code,
+            duration_seconds: media_frames as f64 / f64::from(sample_rate),
+            sample_frames: media_frames,
+            audio_messages: stats.audio_messages,
+            audio_bytes: stats.audio_bytes,
+            gap_frames: stats.gap_frames,
+            duplicate_messages: stats.duplicate_messages,
+        };
+        self.send(&ServerMessage::Closed(summary)).await;
+        let _ = self
+            .ws
+            .close(Some(CloseReason {
+                code: CloseCode::from(close_code),
+                description: Some(close_text.to_owned()),
+            }))
+            .await;
+        tracing::info!(
+            reason,
+            close_code,
+            media_seconds = media_frames as f64 / f64::from(sample_rate),
+            audio_messages = stats.audio_messages,
+            "session closed"
+        );
+    }
+}
+
+fn extend(partial: &mut Partial, bytes: &[u8]) {
+    match partial {
+        Partial::Text(b) | Partial::Binary(b) => b.extend_from_slice(bytes),
+    }
+}
+
+fn partial_len(partial: &Partial) -> usize {
+    match partial {
+        Partial::Text(b) | Partial::Binary(b) => b.len(),
+    }
+}
+
+/// The next sink event, or never when the stream has not started.
+async fn next_event(active: &mut Option<Active>) -> SinkEvent {
+    if let Some(active) = active {
+        if let Some(event) = active.events.recv().await {
+            return event;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Resolves once shutdown has been signalled; never if the signal is gone.
+async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Used by the server to decide whether to even admit a session.
+pub fn is_shutting_down(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow()
+}

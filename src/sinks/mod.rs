@@ -1,0 +1,221 @@
+//! Sinks: where decoded audio goes.
+//!
+//! A [`Sink`] is a synchronous state machine: it is handed blocks in media
+//! order, with the time passed in, and never touches the socket. Each sink of
+//! a session runs in its own task behind a bounded queue ([`spawn`]); what it
+//! has to tell the client goes into the session's event channel as a
+//! [`SinkEvent`], and the session task, which owns the socket, writes it out.
+
+pub mod recorder;
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::pipeline::{AudioBlock, SharedBlock};
+use crate::protocol::{ServerMessage, StreamFormat};
+use crate::telemetry::names;
+
+/// Names a client may put in `sinks=`.
+pub const SINK_NAMES: [&str; 1] = [recorder::NAME];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("unknown sink '{0}'; available: record")]
+    UnknownSink(String),
+    #[error("{sink}: {action} {path}: {source}")]
+    Io {
+        sink: &'static str,
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{sink}: writing WAV: {source}")]
+    Wav {
+        sink: &'static str,
+        source: hound::Error,
+    },
+    #[error("{sink}: {message}")]
+    Failed { sink: &'static str, message: String },
+}
+
+/// What a sink knows about the session it serves.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    pub session_id: String,
+    pub format: StreamFormat,
+    pub metadata: Map<String, Value>,
+    pub started_at: SystemTime,
+}
+
+/// A consumer of a session's audio.
+///
+/// Calls come in this order: `write`/`flush`/`on_deadline` any number of
+/// times, then `finish` once. `write` and friends run on the async runtime and
+/// must not block for long (buffered file writes are fine; network calls are
+/// not: spawn them). `finish` runs on the blocking pool.
+pub trait Sink: Send + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Takes the next block; blocks arrive in media order with no holes.
+    fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError>;
+
+    /// Commits everything received so far (the client sent `flush`).
+    fn flush(&mut self, now: Instant) -> Result<(), SinkError>;
+
+    /// When the sink next wants [`Sink::on_deadline`] called, if ever. A sink
+    /// with nothing pending returns `None`, so idle sessions arm no timer.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn on_deadline(&mut self, _now: Instant) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Ends the stream; returns what to tell the client (e.g. `recording`).
+    fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError>;
+}
+
+/// Builds the named sinks for one session.
+pub fn build(
+    names: &[String],
+    context: &SinkContext,
+    config: &Config,
+) -> Result<Vec<Box<dyn Sink>>, SinkError> {
+    // Validate every name before creating anything, so an unknown name
+    // leaves no half-made recording behind.
+    if let Some(unknown) = names.iter().find(|n| !SINK_NAMES.contains(&n.as_str())) {
+        return Err(SinkError::UnknownSink(unknown.clone()));
+    }
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::with_capacity(names.len());
+    for name in names {
+        if sinks.iter().any(|s| s.name() == name) {
+            continue;
+        }
+        match name.as_str() {
+            recorder::NAME => sinks.push(Box::new(recorder::Recorder::create(
+                context,
+                &config.recorder_settings(),
+            )?)),
+            other => return Err(SinkError::UnknownSink(other.to_owned())),
+        }
+    }
+    Ok(sinks)
+}
+
+/// Commands from the session to one sink task.
+#[derive(Debug)]
+pub enum SinkCommand {
+    Audio(SharedBlock),
+    Flush,
+}
+
+/// What sink tasks tell the session.
+#[derive(Debug)]
+pub enum SinkEvent {
+    /// A result for the client.
+    Message(ServerMessage),
+    /// Sink `index` has processed one more `flush`.
+    Flushed { index: usize },
+    /// Sink `index` failed and stopped; its audio is no longer taken.
+    Failed { index: usize, error: SinkError },
+}
+
+/// The session's handle on a running sink task.
+pub struct SinkHandle {
+    pub name: &'static str,
+    pub commands: mpsc::Sender<SinkCommand>,
+}
+
+/// Runs `sink` in its own task. The task ends when the session drops the
+/// command sender: it then calls `finish` on the blocking pool and reports.
+/// The task holds the only clone of `events` it was given, so once every sink
+/// task of a session has ended, the session's event receiver yields `None`:
+/// that, not a join handle, is how the session knows all sinks are done.
+pub fn spawn(
+    index: usize,
+    sink: Box<dyn Sink>,
+    queue_blocks: usize,
+    events: mpsc::UnboundedSender<SinkEvent>,
+) -> SinkHandle {
+    let name = sink.name();
+    let (commands, rx) = mpsc::channel(queue_blocks.max(1));
+    let span = tracing::info_span!("sink", sink = name);
+    tokio::spawn(run(index, sink, rx, events).instrument(span));
+    SinkHandle { name, commands }
+}
+
+async fn run(
+    index: usize,
+    mut sink: Box<dyn Sink>,
+    mut commands: mpsc::Receiver<SinkCommand>,
+    events: mpsc::UnboundedSender<SinkEvent>,
+) {
+    // One timer, re-armed only when the sink's deadline moves.
+    let far_future = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+    let timer = tokio::time::sleep_until(far_future);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+
+    let failure = loop {
+        let wanted = sink.next_deadline();
+        if wanted != armed {
+            armed = wanted;
+            let at = wanted.map_or(far_future, tokio::time::Instant::from_std);
+            timer.as_mut().reset(at);
+        }
+        let step = tokio::select! {
+            command = commands.recv() => match command {
+                Some(SinkCommand::Audio(block)) => sink.write(&block, Instant::now()),
+                Some(SinkCommand::Flush) => sink.flush(Instant::now()).map(|()| {
+                    let _ = events.send(SinkEvent::Flushed { index });
+                }),
+                None => break None,
+            },
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                timer.as_mut().reset(far_future);
+                sink.on_deadline(Instant::now())
+            }
+        };
+        if let Err(error) = step {
+            break Some(error);
+        }
+    };
+
+    match failure {
+        Some(error) => {
+            tracing::error!(%error, "sink failed");
+            metrics::counter!(names::SINK_FAILURES_TOTAL, "sink" => sink.name()).increment(1);
+            let _ = events.send(SinkEvent::Failed { index, error });
+            // Still finish, so whatever was written is closed properly.
+            let _ = tokio::task::spawn_blocking(move || sink.finish()).await;
+        }
+        None => {
+            let name = sink.name();
+            match tokio::task::spawn_blocking(move || sink.finish()).await {
+                Ok(Ok(messages)) => {
+                    for message in messages {
+                        let _ = events.send(SinkEvent::Message(message));
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "sink failed to finish");
+                    let _ = events.send(SinkEvent::Failed { index, error });
+                }
+                Err(join_error) => {
+                    let error = SinkError::Failed {
+                        sink: name,
+                        message: format!("finish panicked: {join_error}"),
+                    };
+                    let _ = events.send(SinkEvent::Failed { index, error });
+                }
+            }
+        }
+    }
+}

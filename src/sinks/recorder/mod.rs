@@ -1,0 +1,319 @@
+//! The crash-safe WAV recorder.
+//!
+//! One `<session_id>.wav` per session, beside a `<session_id>.json` sidecar.
+//! The WAV header is rewritten whenever more than `flush_interval_ms` has
+//! passed since the last rewrite and there is audio the header does not cover,
+//! so a process killed at any moment leaves a valid file holding everything up
+//! to about one interval before. The sidecar is written at start with
+//! `"complete": false` and replaced atomically at the end.
+
+mod sidecar;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Sink, SinkContext, SinkError};
+use crate::pipeline::{AudioBlock, BlockSamples};
+use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
+use sidecar::Sidecar;
+
+pub const NAME: &str = "record";
+
+/// Sample format of the WAV file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleFormatSetting {
+    /// 32-bit float for `pcm_f32le` streams, 16-bit integer otherwise: each
+    /// keeps the client's samples exactly.
+    #[default]
+    Auto,
+    S16,
+    F32,
+}
+
+/// Recorder settings, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct RecorderSettings {
+    pub dir: PathBuf,
+    pub flush_interval: Duration,
+    /// `fsync` after each header rewrite: survives power loss, not only a
+    /// killed process, at the cost of one disk sync per interval per session.
+    pub fsync: bool,
+    pub sample_format: SampleFormatSetting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WavFormat {
+    S16,
+    F32,
+}
+
+impl WavFormat {
+    fn name(self) -> &'static str {
+        match self {
+            WavFormat::S16 => "s16",
+            WavFormat::F32 => "f32",
+        }
+    }
+
+    fn bytes_per_sample(self) -> u64 {
+        match self {
+            WavFormat::S16 => 2,
+            WavFormat::F32 => 4,
+        }
+    }
+}
+
+/// The RIFF size fields are 32-bit: a WAV file cannot hold more data bytes
+/// than this (hound's header is at most 68 bytes).
+const MAX_WAV_DATA_BYTES: u64 = u32::MAX as u64 - 68;
+
+/// Silence is written in slices of this many samples, to bound the buffer.
+const SILENCE_CHUNK_SAMPLES: usize = 4096;
+
+pub struct Recorder {
+    writer: hound::WavWriter<BufWriter<File>>,
+    /// A second handle on the same file, for `sync_data`.
+    file: File,
+    wav_path: PathBuf,
+    sidecar: Sidecar,
+    sidecar_path: PathBuf,
+    format: WavFormat,
+    channels: u16,
+    sample_rate: u32,
+    frames_written: u64,
+    /// Frames written but not yet covered by the header.
+    dirty: bool,
+    last_flush: Instant,
+    flush_interval: Duration,
+    fsync: bool,
+}
+
+impl Recorder {
+    pub fn create(context: &SinkContext, settings: &RecorderSettings) -> Result<Self, SinkError> {
+        let io_error = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SinkError::Io {
+                sink: NAME,
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(&settings.dir).map_err(io_error("creating directory", &settings.dir))?;
+        // Names come from the server-made session id only, never from client text.
+        let wav_path = settings.dir.join(format!("{}.wav", context.session_id));
+        let sidecar_path = settings.dir.join(format!("{}.json", context.session_id));
+
+        let format = match (settings.sample_format, context.format.encoding) {
+            (SampleFormatSetting::F32, _) | (SampleFormatSetting::Auto, Encoding::PcmF32le) => {
+                WavFormat::F32
+            }
+            _ => WavFormat::S16,
+        };
+        let spec = hound::WavSpec {
+            channels: context.format.channels,
+            sample_rate: context.format.sample_rate,
+            bits_per_sample: match format {
+                WavFormat::S16 => 16,
+                WavFormat::F32 => 32,
+            },
+            sample_format: match format {
+                WavFormat::S16 => hound::SampleFormat::Int,
+                WavFormat::F32 => hound::SampleFormat::Float,
+            },
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&wav_path)
+            .map_err(io_error("creating", &wav_path))?;
+        let sync_handle = file
+            .try_clone()
+            .map_err(io_error("duplicating handle of", &wav_path))?;
+        let writer = hound::WavWriter::new(BufWriter::with_capacity(16 * 1024, file), spec)
+            .map_err(|source| SinkError::Wav { sink: NAME, source })?;
+
+        let sidecar = Sidecar::new(context, &wav_path, format.name());
+        sidecar.write(&sidecar_path)?;
+
+        Ok(Self {
+            writer,
+            file: sync_handle,
+            wav_path,
+            sidecar,
+            sidecar_path,
+            format,
+            channels: context.format.channels,
+            sample_rate: context.format.sample_rate,
+            frames_written: 0,
+            dirty: false,
+            last_flush: Instant::now(),
+            flush_interval: settings.flush_interval,
+            fsync: settings.fsync,
+        })
+    }
+
+    fn wav_error(source: hound::Error) -> SinkError {
+        SinkError::Wav { sink: NAME, source }
+    }
+
+    fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError> {
+        match self.format {
+            WavFormat::S16 => {
+                let count = u32::try_from(samples.len()).map_err(|_| SinkError::Failed {
+                    sink: NAME,
+                    message: "block too large".into(),
+                })?;
+                let mut w = self.writer.get_i16_writer(count);
+                for &s in samples {
+                    // Exact for samples that came from 16-bit or G.711 input.
+                    w.write_sample((s * 32768.0).round().clamp(-32768.0, 32767.0) as i16);
+                }
+                w.flush().map_err(Self::wav_error)
+            }
+            WavFormat::F32 => {
+                for &s in samples {
+                    self.writer.write_sample(s).map_err(Self::wav_error)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
+        self.writer.flush().map_err(Self::wav_error)?;
+        if self.fsync {
+            self.file.sync_data().map_err(|source| SinkError::Io {
+                sink: NAME,
+                action: "syncing",
+                path: self.wav_path.clone(),
+                source,
+            })?;
+        }
+        self.dirty = false;
+        self.last_flush = now;
+        Ok(())
+    }
+
+    fn sha256_of(path: &Path) -> std::io::Result<String> {
+        let mut file = File::open(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+}
+
+impl Sink for Recorder {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError> {
+        let new_bytes =
+            block.frames as u64 * u64::from(self.channels) * self.format.bytes_per_sample();
+        let have_bytes =
+            self.frames_written * u64::from(self.channels) * self.format.bytes_per_sample();
+        if have_bytes + new_bytes > MAX_WAV_DATA_BYTES {
+            return Err(SinkError::Failed {
+                sink: NAME,
+                message: format!(
+                    "recording reached the 4 GiB limit of the WAV format after {} s",
+                    self.frames_written / u64::from(self.sample_rate)
+                ),
+            });
+        }
+        match &block.samples {
+            BlockSamples::Audio(samples) => self.write_samples(samples)?,
+            BlockSamples::Silence => {
+                let zeros = [0.0f32; SILENCE_CHUNK_SAMPLES];
+                let mut left = block.frames * usize::from(self.channels);
+                while left > 0 {
+                    let n = left.min(SILENCE_CHUNK_SAMPLES);
+                    self.write_samples(&zeros[..n])?;
+                    left -= n;
+                }
+            }
+        }
+        self.frames_written += block.frames as u64;
+        self.dirty = true;
+        if now.saturating_duration_since(self.last_flush) >= self.flush_interval {
+            self.checkpoint(now)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, now: Instant) -> Result<(), SinkError> {
+        self.checkpoint(now)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.dirty.then(|| self.last_flush + self.flush_interval)
+    }
+
+    fn on_deadline(&mut self, now: Instant) -> Result<(), SinkError> {
+        if self.dirty {
+            self.checkpoint(now)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
+        let this = *self;
+        this.writer.finalize().map_err(Self::wav_error)?;
+        let io_error = |action| {
+            let path = this.wav_path.clone();
+            move |source| SinkError::Io {
+                sink: NAME,
+                action,
+                path,
+                source,
+            }
+        };
+        if this.fsync {
+            this.file.sync_data().map_err(io_error("syncing"))?;
+        }
+        let bytes = fs::metadata(&this.wav_path)
+            .map_err(io_error("reading size of"))?
+            .len();
+        let sha256 = Self::sha256_of(&this.wav_path).map_err(io_error("hashing"))?;
+        let duration_seconds = this.frames_written as f64 / f64::from(this.sample_rate);
+
+        let mut sidecar = this.sidecar;
+        sidecar.complete(
+            SystemTime::now(),
+            this.frames_written,
+            duration_seconds,
+            &sha256,
+        );
+        sidecar.write(&this.sidecar_path)?;
+
+        Ok(vec![ServerMessage::Recording(RecordingInfo {
+            path: this.wav_path.display().to_string(),
+            sidecar_path: this.sidecar_path.display().to_string(),
+            duration_seconds,
+            sample_frames: this.frames_written,
+            sample_rate: this.sample_rate,
+            channels: this.channels,
+            sample_format: this.format.name(),
+            bytes,
+            sha256,
+        })])
+    }
+}

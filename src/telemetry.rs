@@ -1,0 +1,112 @@
+//! Logs (tracing) and metrics (Prometheus text via metrics-exporter-prometheus).
+
+use std::io::IsTerminal;
+
+use metrics::{describe_counter, describe_gauge, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Metric names, in one place so the code and the docs agree.
+pub mod names {
+    pub const SESSIONS_ACTIVE: &str = "cochlea_sessions_active";
+    pub const SESSIONS_TOTAL: &str = "cochlea_sessions_total";
+    pub const SESSIONS_REJECTED_TOTAL: &str = "cochlea_sessions_rejected_total";
+    pub const AUDIO_RECEIVED_BYTES_TOTAL: &str = "cochlea_audio_received_bytes_total";
+    pub const AUDIO_RECEIVED_FRAMES_TOTAL: &str = "cochlea_audio_received_frames_total";
+    pub const AUDIO_DECODED_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_decoded_sample_frames_total";
+    pub const AUDIO_GAP_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_gap_sample_frames_total";
+    pub const AUDIO_DUPLICATE_FRAMES_TOTAL: &str = "cochlea_audio_duplicate_frames_total";
+    pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
+    pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
+    pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    // Logs go to stderr; stdout is kept for the one "listening on" line that
+    // scripts and tests read.
+    let _ = match format {
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+}
+
+/// Installs the global metrics recorder and describes every metric.
+pub fn init_metrics() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
+    describe();
+    register_at_zero();
+    Ok(handle)
+}
+
+/// Unlabelled series exist from the start, so dashboards and `promtool`
+/// see them before the first session.
+fn register_at_zero() {
+    use names::*;
+    metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
+    for name in [
+        SESSIONS_TOTAL,
+        AUDIO_DUPLICATE_FRAMES_TOTAL,
+        AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
+        RECORDINGS_TOTAL,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+}
+
+fn describe() {
+    use names::*;
+    describe_gauge!(SESSIONS_ACTIVE, "WebSocket stream sessions now open.");
+    describe_counter!(SESSIONS_TOTAL, "Stream sessions accepted since start.");
+    describe_counter!(
+        SESSIONS_REJECTED_TOTAL,
+        "Stream sessions refused at connect, by reason."
+    );
+    describe_counter!(
+        AUDIO_RECEIVED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of binary audio messages received, headers included."
+    );
+    describe_counter!(
+        AUDIO_RECEIVED_FRAMES_TOTAL,
+        "Binary audio messages (WebSocket frames) received."
+    );
+    describe_counter!(
+        AUDIO_DECODED_SAMPLE_FRAMES_TOTAL,
+        "Sample frames (one sample per channel) decoded, by encoding and sample rate."
+    );
+    describe_counter!(
+        AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
+        "Sample frames of silence inserted for framing=seq timestamp gaps."
+    );
+    describe_counter!(
+        AUDIO_DUPLICATE_FRAMES_TOTAL,
+        "framing=seq messages dropped as already received."
+    );
+    describe_counter!(
+        SESSION_ERRORS_TOTAL,
+        "Sessions ended by an error, by error code (kind)."
+    );
+    describe_counter!(SINK_FAILURES_TOTAL, "Sinks that failed, by sink.");
+    describe_counter!(RECORDINGS_TOTAL, "WAV recordings completed.");
+}
