@@ -98,7 +98,13 @@ impl StartRequest {
 
 /// `sinks=record,transcribe`; an empty value or `none` selects no sink.
 fn parse_sink_list(text: &str) -> Vec<String> {
-    text.split(',')
+    normalize_sink_names(text.split(','))
+}
+
+/// The same rule for the query string and the `start` message: names are
+/// trimmed, and empty names and `none` are dropped.
+fn normalize_sink_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    names
         .map(str::trim)
         .filter(|name| !name.is_empty() && *name != "none")
         .map(str::to_owned)
@@ -171,7 +177,9 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 sample_rate,
                 channels,
                 framing: m.framing,
-                sinks: m.sinks,
+                sinks: m
+                    .sinks
+                    .map(|names| normalize_sink_names(names.iter().map(String::as_str))),
                 metadata: m.metadata.unwrap_or_default(),
             }))
         }

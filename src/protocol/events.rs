@@ -58,7 +58,8 @@ pub struct RecordingInfo {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClosedSummary {
-    /// Why the session ended: `stop`, `error`, `idle_timeout` or `shutdown`.
+    /// Why the session ended: `stop`, `error`, `idle_timeout`, `shutdown`,
+    /// or `client_gone` (logged only: that client is no longer there to read it).
     pub reason: &'static str,
     /// The WebSocket close code that follows.
     pub close_code: u16,
@@ -77,8 +78,9 @@ impl ServerMessage {
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail: no maps with non-string
         // keys, no failing Serialize impls.
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#)
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal_error","message":"the server could not encode a message","fatal":false}"#
+                .to_owned()
         })
     }
 }

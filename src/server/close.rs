@@ -31,7 +31,7 @@ pub enum SessionError {
     Sink(#[from] SinkError),
     #[error("server is at its limit of {max_sessions} concurrent sessions; retry later")]
     ServerFull { max_sessions: usize },
-    #[error("no audio or keepalive for {idle_timeout_ms} ms")]
+    #[error("no audio and no start, keepalive or flush message for {idle_timeout_ms} ms")]
     IdleTimeout {
         idle_timeout_ms: u64,
         close_code: u16,

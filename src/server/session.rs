@@ -103,7 +103,10 @@ enum Partial {
 
 struct SinkSlot {
     name: &'static str,
+    /// Dropped when the session ends, which tells the sink to finish.
     commands: Option<mpsc::Sender<SinkCommand>>,
+    /// False once the sink failed: it will answer no more flushes.
+    alive: bool,
     flushes_done: u64,
 }
 
@@ -189,8 +192,12 @@ impl Session {
                     Some(Err(actix_ws::ProtocolError::Io(e)))
                         if e.kind() != std::io::ErrorKind::InvalidData =>
                     {
-                        tracing::info!(error = %e, "connection lost");
-                        return End::ClientGone { close_frame: false };
+                        // actix-ws reports the lost connection before it has
+                        // decoded the frames already buffered; polling on
+                        // yields them and then the end. Stopping here would
+                        // lose the client's last audio.
+                        tracing::info!(error = %e, "connection lost; draining what arrived");
+                        Ok(None)
                     }
                     Some(Err(e)) => Err(from_ws_error(e, self.config.max_message_bytes).into()),
                 },
@@ -329,6 +336,7 @@ impl Session {
                 SinkSlot {
                     name: handle.name,
                     commands: Some(handle.commands),
+                    alive: true,
                     flushes_done: 0,
                 }
             })
@@ -433,7 +441,7 @@ impl Session {
             .and_then(|a| {
                 a.sinks
                     .iter()
-                    .filter(|s| s.commands.is_some())
+                    .filter(|s| s.alive)
                     .map(|s| s.flushes_done)
                     .min()
             })
@@ -463,6 +471,7 @@ impl Session {
             SinkEvent::Failed { index, error } => {
                 if let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) {
                     slot.commands = None;
+                    slot.alive = false;
                 }
                 Err(error.into())
             }
@@ -473,7 +482,11 @@ impl Session {
     async fn end(mut self, end: End) {
         if let End::ClientGone { close_frame: true } = end {
             // Answer the client's Close at once; the sinks finish regardless.
-            let _ = self.ws.clone().close(None).await;
+            let normal = CloseReason {
+                code: CloseCode::Normal,
+                description: None,
+            };
+            let _ = self.ws.clone().close(Some(normal)).await;
         }
         let (reason, mut close_code, error) = match end {
             End::Stop => ("stop", codes::NORMAL, None),
@@ -505,35 +518,29 @@ impl Session {
         let mut stats = Default::default();
         let mut media_frames = 0;
         let mut sample_rate = 1;
-        if let Some(mut active) = self.active.take() {
+        if let Some(active) = self.active.as_mut() {
             for slot in &mut active.sinks {
                 slot.commands = None;
             }
-            // Every sink finishes and reports; the channel closes after the last.
-            while let Some(event) = active.events.recv().await {
-                match event {
-                    SinkEvent::Message(message) => {
-                        if matches!(message, ServerMessage::Recording(_)) {
-                            metrics::counter!(names::RECORDINGS_TOTAL).increment(1);
-                        }
-                        self.send(&message).await;
-                    }
-                    SinkEvent::Flushed { .. } => {}
-                    SinkEvent::Failed { error, .. } => {
-                        let error = SessionError::from(error);
-                        let (code, code_close) = error.codes();
-                        tracing::error!(%error, "sink failed while finishing");
-                        close_code = code_close;
-                        close_text = code;
-                        self.send(&ServerMessage::Error {
-                            code,
-                            message: error.to_string(),
-                            fatal: true,
-                        })
-                        .await;
-                    }
-                }
+        }
+        // Every sink finishes and reports; the channel closes after the last.
+        // Flushes the client asked for are still answered: each sink handles
+        // its queued commands before it finishes.
+        while let Some(event) = self.next_final_event().await {
+            if let Err(error) = self.on_sink_event(event).await {
+                let (code, code_close) = error.codes();
+                tracing::error!(%error, "sink failed while finishing");
+                close_code = code_close;
+                close_text = code;
+                self.send(&ServerMessage::Error {
+                    code,
+                    message: error.to_string(),
+                    fatal: true,
+                })
+                .await;
             }
+        }
+        if let Some(active) = self.active.take() {
             stats = active.pipeline.stats();
             media_frames = active.pipeline.media_frames();
             sample_rate = active.pipeline.format().sample_rate;
@@ -564,6 +571,13 @@ impl Session {
             audio_messages = stats.audio_messages,
             "session closed"
         );
+    }
+}
+
+impl Session {
+    /// Sink events while ending; `None` once every sink task is done.
+    async fn next_final_event(&mut self) -> Option<SinkEvent> {
+        self.active.as_mut()?.events.recv().await
     }
 }
 

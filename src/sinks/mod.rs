@@ -79,6 +79,13 @@ pub trait Sink: Send + 'static {
 
     /// Ends the stream; returns what to tell the client (e.g. `recording`).
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError>;
+
+    /// Ends the stream after this sink failed (`reason`): keep what can be
+    /// kept, mark it as incomplete, report nothing. Runs on the blocking pool.
+    fn abort(self: Box<Self>, reason: &str) {
+        let _ = reason;
+        let _ = self.finish();
+    }
 }
 
 /// Builds the named sinks for one session.
@@ -192,9 +199,10 @@ async fn run(
         Some(error) => {
             tracing::error!(%error, "sink failed");
             metrics::counter!(names::SINK_FAILURES_TOTAL, "sink" => sink.name()).increment(1);
+            let reason = error.to_string();
             let _ = events.send(SinkEvent::Failed { index, error });
-            // Still finish, so whatever was written is closed properly.
-            let _ = tokio::task::spawn_blocking(move || sink.finish()).await;
+            // Close properly whatever was written, marked as incomplete.
+            let _ = tokio::task::spawn_blocking(move || sink.abort(&reason)).await;
         }
         None => {
             let name = sink.name();
@@ -217,5 +225,96 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::pipeline::BlockSamples;
+
+    /// Fails on its second block; records what the runner did with it.
+    struct Flaky {
+        writes: usize,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Sink for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn write(&mut self, _: &AudioBlock, _: Instant) -> Result<(), SinkError> {
+            self.writes += 1;
+            if self.writes == 2 {
+                return Err(SinkError::Failed {
+                    sink: "flaky",
+                    message: "disk on fire".into(),
+                });
+            }
+            Ok(())
+        }
+        fn flush(&mut self, _: Instant) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
+            self.log.lock().unwrap().push("finish".into());
+            Ok(vec![])
+        }
+        fn abort(self: Box<Self>, reason: &str) {
+            self.log.lock().unwrap().push(format!("abort: {reason}"));
+        }
+    }
+
+    fn block() -> SharedBlock {
+        std::sync::Arc::new(AudioBlock {
+            start_frame: 0,
+            frames: 1,
+            channels: 1,
+            samples: BlockSamples::Audio(vec![0.0]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failing_sink_reports_once_and_is_aborted_not_finished() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let sink = Box::new(Flaky {
+            writes: 0,
+            log: log.clone(),
+        });
+        let handle = spawn(3, sink, 4, events_tx);
+        handle.commands.send(SinkCommand::Flush).await.unwrap();
+        handle
+            .commands
+            .send(SinkCommand::Audio(block()))
+            .await
+            .unwrap();
+        handle
+            .commands
+            .send(SinkCommand::Audio(block()))
+            .await
+            .unwrap();
+
+        assert!(matches!(
+            events.recv().await,
+            Some(SinkEvent::Flushed { index: 3 })
+        ));
+        match events.recv().await {
+            Some(SinkEvent::Failed { index: 3, error }) => {
+                assert!(error.to_string().contains("disk on fire"))
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        // The task ends on its own: the event channel closes.
+        assert!(events.recv().await.is_none());
+        assert_eq!(*log.lock().unwrap(), ["abort: flaky: disk on fire"]);
+        // Later audio is refused, not silently swallowed.
+        assert!(handle
+            .commands
+            .send(SinkCommand::Audio(block()))
+            .await
+            .is_err());
     }
 }

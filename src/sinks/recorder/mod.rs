@@ -274,6 +274,19 @@ impl Sink for Recorder {
         Ok(())
     }
 
+    fn abort(self: Box<Self>, reason: &str) {
+        let this = *self;
+        // The header then covers every sample that reached the file.
+        if let Err(e) = this.writer.finalize() {
+            tracing::warn!(error = %e, "cannot finalize the WAV of a failed recording");
+        }
+        let mut sidecar = this.sidecar;
+        sidecar.fail(SystemTime::now(), this.frames_written, reason);
+        if let Err(e) = sidecar.write(&this.sidecar_path) {
+            tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
+        }
+    }
+
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
         this.writer.finalize().map_err(Self::wav_error)?;

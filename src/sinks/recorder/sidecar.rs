@@ -28,6 +28,8 @@ pub struct Sidecar {
     /// False until the session ended cleanly: a crashed session's sidecar
     /// stays false, and its WAV holds what was checkpointed.
     complete: bool,
+    /// Why the recording stopped early, if it did.
+    error: Option<String>,
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -51,6 +53,7 @@ impl Sidecar {
             sample_frames: None,
             sha256: None,
             complete: false,
+            error: None,
         }
     }
 
@@ -66,6 +69,13 @@ impl Sidecar {
         self.duration_seconds = Some(duration_seconds);
         self.sha256 = Some(sha256.to_owned());
         self.complete = true;
+    }
+
+    pub fn fail(&mut self, ended_at: SystemTime, sample_frames: u64, error: &str) {
+        self.ended_at = Some(rfc3339(ended_at));
+        self.sample_frames = Some(sample_frames);
+        self.error = Some(error.to_owned());
+        self.complete = false;
     }
 
     /// Writes to a temporary name and renames, so a reader never sees half a file.
