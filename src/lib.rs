@@ -23,6 +23,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod healthcheck;
 pub mod pipeline;
 pub mod protocol;
 pub mod server;

@@ -20,13 +20,35 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Exit 0 if a running server answers its health check (for containers).
+    Healthcheck {
+        /// Health URL of the server (plain HTTP).
+        #[arg(
+            long,
+            env = "COCHLEA_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/healthz"
+        )]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Healthcheck { url, timeout_ms } => {
+            match cochlea::healthcheck::check(&url, std::time::Duration::from_millis(timeout_ms)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cochlea healthcheck: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

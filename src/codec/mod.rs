@@ -58,7 +58,7 @@ pub fn decoder_for(format: &StreamFormat) -> Box<dyn Decoder> {
 
 /// Checks that `payload` holds whole sample frames and returns how many.
 fn whole_frames(payload: &[u8], frame_bytes: usize) -> Result<usize, CodecError> {
-    if payload.len() % frame_bytes != 0 {
+    if !payload.len().is_multiple_of(frame_bytes) {
         return Err(CodecError::PartialFrame {
             len_bytes: payload.len(),
             frame_bytes,

@@ -193,3 +193,21 @@ async fn session_logs_carry_the_session_id() {
         );
     }
 }
+
+#[test]
+fn healthcheck_command_reflects_the_server() {
+    let server = Server::start();
+    let url = format!("http://{}/healthz", server.addr);
+    let ok = Command::new(env!("CARGO_BIN_EXE_cochlea"))
+        .args(["healthcheck", "--url", &url])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    drop(server);
+    let down = Command::new(env!("CARGO_BIN_EXE_cochlea"))
+        .args(["healthcheck", "--url", &url, "--timeout-ms", "500"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach"));
+}
