@@ -91,6 +91,10 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     // Signals are ours: sessions must finish their sinks before workers stop.
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
+    // After the WebSocket closing handshake the server closes TCP at once
+    // (RFC 6455 §7.1.1). actix's default waits 1 s for the client to hang up
+    // first, which kept every client waiting a second after `closed`.
+    .client_disconnect_timeout(Duration::ZERO)
     .bind(config.listen)
     .map_err(|source| ServerError::Bind {
         addr: config.listen,

@@ -169,6 +169,10 @@ async fn run(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
 
+    // Blocking-pool work runs outside this task: carry the span (and with it
+    // the session id) over by hand.
+    let span = tracing::Span::current();
+
     let failure = loop {
         let wanted = sink.next_deadline();
         if wanted != armed {
@@ -202,11 +206,12 @@ async fn run(
             let reason = error.to_string();
             let _ = events.send(SinkEvent::Failed { index, error });
             // Close properly whatever was written, marked as incomplete.
-            let _ = tokio::task::spawn_blocking(move || sink.abort(&reason)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || span.in_scope(|| sink.abort(&reason))).await;
         }
         None => {
             let name = sink.name();
-            match tokio::task::spawn_blocking(move || sink.finish()).await {
+            match tokio::task::spawn_blocking(move || span.in_scope(|| sink.finish())).await {
                 Ok(Ok(messages)) => {
                     for message in messages {
                         let _ = events.send(SinkEvent::Message(message));

@@ -296,6 +296,14 @@ impl Client {
         }
     }
 
+    /// Parses, schema-checks and keeps one server text message.
+    fn take(&mut self, text: &str) -> Value {
+        let value: Value = serde_json::from_str(text).expect("server sent bad JSON");
+        assert_matches_schema(&value);
+        self.received.push(value.clone());
+        value
+    }
+
     /// Next server text message (schema-checked); panics on close or timeout.
     pub async fn next_message(&mut self) -> Value {
         loop {
@@ -303,12 +311,7 @@ impl Client {
                 .await
                 .expect("timed out waiting for a server message");
             match next {
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text).expect("server sent bad JSON");
-                    assert_matches_schema(&value);
-                    self.received.push(value.clone());
-                    return value;
-                }
+                Some(Ok(Message::Text(text))) => return self.take(&text),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a text message, got {other:?}"),
             }
@@ -331,9 +334,7 @@ impl Client {
                 .expect("timed out waiting for the connection to end");
             match next {
                 Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text).expect("server sent bad JSON");
-                    assert_matches_schema(&value);
-                    self.received.push(value);
+                    self.take(&text);
                 }
                 Some(Ok(Message::Close(frame))) => {
                     close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));

@@ -76,6 +76,17 @@ const MAX_WAV_DATA_BYTES: u64 = u32::MAX as u64 - 68;
 /// Silence is written in slices of this many samples, to bound the buffer.
 const SILENCE_CHUNK_SAMPLES: usize = 4096;
 
+/// Builds the mapper from an IO error on `path` to a [`SinkError`].
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SinkError {
+    let path = path.to_path_buf();
+    move |source| SinkError::Io {
+        sink: NAME,
+        action,
+        path,
+        source,
+    }
+}
+
 pub struct Recorder {
     writer: hound::WavWriter<BufWriter<File>>,
     /// A second handle on the same file, for `sync_data`.
@@ -96,15 +107,6 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn create(context: &SinkContext, settings: &RecorderSettings) -> Result<Self, SinkError> {
-        let io_error = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SinkError::Io {
-                sink: NAME,
-                action,
-                path,
-                source,
-            }
-        };
         fs::create_dir_all(&settings.dir).map_err(io_error("creating directory", &settings.dir))?;
         // Names come from the server-made session id only, never from client text.
         let wav_path = settings.dir.join(format!("{}.wav", context.session_id));
@@ -189,12 +191,9 @@ impl Recorder {
     fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
         self.writer.flush().map_err(Self::wav_error)?;
         if self.fsync {
-            self.file.sync_data().map_err(|source| SinkError::Io {
-                sink: NAME,
-                action: "syncing",
-                path: self.wav_path.clone(),
-                source,
-            })?;
+            self.file
+                .sync_data()
+                .map_err(io_error("syncing", &self.wav_path))?;
         }
         self.dirty = false;
         self.last_flush = now;
@@ -290,22 +289,14 @@ impl Sink for Recorder {
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
         this.writer.finalize().map_err(Self::wav_error)?;
-        let io_error = |action| {
-            let path = this.wav_path.clone();
-            move |source| SinkError::Io {
-                sink: NAME,
-                action,
-                path,
-                source,
-            }
-        };
+        let path = &this.wav_path;
         if this.fsync {
-            this.file.sync_data().map_err(io_error("syncing"))?;
+            this.file.sync_data().map_err(io_error("syncing", path))?;
         }
-        let bytes = fs::metadata(&this.wav_path)
-            .map_err(io_error("reading size of"))?
+        let bytes = fs::metadata(path)
+            .map_err(io_error("reading size of", path))?
             .len();
-        let sha256 = Self::sha256_of(&this.wav_path).map_err(io_error("hashing"))?;
+        let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
         let duration_seconds = this.frames_written as f64 / f64::from(this.sample_rate);
 
         let mut sidecar = this.sidecar;

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::NAME;
+use super::{io_error, NAME};
 use crate::protocol::StreamFormat;
 use crate::sinks::{SinkContext, SinkError};
 
@@ -80,23 +80,14 @@ impl Sidecar {
 
     /// Writes to a temporary name and renames, so a reader never sees half a file.
     pub fn write(&self, path: &Path) -> Result<(), SinkError> {
-        let io_error = |action| {
-            let path = path.to_path_buf();
-            move |source| SinkError::Io {
-                sink: NAME,
-                action,
-                path,
-                source,
-            }
-        };
         let json = serde_json::to_vec_pretty(self).map_err(|e| SinkError::Failed {
             sink: NAME,
             message: format!("encoding sidecar: {e}"),
         })?;
         let tmp = path.with_extension("json.tmp");
-        let mut file = fs::File::create(&tmp).map_err(io_error("creating"))?;
-        file.write_all(&json).map_err(io_error("writing"))?;
-        fs::rename(&tmp, path).map_err(io_error("renaming into"))?;
+        let mut file = fs::File::create(&tmp).map_err(io_error("creating", &tmp))?;
+        file.write_all(&json).map_err(io_error("writing", &tmp))?;
+        fs::rename(&tmp, path).map_err(io_error("renaming into", path))?;
         Ok(())
     }
 }

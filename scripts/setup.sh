@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks to build, run and test cochlea.
+# Idempotent: each step checks first and does nothing when already satisfied.
+#
+# Needs: a Rust toolchain (cargo). On Debian it installs missing system
+# packages with apt-get (as root, or with sudo when available).
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: install a Rust toolchain (1.89 or newer) first"
+  exit 1
+fi
+
+# System packages the build or the tests need, as "command:package" pairs.
+# Empty for now: the server core needs only cargo and a C compiler. Later
+# features add here (cmake for the bundled libopus, chromium for the browser
+# test, prometheus for promtool).
+requirements=()
+
+needed_packages=()
+for pair in "${requirements[@]}"; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || needed_packages+=("${pair#*:}")
+done
+
+if [ "${#needed_packages[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    log "missing: ${needed_packages[*]} (no apt-get here: install them by hand)"
+    exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  log "installing ${needed_packages[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${needed_packages[@]}"
+fi
+
+if ! command -v cc >/dev/null 2>&1; then
+  log "no C compiler (cc) found; some dependencies need one"
+  exit 1
+fi
+log "ready"

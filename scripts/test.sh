@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test of cochlea on this machine: installs what is missing, then
+# the unit and integration tests (the integration tests start real servers on
+# 127.0.0.1 with port 0, so they need no free fixed port).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo test --all-targets "$@"
