@@ -14,10 +14,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # System packages the build or the tests need, as "command:package" pairs.
-# Empty for now: the server core needs only cargo and a C compiler. Later
-# features add here (cmake for the bundled libopus, chromium for the browser
-# test, prometheus for promtool).
-requirements=()
+# cmake builds the libopus that the opus crate bundles.
+requirements=(cmake:cmake)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do

@@ -18,6 +18,7 @@ pub mod names {
     pub const AUDIO_DECODED_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_decoded_sample_frames_total";
     pub const AUDIO_GAP_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_gap_sample_frames_total";
     pub const AUDIO_DUPLICATE_FRAMES_TOTAL: &str = "cochlea_audio_duplicate_frames_total";
+    pub const AUDIO_DAMAGED_PACKETS_TOTAL: &str = "cochlea_audio_damaged_packets_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
     pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
@@ -68,6 +69,7 @@ fn register_at_zero() {
         SESSIONS_TOTAL,
         AUDIO_DUPLICATE_FRAMES_TOTAL,
         AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
+        AUDIO_DAMAGED_PACKETS_TOTAL,
         RECORDINGS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
@@ -102,6 +104,10 @@ fn describe() {
     describe_counter!(
         AUDIO_DUPLICATE_FRAMES_TOTAL,
         "framing=seq messages dropped as already received."
+    );
+    describe_counter!(
+        AUDIO_DAMAGED_PACKETS_TOTAL,
+        "Opus packets or container pages that could not be decoded and were concealed or skipped."
     );
     describe_counter!(
         SESSION_ERRORS_TOTAL,

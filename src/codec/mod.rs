@@ -3,8 +3,12 @@
 //! Every decoder is a plain struct: no IO, no clock. A decoder error says how
 //! to recover (see [`CodecError::recovery`]), in the manner of Symphonia.
 
+pub mod container;
 mod g711;
+pub mod ogg;
+pub mod opus;
 mod pcm;
+pub mod webm;
 
 pub use g711::{alaw_to_linear, linear_to_alaw, linear_to_mulaw, mulaw_to_linear};
 pub use pcm::{F32LeDecoder, S16LeDecoder};
@@ -20,6 +24,12 @@ pub enum CodecError {
         len_bytes: usize,
         frame_bytes: usize,
     },
+    /// One packet could not be decoded; it was concealed.
+    #[error("{0}")]
+    DamagedPacket(String),
+    /// The decoder itself could not be set up.
+    #[error("Opus decoder: {0}")]
+    Opus(String),
 }
 
 /// What the session should do after a decoder error.
@@ -28,12 +38,15 @@ pub enum Recovery {
     /// The client broke the framing contract; its later audio cannot be trusted
     /// to line up, so the stream ends.
     EndStream,
+    /// The damage was concealed for its duration; tell the client, go on.
+    Concealed,
 }
 
 impl CodecError {
     pub fn recovery(&self) -> Recovery {
         match self {
-            CodecError::PartialFrame { .. } => Recovery::EndStream,
+            CodecError::PartialFrame { .. } | CodecError::Opus(_) => Recovery::EndStream,
+            CodecError::DamagedPacket(_) => Recovery::Concealed,
         }
     }
 }
@@ -45,15 +58,17 @@ pub trait Decoder: Send {
     fn decode(&mut self, payload: &[u8], out: &mut Vec<f32>) -> Result<usize, CodecError>;
 }
 
-/// Builds the decoder for a validated stream format.
-pub fn decoder_for(format: &StreamFormat) -> Box<dyn Decoder> {
+/// Builds the decoder for a sample-frame encoding (PCM, G.711); `None` for
+/// the packet and container encodings, which have their own paths.
+pub fn frame_decoder_for(format: &StreamFormat) -> Option<Box<dyn Decoder>> {
     let channels = usize::from(format.channels);
-    match format.encoding {
+    Some(match format.encoding {
         Encoding::PcmS16le => Box::new(S16LeDecoder::new(channels)),
         Encoding::PcmF32le => Box::new(F32LeDecoder::new(channels)),
         Encoding::Mulaw => Box::new(g711::G711Decoder::mulaw(channels)),
         Encoding::Alaw => Box::new(g711::G711Decoder::alaw(channels)),
-    }
+        Encoding::Opus | Encoding::OggOpus | Encoding::WebmOpus => return None,
+    })
 }
 
 /// Checks that `payload` holds whole sample frames and returns how many.

@@ -6,8 +6,12 @@
 
 use std::sync::Arc;
 
-use crate::codec::{decoder_for, CodecError, Decoder};
-use crate::protocol::{Framing, ProtocolError, SeqHeader, StreamFormat};
+use crate::codec::container::{DemuxError, DemuxEvent, Demuxer};
+use crate::codec::ogg::OggDemuxer;
+use crate::codec::opus::OpusDecoder;
+use crate::codec::webm::WebmDemuxer;
+use crate::codec::{frame_decoder_for, CodecError, Decoder};
+use crate::protocol::{Encoding, Framing, ProtocolError, SeqHeader, StreamFormat};
 
 /// A run of sample frames at a known media position, shared by every sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +46,8 @@ pub enum PipelineError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Demux(#[from] DemuxError),
 }
 
 /// Running totals, reported in `closed` and as metrics.
@@ -53,34 +59,91 @@ pub struct PipelineStats {
     pub decoded_frames: u64,
     pub gap_frames: u64,
     pub duplicate_messages: u64,
+    /// Opus packets or container pages that could not be decoded.
+    pub damaged_packets: u64,
+    /// Sample frames made up by packet-loss concealment or FEC.
+    pub concealed_frames: u64,
+}
+
+/// Where samples come from.
+enum Source {
+    /// PCM and G.711: every message holds whole sample frames.
+    Frames(Box<dyn Decoder>),
+    /// `opus`: one packet per message.
+    Packets(OpusDecoder),
+    /// `ogg_opus`, `webm_opus`: a byte stream; the decoder exists once the
+    /// header has said how many channels there are.
+    Container(Box<ContainerSource>),
+}
+
+struct ContainerSource {
+    demuxer: Box<dyn Demuxer>,
+    decoder: Option<OpusDecoder>,
+    events: Vec<DemuxEvent>,
+    /// Decoded frames still to drop for the header's pre-skip.
+    skip_frames: usize,
+    /// 48 kHz pre-skip, to turn an end granule into a frame count.
+    pre_skip_48k: u64,
 }
 
 pub struct Pipeline {
+    /// The client's declared format; for containers, channels are only
+    /// provisional until `format_known`.
     format: StreamFormat,
-    decoder: Box<dyn Decoder>,
+    format_known: bool,
+    source: Source,
     /// Media position where the next audio is expected.
     next_frame: u64,
     last_seq: Option<u32>,
-    max_gap_frames: u64,
+    max_gap_ms: u64,
     stats: PipelineStats,
+    last_damage: Option<String>,
+    scratch: Vec<f32>,
 }
 
 impl Pipeline {
     /// `max_gap_ms` bounds the silence one `framing=seq` timestamp jump may
     /// insert: without it a single header could demand hours of audio.
-    pub fn new(format: StreamFormat, max_gap_ms: u64) -> Self {
-        let max_gap_frames = max_gap_ms.saturating_mul(u64::from(format.sample_rate)) / 1000;
-        Self {
-            decoder: decoder_for(&format),
+    pub fn new(format: StreamFormat, max_gap_ms: u64) -> Result<Self, PipelineError> {
+        let (source, format_known) = if let Some(decoder) = frame_decoder_for(&format) {
+            (Source::Frames(decoder), true)
+        } else if format.encoding == Encoding::Opus {
+            let decoder = OpusDecoder::new(format.sample_rate, format.channels)?;
+            (Source::Packets(decoder), true)
+        } else {
+            let demuxer: Box<dyn Demuxer> = match format.encoding {
+                Encoding::WebmOpus => Box::new(WebmDemuxer::new()),
+                _ => Box::new(OggDemuxer::new()),
+            };
+            let container = ContainerSource {
+                demuxer,
+                decoder: None,
+                events: Vec::new(),
+                skip_frames: 0,
+                pre_skip_48k: 0,
+            };
+            (Source::Container(Box::new(container)), false)
+        };
+        Ok(Self {
             format,
+            format_known,
+            source,
             next_frame: 0,
             last_seq: None,
-            max_gap_frames,
+            max_gap_ms,
             stats: PipelineStats::default(),
-        }
+            last_damage: None,
+            scratch: Vec::new(),
+        })
     }
 
-    pub fn format(&self) -> &StreamFormat {
+    /// The effective format, once known (containers: after their header).
+    pub fn format(&self) -> Option<&StreamFormat> {
+        self.format_known.then_some(&self.format)
+    }
+
+    /// The declared format (for containers, channels may still change).
+    pub fn declared_format(&self) -> &StreamFormat {
         &self.format
     }
 
@@ -88,15 +151,30 @@ impl Pipeline {
         self.stats
     }
 
+    /// What was wrong with the latest damaged packet, if any since last asked.
+    pub fn take_damage(&mut self) -> Option<String> {
+        self.last_damage.take()
+    }
+
     /// Media time reached so far, in sample frames (gaps included).
     pub fn media_frames(&self) -> u64 {
         self.next_frame
     }
 
+    fn max_gap_frames(&self) -> u64 {
+        self.max_gap_ms
+            .saturating_mul(u64::from(self.format.sample_rate))
+            / 1000
+    }
+
     /// Takes one binary message and appends the blocks it yields to `out`, in
-    /// media order: a silence block for any gap, then the audio. On error
-    /// nothing is appended and the pipeline state is unchanged.
+    /// media order. On an error nothing is appended.
     pub fn push(&mut self, message: &[u8], out: &mut Vec<AudioBlock>) -> Result<(), PipelineError> {
+        if let Source::Container(_) = self.source {
+            self.stats.audio_messages += 1;
+            self.stats.audio_bytes += message.len() as u64;
+            return self.push_container(message, out);
+        }
         let (start_frame, seq, payload) = match self.format.framing {
             Framing::Raw => (self.next_frame, None, message),
             Framing::Seq => {
@@ -117,12 +195,12 @@ impl Pipeline {
                     .into());
                 }
                 let gap_frames = header.timestamp - self.next_frame;
-                if gap_frames > self.max_gap_frames {
+                if gap_frames > self.max_gap_frames() {
                     return Err(ProtocolError::GapTooLarge {
                         seq: header.seq,
                         timestamp: header.timestamp,
                         gap_frames,
-                        max_gap_frames: self.max_gap_frames,
+                        max_gap_frames: self.max_gap_frames(),
                     }
                     .into());
                 }
@@ -130,22 +208,56 @@ impl Pipeline {
             }
         };
 
+        let channels = self.format.channels;
+        let gap_frames = start_frame - self.next_frame;
         let mut samples = Vec::new();
-        let frames = self.decoder.decode(payload, &mut samples)?;
+        let gap_block;
+        let frames = match &mut self.source {
+            Source::Frames(decoder) => {
+                let frames = decoder.decode(payload, &mut samples)?;
+                gap_block = (gap_frames > 0).then_some(AudioBlock {
+                    start_frame: self.next_frame,
+                    frames: gap_frames as usize,
+                    channels,
+                    samples: BlockSamples::Silence,
+                });
+                frames
+            }
+            Source::Packets(decoder) => {
+                // A gap in Opus is concealed (PLC, then FEC from this packet)
+                // rather than left silent: it sounds like speech going on.
+                gap_block = (gap_frames > 0).then(|| {
+                    let mut concealed = Vec::new();
+                    decoder.conceal(gap_frames as usize, Some(payload), &mut concealed);
+                    AudioBlock {
+                        start_frame: self.next_frame,
+                        frames: gap_frames as usize,
+                        channels,
+                        samples: BlockSamples::Audio(concealed),
+                    }
+                });
+                if gap_frames > 0 {
+                    self.stats.concealed_frames += gap_frames;
+                }
+                match decoder.decode(payload, &mut samples) {
+                    Ok(frames) => frames,
+                    Err((frames, damage)) => {
+                        self.stats.damaged_packets += 1;
+                        self.stats.concealed_frames += frames as u64;
+                        self.last_damage = Some(damage.to_string());
+                        frames
+                    }
+                }
+            }
+            Source::Container(_) => unreachable!("containers return above"),
+        };
 
         // Everything below is infallible: commit.
         if let Some(seq) = seq {
             self.last_seq = Some(seq);
         }
-        let channels = self.format.channels;
-        let gap_frames = start_frame - self.next_frame;
-        if gap_frames > 0 {
-            out.push(AudioBlock {
-                start_frame: self.next_frame,
-                frames: gap_frames as usize,
-                channels,
-                samples: BlockSamples::Silence,
-            });
+        if let Some(block) = gap_block {
+            out.push(block);
             self.stats.gap_frames += gap_frames;
         }
         if frames > 0 {
@@ -161,6 +273,87 @@ impl Pipeline {
         self.stats.audio_bytes += message.len() as u64;
         self.stats.decoded_frames += frames as u64;
         Ok(())
+    }
+
+    fn push_container(
+        &mut self,
+        bytes: &[u8],
+        out: &mut Vec<AudioBlock>,
+    ) -> Result<(), PipelineError> {
+        let Source::Container(container) = &mut self.source else {
+            return Ok(());
+        };
+        let mut events = std::mem::take(&mut container.events);
+        events.clear();
+        let pushed = container.demuxer.push(bytes, &mut events);
+        // Events completed before an error are still delivered.
+        for event in events.drain(..) {
+            match event {
+                DemuxEvent::Head(head) => {
+                    if container.decoder.is_some() {
+                        continue;
+                    }
+                    let channels = u16::from(head.channels);
+                    let mut decoder = OpusDecoder::new(self.format.sample_rate, channels)?;
+                    decoder.set_gain_q8(head.output_gain_q8)?;
+                    container.decoder = Some(decoder);
+                    container.pre_skip_48k = u64::from(head.pre_skip);
+                    container.skip_frames = (u64::from(head.pre_skip)
+                        * u64::from(self.format.sample_rate)
+                        / 48_000) as usize;
+                    self.format.channels = channels;
+                    self.format_known = true;
+                }
+                DemuxEvent::Packet { data, end_granule } => {
+                    let Some(decoder) = container.decoder.as_mut() else {
+                        return Err(
+                            DemuxError::Malformed("audio before the Opus header".into()).into()
+                        );
+                    };
+                    self.scratch.clear();
+                    let frames = match decoder.decode(&data, &mut self.scratch) {
+                        Ok(frames) => frames,
+                        Err((frames, damage)) => {
+                            self.stats.damaged_packets += 1;
+                            self.stats.concealed_frames += frames as u64;
+                            self.last_damage = Some(damage.to_string());
+                            frames
+                        }
+                    };
+                    let channels = usize::from(self.format.channels);
+                    let skip = container.skip_frames.min(frames);
+                    container.skip_frames -= skip;
+                    let mut keep = frames - skip;
+                    if let Some(granule) = end_granule {
+                        // RFC 7845 §4.5: the final granule says where the
+                        // stream really ends; the rest of the packet is padding.
+                        let total = granule.saturating_sub(container.pre_skip_48k)
+                            * u64::from(self.format.sample_rate)
+                            / 48_000;
+                        let allowed = total.saturating_sub(self.next_frame) as usize;
+                        keep = keep.min(allowed);
+                    }
+                    if keep > 0 {
+                        let samples =
+                            self.scratch[skip * channels..(skip + keep) * channels].to_vec();
+                        out.push(AudioBlock {
+                            start_frame: self.next_frame,
+                            frames: keep,
+                            channels: self.format.channels,
+                            samples: BlockSamples::Audio(samples),
+                        });
+                        self.next_frame += keep as u64;
+                        self.stats.decoded_frames += keep as u64;
+                    }
+                }
+                DemuxEvent::Damaged { reason, .. } => {
+                    self.stats.damaged_packets += 1;
+                    self.last_damage = Some(reason);
+                }
+            }
+        }
+        container.events = events;
+        pushed.map_err(PipelineError::from)
     }
 }
 
@@ -186,7 +379,7 @@ mod tests {
 
     #[test]
     fn raw_blocks_are_contiguous() {
-        let mut p = Pipeline::new(format(Framing::Raw), 1000);
+        let mut p = Pipeline::new(format(Framing::Raw), 1000).unwrap();
         let mut out = Vec::new();
         p.push(&[0; 320], &mut out).unwrap();
         p.push(&[0; 320], &mut out).unwrap();
@@ -196,7 +389,7 @@ mod tests {
 
     #[test]
     fn seq_gap_becomes_silence_and_duplicates_are_dropped() {
-        let mut p = Pipeline::new(format(Framing::Seq), 1000);
+        let mut p = Pipeline::new(format(Framing::Seq), 1000).unwrap();
         let mut out = Vec::new();
         p.push(&seq_message(0, 0, 160), &mut out).unwrap();
         p.push(&seq_message(2, 320, 160), &mut out).unwrap();
@@ -213,7 +406,7 @@ mod tests {
 
     #[test]
     fn seq_errors_leave_state_untouched() {
-        let mut p = Pipeline::new(format(Framing::Seq), 1000);
+        let mut p = Pipeline::new(format(Framing::Seq), 1000).unwrap();
         let mut out = Vec::new();
         p.push(&seq_message(0, 0, 160), &mut out).unwrap();
         assert!(matches!(

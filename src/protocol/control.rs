@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::format::{parse_channels, parse_sample_rate, Encoding, Framing, StreamFormat};
-use super::format::{MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
+use super::format::{MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, OPUS_SAMPLE_RATES};
 use super::ProtocolError;
 
 /// What a client asked for, from the query string, a `start` message, or both
@@ -87,9 +87,29 @@ impl StartRequest {
             Some(text) => Framing::parse(text)?,
             None => Framing::default(),
         };
+        if encoding.is_opus() && !OPUS_SAMPLE_RATES.contains(&sample_rate) {
+            return Err(ProtocolError::UnsupportedSampleRate(format!(
+                "{sample_rate} (Opus decodes at 8000, 12000, 16000, 24000 or 48000)"
+            )));
+        }
+        if encoding.is_container() {
+            if self.channels.is_some() {
+                return Err(ProtocolError::InvalidMessage(format!(
+                    "{} takes its channel count from the container header: omit channels",
+                    encoding.as_str()
+                )));
+            }
+            if framing != Framing::Raw {
+                return Err(ProtocolError::UnsupportedFraming(format!(
+                    "{} (a container stream is cut anywhere: use framing=raw)",
+                    framing.as_str()
+                )));
+            }
+        }
         Ok(StreamFormat {
             encoding,
             sample_rate,
+            // For containers, provisional until the header says.
             channels: self.channels.unwrap_or(1),
             framing,
         })
@@ -213,7 +233,7 @@ mod tests {
         assert_eq!(format.sample_rate, 8000);
         assert_eq!(format.channels, 2);
         assert_eq!(format.framing, Framing::Seq);
-        assert_eq!(format.bytes_per_frame(), 2);
+        assert_eq!(format.bytes_per_frame(), Some(2));
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct ClosedSummary {
     pub gap_frames: u64,
     /// `framing=seq` messages dropped because their seq was already seen.
     pub duplicate_messages: u64,
+    /// Opus packets (or container pages) that could not be decoded.
+    pub damaged_packets: u64,
+    /// Sample frames filled by Opus loss concealment (damage and seq gaps).
+    pub concealed_frames: u64,
 }
 
 impl ServerMessage {

@@ -7,6 +7,8 @@ use super::ProtocolError;
 pub const MIN_SAMPLE_RATE: u32 = 8_000;
 pub const MAX_SAMPLE_RATE: u32 = 48_000;
 pub const MAX_CHANNELS: u16 = 2;
+/// Decode rates libopus supports.
+pub const OPUS_SAMPLE_RATES: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
 
 /// How audio bytes are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,14 +22,23 @@ pub enum Encoding {
     Mulaw,
     /// G.711 A-law, one byte per sample.
     Alaw,
+    /// One Opus packet per binary message.
+    Opus,
+    /// An Ogg/Opus byte stream, cut anywhere.
+    OggOpus,
+    /// A WebM/Opus byte stream (browser MediaRecorder), cut anywhere.
+    WebmOpus,
 }
 
 impl Encoding {
-    pub const ALL: [Encoding; 4] = [
+    pub const ALL: [Encoding; 7] = [
         Encoding::PcmS16le,
         Encoding::PcmF32le,
         Encoding::Mulaw,
         Encoding::Alaw,
+        Encoding::Opus,
+        Encoding::OggOpus,
+        Encoding::WebmOpus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +47,9 @@ impl Encoding {
             Encoding::PcmF32le => "pcm_f32le",
             Encoding::Mulaw => "mulaw",
             Encoding::Alaw => "alaw",
+            Encoding::Opus => "opus",
+            Encoding::OggOpus => "ogg_opus",
+            Encoding::WebmOpus => "webm_opus",
         }
     }
 
@@ -46,21 +60,40 @@ impl Encoding {
             .ok_or_else(|| ProtocolError::UnsupportedEncoding(text.to_owned()))
     }
 
-    pub fn bytes_per_sample(self) -> usize {
+    /// Bytes per sample of the sample-frame encodings; `None` for Opus,
+    /// whose packets have no fixed size.
+    pub fn bytes_per_sample(self) -> Option<usize> {
         match self {
-            Encoding::PcmS16le => 2,
-            Encoding::PcmF32le => 4,
-            Encoding::Mulaw | Encoding::Alaw => 1,
+            Encoding::PcmS16le => Some(2),
+            Encoding::PcmF32le => Some(4),
+            Encoding::Mulaw | Encoding::Alaw => Some(1),
+            Encoding::Opus | Encoding::OggOpus | Encoding::WebmOpus => None,
         }
     }
 
     /// Telephony codecs have one obvious rate; PCM has none, and guessing one
-    /// is the classic source of chipmunk audio, so PCM must say its rate.
+    /// is the classic source of chipmunk audio, so PCM must say its rate. For
+    /// Opus the rate is the decode rate, 48 kHz unless asked otherwise.
     pub fn default_sample_rate(self) -> Option<u32> {
         match self {
             Encoding::Mulaw | Encoding::Alaw => Some(8_000),
             Encoding::PcmS16le | Encoding::PcmF32le => None,
+            Encoding::Opus | Encoding::OggOpus | Encoding::WebmOpus => Some(48_000),
         }
+    }
+
+    /// Container streams carry their own format (channels, pre-skip) and
+    /// arrive cut at arbitrary points, so they take neither `channels` nor
+    /// `framing=seq`.
+    pub fn is_container(self) -> bool {
+        matches!(self, Encoding::OggOpus | Encoding::WebmOpus)
+    }
+
+    pub fn is_opus(self) -> bool {
+        matches!(
+            self,
+            Encoding::Opus | Encoding::OggOpus | Encoding::WebmOpus
+        )
     }
 }
 
@@ -102,9 +135,12 @@ pub struct StreamFormat {
 }
 
 impl StreamFormat {
-    /// Bytes in one sample frame (one sample for every channel).
-    pub fn bytes_per_frame(&self) -> usize {
-        self.encoding.bytes_per_sample() * usize::from(self.channels)
+    /// Bytes in one sample frame (one sample for every channel), for the
+    /// sample-frame encodings.
+    pub fn bytes_per_frame(&self) -> Option<usize> {
+        self.encoding
+            .bytes_per_sample()
+            .map(|b| b * usize::from(self.channels))
     }
 }
 

@@ -2,6 +2,7 @@
 //! machine-readable error code and its RFC 6455 close code. PROTOCOL.md's
 //! table is this file in prose; keep them together.
 
+use crate::codec::container::DemuxError;
 use crate::codec::CodecError;
 use crate::pipeline::PipelineError;
 use crate::protocol::ProtocolError;
@@ -28,6 +29,8 @@ pub enum SessionError {
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(transparent)]
+    Demux(#[from] DemuxError),
+    #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("server is at its limit of {max_sessions} concurrent sessions; retry later")]
     ServerFull { max_sessions: usize },
@@ -45,6 +48,7 @@ impl From<PipelineError> for SessionError {
         match e {
             PipelineError::Protocol(e) => SessionError::Protocol(e),
             PipelineError::Codec(e) => SessionError::Codec(e),
+            PipelineError::Demux(e) => SessionError::Demux(e),
         }
     }
 }
@@ -79,6 +83,14 @@ impl SessionError {
             },
             SessionError::Codec(e) => match e {
                 CodecError::PartialFrame { .. } => ("partial_frame", INVALID_PAYLOAD),
+                // Concealed in the pipeline and reported with fatal:false;
+                // never ends a session, but has a code like everything else.
+                CodecError::DamagedPacket(_) => ("audio_damaged", INVALID_PAYLOAD),
+                CodecError::Opus(_) => ("decoder_failed", INTERNAL_ERROR),
+            },
+            SessionError::Demux(e) => match e {
+                DemuxError::Unsupported(_) => ("unsupported_container", UNSUPPORTED_DATA),
+                DemuxError::Malformed(_) => ("malformed_container", INVALID_PAYLOAD),
             },
             SessionError::Sink(e) => match e {
                 SinkError::UnknownSink(_) => ("unknown_sink", UNSUPPORTED_DATA),

@@ -118,10 +118,21 @@ struct AudioCounters {
     sample_frames: Counter,
 }
 
+/// Sinks waiting for a container's header to tell the stream's format.
+struct PendingSinks {
+    names: Vec<String>,
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
 struct Active {
     pipeline: Pipeline,
     sinks: Vec<SinkSlot>,
+    pending_sinks: Option<PendingSinks>,
+    /// Kept only until the sinks are spawned (see `sinks::spawn`).
+    events_tx: Option<mpsc::UnboundedSender<SinkEvent>>,
     events: mpsc::UnboundedReceiver<SinkEvent>,
+    /// When the client was last told about damaged audio (at most once a second).
+    damage_reported_at: Option<Instant>,
     /// Reused for every message to avoid an allocation per frame.
     blocks: Vec<AudioBlock>,
     counters: AudioCounters,
@@ -306,7 +317,9 @@ impl Session {
         }
     }
 
-    /// Resolves the format, creates the pipeline and sinks, and says `started`.
+    /// Resolves the format and creates the pipeline. The sinks are created,
+    /// and `started` is sent, as soon as the stream format is known: at once,
+    /// or for a container once its header has arrived.
     async fn start(&mut self, start: StartRequest) -> Result<(), SessionError> {
         let request = std::mem::take(&mut self.query).merged_with(start);
         let format = request.resolve()?;
@@ -314,16 +327,57 @@ impl Session {
             .sinks
             .clone()
             .unwrap_or_else(|| self.config.default_sinks.clone());
+        sinks::check_names(&sink_names)?;
+        let pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
+
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let encoding = format.encoding.as_str();
+        let counters = AudioCounters {
+            bytes: metrics::counter!(names::AUDIO_RECEIVED_BYTES_TOTAL, "encoding" => encoding),
+            frames: metrics::counter!(names::AUDIO_RECEIVED_FRAMES_TOTAL, "encoding" => encoding),
+            sample_frames: metrics::counter!(
+                names::AUDIO_DECODED_SAMPLE_FRAMES_TOTAL,
+                "encoding" => encoding,
+                "sample_rate" => format.sample_rate.to_string()
+            ),
+        };
+        self.active = Some(Active {
+            pipeline,
+            sinks: Vec::new(),
+            pending_sinks: Some(PendingSinks {
+                names: sink_names,
+                metadata: request.metadata,
+            }),
+            events_tx: Some(events_tx),
+            events,
+            damage_reported_at: None,
+            blocks: Vec::with_capacity(2),
+            counters,
+        });
+        self.open_sinks_when_format_known().await
+    }
+
+    async fn open_sinks_when_format_known(&mut self) -> Result<(), SessionError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let Some(format) = active.pipeline.format().copied() else {
+            return Ok(());
+        };
+        let Some(pending) = active.pending_sinks.take() else {
+            return Ok(());
+        };
         let context = SinkContext {
             session_id: self.id.clone(),
             format,
-            metadata: request.metadata.clone(),
+            metadata: pending.metadata.clone(),
             started_at: self.started_at,
         };
-        let built = sinks::build(&sink_names, &context, &self.config)?;
-
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let slots = built
+        let built = sinks::build(&pending.names, &context, &self.config)?;
+        let Some(events_tx) = active.events_tx.take() else {
+            return Ok(());
+        };
+        active.sinks = built
             .into_iter()
             .enumerate()
             .map(|(index, sink)| {
@@ -340,44 +394,27 @@ impl Session {
                     flushes_done: 0,
                 }
             })
-            .collect::<Vec<_>>();
-        // Only the sink tasks hold senders now: see `sinks::spawn`.
+            .collect();
+        // Only the sink tasks hold senders now.
         drop(events_tx);
 
-        let encoding = format.encoding.as_str();
-        let counters = AudioCounters {
-            bytes: metrics::counter!(names::AUDIO_RECEIVED_BYTES_TOTAL, "encoding" => encoding),
-            frames: metrics::counter!(names::AUDIO_RECEIVED_FRAMES_TOTAL, "encoding" => encoding),
-            sample_frames: metrics::counter!(
-                names::AUDIO_DECODED_SAMPLE_FRAMES_TOTAL,
-                "encoding" => encoding,
-                "sample_rate" => format.sample_rate.to_string()
-            ),
-        };
         let started = StartedInfo {
             protocol_version: PROTOCOL_VERSION,
             session_id: self.id.clone(),
             format,
-            sinks: slots.iter().map(|s| s.name.to_owned()).collect(),
-            metadata: request.metadata,
+            sinks: active.sinks.iter().map(|s| s.name.to_owned()).collect(),
+            metadata: pending.metadata,
             max_message_bytes: self.config.max_message_bytes,
             idle_timeout_ms: self.config.idle_timeout_ms,
         };
         tracing::info!(
-            encoding,
+            encoding = format.encoding.as_str(),
             sample_rate = format.sample_rate,
             channels = format.channels,
             framing = format.framing.as_str(),
             sinks = ?started.sinks,
             "stream started"
         );
-        self.active = Some(Active {
-            pipeline: Pipeline::new(format, self.config.max_gap_ms),
-            sinks: slots,
-            events,
-            blocks: Vec::with_capacity(2),
-            counters,
-        });
         self.send(&ServerMessage::Started(started)).await;
         Ok(())
     }
@@ -389,8 +426,22 @@ impl Session {
         self.last_activity = Instant::now();
         let before = active.pipeline.stats();
         active.blocks.clear();
-        active.pipeline.push(data, &mut active.blocks)?;
+        let pushed = active.pipeline.push(data, &mut active.blocks);
         let after = active.pipeline.stats();
+        let damage = active.pipeline.take_damage();
+        if after.damaged_packets > before.damaged_packets {
+            metrics::counter!(names::AUDIO_DAMAGED_PACKETS_TOTAL)
+                .increment(after.damaged_packets - before.damaged_packets);
+        }
+        // Even when the push failed, what it completed before goes out.
+        let mut blocks = std::mem::take(&mut active.blocks);
+        self.open_sinks_when_format_known().await?;
+        if let Some(damage) = damage {
+            self.report_damage(damage, after.damaged_packets).await;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
 
         active.counters.bytes.increment(data.len() as u64);
         active.counters.frames.increment(1);
@@ -406,7 +457,7 @@ impl Session {
             metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
         }
 
-        for block in active.blocks.drain(..) {
+        for block in blocks.drain(..) {
             let block = Arc::new(block);
             for slot in &active.sinks {
                 if let Some(commands) = &slot.commands {
@@ -418,7 +469,31 @@ impl Session {
                 }
             }
         }
-        Ok(())
+        active.blocks = blocks;
+        pushed.map_err(SessionError::from)
+    }
+
+    /// Tells the client that audio was damaged and concealed: a non-fatal
+    /// `error`, at most once a second so a broken stream cannot flood it.
+    async fn report_damage(&mut self, damage: String, damaged_so_far: u64) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if active
+            .damage_reported_at
+            .is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        active.damage_reported_at = Some(now);
+        tracing::warn!(%damage, damaged_so_far, "damaged audio concealed");
+        self.send(&ServerMessage::Error {
+            code: "audio_damaged",
+            message: format!("{damage}; concealed ({damaged_so_far} damaged so far)"),
+            fatal: false,
+        })
+        .await;
     }
 
     async fn flush(&mut self) {
@@ -522,6 +597,8 @@ impl Session {
             for slot in &mut active.sinks {
                 slot.commands = None;
             }
+            // Sinks never opened (a container whose header never came).
+            active.events_tx = None;
         }
         // Every sink finishes and reports; the channel closes after the last.
         // Flushes the client asked for are still answered: each sink handles
@@ -543,7 +620,7 @@ impl Session {
         if let Some(active) = self.active.take() {
             stats = active.pipeline.stats();
             media_frames = active.pipeline.media_frames();
-            sample_rate = active.pipeline.format().sample_rate;
+            sample_rate = active.pipeline.declared_format().sample_rate;
         }
 
         let summary = ClosedSummary {
@@ -555,6 +632,8 @@ impl Session {
             audio_bytes: stats.audio_bytes,
             gap_frames: stats.gap_frames,
             duplicate_messages: stats.duplicate_messages,
+            damaged_packets: stats.damaged_packets,
+            concealed_frames: stats.concealed_frames,
         };
         self.send(&ServerMessage::Closed(summary)).await;
         let _ = self

@@ -88,6 +88,14 @@ pub trait Sink: Send + 'static {
     }
 }
 
+/// Checks that every name is a known sink.
+pub fn check_names(names: &[String]) -> Result<(), SinkError> {
+    match names.iter().find(|n| !SINK_NAMES.contains(&n.as_str())) {
+        Some(unknown) => Err(SinkError::UnknownSink(unknown.clone())),
+        None => Ok(()),
+    }
+}
+
 /// Builds the named sinks for one session.
 pub fn build(
     names: &[String],
@@ -96,9 +104,7 @@ pub fn build(
 ) -> Result<Vec<Box<dyn Sink>>, SinkError> {
     // Validate every name before creating anything, so an unknown name
     // leaves no half-made recording behind.
-    if let Some(unknown) = names.iter().find(|n| !SINK_NAMES.contains(&n.as_str())) {
-        return Err(SinkError::UnknownSink(unknown.clone()));
-    }
+    check_names(names)?;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::with_capacity(names.len());
     for name in names {
         if sinks.iter().any(|s| s.name() == name) {

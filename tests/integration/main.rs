@@ -14,4 +14,5 @@ mod concurrency;
 mod crash;
 mod harness;
 mod lifecycle;
+mod opus;
 mod streaming;

@@ -1,0 +1,195 @@
+//! Opus packets → `f32` samples via libopus, with loss concealment.
+//!
+//! Concealment always asks libopus for exactly the missing duration, in
+//! multiples of 2.5 ms as libopus requires: asking for more on an oversized
+//! buffer would invent audio (up to 120 ms per call).
+
+use super::CodecError;
+
+/// The longest Opus packet: 120 ms.
+const MAX_PACKET_MS: usize = 120;
+
+pub struct OpusDecoder {
+    decoder: opus::Decoder,
+    sample_rate: u32,
+    channels: usize,
+    /// Reused decode buffer, big enough for a 120 ms packet.
+    scratch: Vec<f32>,
+    /// Duration of the last good packet: the best guess for a lost one.
+    last_packet_frames: usize,
+}
+
+impl OpusDecoder {
+    pub fn new(sample_rate: u32, channels: u16) -> Result<Self, CodecError> {
+        let layout = match channels {
+            1 => opus::Channels::Mono,
+            2 => opus::Channels::Stereo,
+            n => return Err(CodecError::Opus(format!("{n} channels are not supported"))),
+        };
+        let decoder = opus::Decoder::new(sample_rate, layout)
+            .map_err(|e| CodecError::Opus(format!("cannot create decoder: {e}")))?;
+        let max_frames = sample_rate as usize * MAX_PACKET_MS / 1000;
+        Ok(Self {
+            decoder,
+            sample_rate,
+            channels: usize::from(channels),
+            scratch: vec![0.0; max_frames * usize::from(channels)],
+            last_packet_frames: sample_rate as usize / 50,
+        })
+    }
+
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    /// Applies a header's output gain (Q7.8 dB), as RFC 7845 asks.
+    pub fn set_gain_q8(&mut self, gain_q8: i16) -> Result<(), CodecError> {
+        self.decoder
+            .set_gain(i32::from(gain_q8))
+            .map_err(|e| CodecError::Opus(format!("cannot set output gain: {e}")))
+    }
+
+    /// Sample frames `packet` holds at this decoder's rate, from its TOC.
+    pub fn packet_frames(&self, packet: &[u8]) -> Result<usize, CodecError> {
+        if packet.is_empty() {
+            return Err(CodecError::DamagedPacket("empty Opus packet".into()));
+        }
+        opus::packet::get_nb_samples(packet, self.sample_rate)
+            .map_err(|e| CodecError::DamagedPacket(format!("unreadable Opus packet: {e}")))
+    }
+
+    /// Decodes one packet, appending its samples to `out`. A damaged packet
+    /// is concealed for its nominal duration (or the last packet's) and
+    /// reported as `DamagedPacket` with the frames still appended, so media
+    /// time keeps running.
+    pub fn decode(
+        &mut self,
+        packet: &[u8],
+        out: &mut Vec<f32>,
+    ) -> Result<usize, (usize, CodecError)> {
+        let frames = match self.packet_frames(packet) {
+            Ok(frames) => frames,
+            Err(e) => {
+                let concealed = self.conceal(self.last_packet_frames, None, out);
+                return Err((concealed, e));
+            }
+        };
+        match self.decoder.decode_float(packet, &mut self.scratch, false) {
+            Ok(decoded) => {
+                self.last_packet_frames = decoded;
+                out.extend_from_slice(&self.scratch[..decoded * self.channels]);
+                Ok(decoded)
+            }
+            Err(e) => {
+                let concealed = self.conceal(frames.min(self.max_frames()), None, out);
+                Err((
+                    concealed,
+                    CodecError::DamagedPacket(format!("Opus packet rejected by the decoder: {e}")),
+                ))
+            }
+        }
+    }
+
+    fn max_frames(&self) -> usize {
+        self.scratch.len() / self.channels
+    }
+
+    /// Fills `frames` of missing audio: packet-loss concealment, and for the
+    /// final stretch in-band FEC from `next_packet` when it carries some.
+    /// Appends exactly `frames` sample frames to `out`.
+    pub fn conceal(
+        &mut self,
+        frames: usize,
+        next_packet: Option<&[u8]>,
+        out: &mut Vec<f32>,
+    ) -> usize {
+        // libopus conceals in multiples of 2.5 ms.
+        let step = self.sample_rate as usize / 400;
+        let chunk_max = self.last_packet_frames.clamp(step, self.max_frames());
+        let fec_frames = match next_packet {
+            Some(p) if !p.is_empty() => (frames / step * step).min(chunk_max),
+            _ => 0,
+        };
+        let mut left = frames - fec_frames;
+        while left >= step {
+            let n = (left / step * step).min(chunk_max);
+            let n = self.run(&[], n, false, out);
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+        if let Some(next) = next_packet.filter(|_| fec_frames > 0) {
+            let n = self.run(next, fec_frames, true, out);
+            left += fec_frames - n;
+        }
+        // A remainder under 2.5 ms (or a decoder refusal) becomes silence.
+        out.extend(std::iter::repeat_n(0.0, left * self.channels));
+        frames
+    }
+
+    /// One PLC or FEC call for exactly `frames`; returns frames produced.
+    fn run(&mut self, input: &[u8], frames: usize, fec: bool, out: &mut Vec<f32>) -> usize {
+        let slice = &mut self.scratch[..frames * self.channels];
+        match self.decoder.decode_float(input, slice, fec) {
+            Ok(n) => {
+                let n = n.min(frames);
+                out.extend_from_slice(&self.scratch[..n * self.channels]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded_tone(frames_per_packet: usize, packets: usize) -> Vec<Vec<u8>> {
+        let mut enc =
+            opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
+        (0..packets)
+            .map(|p| {
+                let pcm: Vec<f32> = (0..frames_per_packet)
+                    .map(|i| {
+                        let t = (p * frames_per_packet + i) as f32 / 48_000.0;
+                        (t * 440.0 * std::f32::consts::TAU).sin() * 0.3
+                    })
+                    .collect();
+                enc.encode_vec_float(&pcm, 4000).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decodes_and_conceals_exact_durations() {
+        let packets = encoded_tone(960, 10);
+        let mut d = OpusDecoder::new(48_000, 1).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(d.decode(&packets[0], &mut out), Ok(960));
+        // 50 ms lost, then FEC/PLC from the next packet: exactly 2400 frames.
+        assert_eq!(d.conceal(2400, Some(&packets[3]), &mut out), 2400);
+        assert_eq!(out.len(), 960 + 2400);
+        // A sub-2.5 ms remainder is padded, never over-produced.
+        assert_eq!(d.conceal(1000, None, &mut out), 1000);
+        assert_eq!(out.len(), 960 + 2400 + 1000);
+        assert!(out.iter().all(|s| s.is_finite()));
+    }
+
+    #[test]
+    fn damaged_packets_are_concealed_and_reported() {
+        let packets = encoded_tone(960, 3);
+        let mut d = OpusDecoder::new(16_000, 1).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(d.decode(&packets[0], &mut out), Ok(320));
+        // Code 3 TOC without its frame-count byte: invalid.
+        let (concealed, error) = d.decode(&[0xFF], &mut out).unwrap_err();
+        assert_eq!(concealed, 320);
+        assert!(matches!(error, CodecError::DamagedPacket(_)));
+        let (concealed, _) = d.decode(&[], &mut out).unwrap_err();
+        assert_eq!(concealed, 320);
+        assert_eq!(d.decode(&packets[1], &mut out), Ok(320));
+        assert_eq!(out.len(), 4 * 320);
+    }
+}

@@ -1,0 +1,323 @@
+//! Opus in all three shapes, compared with independent decodes (opusdec and
+//! ffmpeg, made by tests/fixtures/generate.sh) after alignment.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+/// Opus packets of an Ogg file, read by a minimal page parser written for
+/// this test alone (independent of the server's demuxer): the two header
+/// packets are dropped.
+fn ogg_packets(path: &Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut packets = Vec::new();
+    let mut partial = Vec::new();
+    let mut at = 0;
+    while at + 27 <= bytes.len() {
+        assert_eq!(&bytes[at..at + 4], b"OggS");
+        let segments = bytes[at + 26] as usize;
+        let table = &bytes[at + 27..at + 27 + segments];
+        let mut body = at + 27 + segments;
+        for &lace in table {
+            partial.extend_from_slice(&bytes[body..body + lace as usize]);
+            body += lace as usize;
+            if lace < 255 {
+                packets.push(std::mem::take(&mut partial));
+            }
+        }
+        at = body;
+    }
+    packets.split_off(2)
+}
+
+/// Best normalized cross-correlation of `a` against `b` over lags within
+/// `max_lag` samples (mono signals at the same rate).
+fn aligned_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
+    let mut best = (f64::MIN, 0);
+    for lag in -(max_lag as isize)..=(max_lag as isize) {
+        let (x, y) = if lag >= 0 {
+            (&a[lag as usize..], b)
+        } else {
+            (a, &b[(-lag) as usize..])
+        };
+        let n = x.len().min(y.len());
+        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+        for i in 0..n {
+            let (p, q) = (f64::from(x[i]), f64::from(y[i]));
+            xy += p * q;
+            xx += p * p;
+            yy += q * q;
+        }
+        let c = xy / (xx.sqrt() * yy.sqrt()).max(1e-9);
+        if c > best.0 {
+            best = (c, lag);
+        }
+    }
+    best
+}
+
+async fn stream_container(
+    server: &Server,
+    query: &str,
+    bytes: &[u8],
+    slices: &[usize],
+) -> Transcript {
+    let mut client = Client::connect(server, query).await;
+    let mut at = 0;
+    let mut i = 0;
+    while at < bytes.len() {
+        let n = slices[i % slices.len()].min(bytes.len() - at);
+        client.send_binary(bytes[at..at + n].to_vec()).await;
+        at += n;
+        i += 1;
+    }
+    client.stop().await
+}
+
+fn recorded(transcript: &Transcript) -> Wav {
+    read_wav_i16(Path::new(
+        transcript.one("recording")["path"].as_str().unwrap(),
+    ))
+}
+
+fn assert_matches_reference(transcript: &Transcript, reference: &str) {
+    assert_eq!(transcript.close_code(), 1000, "{:#?}", transcript.messages);
+    let wav = recorded(transcript);
+    assert_eq!(wav.spec.sample_rate, 16000);
+    let reference = read_wav_i16(&fixture(reference)).samples;
+    let (correlation, lag) = aligned_correlation(&wav.samples, &reference, 480);
+    eprintln!(
+        "{reference_len} reference samples, {} recorded, correlation {correlation:.4} at lag {lag}",
+        wav.samples.len(),
+        reference_len = reference.len()
+    );
+    assert!(correlation >= 0.99, "correlation {correlation} < 0.99");
+}
+
+#[tokio::test]
+async fn ogg_opus_from_opusenc_matches_opusdec() {
+    let server = Server::start();
+    let bytes = std::fs::read(fixture("speech-opusenc.opus")).unwrap();
+    // Cut anywhere: odd sizes that split pages and headers.
+    let transcript = stream_container(
+        &server,
+        "encoding=ogg_opus&sample_rate=16000",
+        &bytes,
+        &[700, 13, 4096, 1],
+    )
+    .await;
+    let started = transcript.one("started");
+    assert_eq!(started["format"]["channels"], 1);
+    assert_matches_reference(&transcript, "speech-opusenc-ref16k.wav");
+    // Pre-skip and end trimming make the length exact, as opusdec's is.
+    let reference = read_wav_i16(&fixture("speech-opusenc-ref16k.wav")).samples;
+    assert_eq!(recorded(&transcript).samples.len(), reference.len());
+}
+
+#[tokio::test]
+async fn ogg_opus_from_ffmpeg_matches_ffmpeg() {
+    let server = Server::start();
+    let bytes = std::fs::read(fixture("speech-ffmpeg.ogg")).unwrap();
+    let transcript = stream_container(
+        &server,
+        "encoding=ogg_opus&sample_rate=16000",
+        &bytes,
+        &[1000],
+    )
+    .await;
+    assert_matches_reference(&transcript, "speech-ffmpeg-ogg-ref16k.wav");
+}
+
+#[tokio::test]
+async fn webm_opus_in_mediarecorder_slices_matches_ffmpeg() {
+    let server = Server::start();
+    let bytes = std::fs::read(fixture("speech-ffmpeg.webm")).unwrap();
+    // MediaRecorder hands out the header with the first chunk, then slices
+    // of the stream that ignore element boundaries.
+    let cluster = bytes
+        .windows(4)
+        .position(|w| w == [0x1F, 0x43, 0xB6, 0x75])
+        .unwrap();
+    let mut slices = vec![cluster + 7];
+    slices.extend(std::iter::repeat_n(997, 40));
+    let transcript = stream_container(
+        &server,
+        "encoding=webm_opus&sample_rate=16000",
+        &bytes,
+        &slices,
+    )
+    .await;
+    assert_matches_reference(&transcript, "speech-ffmpeg-webm-ref16k.wav");
+}
+
+#[tokio::test]
+async fn stereo_ogg_takes_its_channels_from_the_header() {
+    let server = Server::start();
+    let bytes = std::fs::read(fixture("call-stereo.opus")).unwrap();
+    let transcript = stream_container(&server, "encoding=ogg_opus", &bytes, &[512]).await;
+    assert_eq!(transcript.one("started")["format"]["channels"], 2);
+    assert_eq!(transcript.one("started")["format"]["sample_rate"], 48000);
+    let wav = recorded(&transcript);
+    assert_eq!(wav.spec.channels, 2);
+    // 2.5 s at 48 kHz, exactly, after pre-skip and end trimming.
+    assert_eq!(wav.samples.len(), 2 * 120_000);
+    let (left, right): (Vec<i16>, Vec<i16>) = wav.samples.chunks(2).map(|f| (f[0], f[1])).unzip();
+    assert!(left.iter().any(|&s| s.abs() > 1000) && right.iter().any(|&s| s.abs() > 1000));
+    assert_ne!(left, right, "the two speakers stay on their own channels");
+}
+
+/// Sends Opus packets one per message with seq headers, as a WebCodecs
+/// AudioEncoder client would; `edit` may drop or damage some.
+async fn stream_packets(
+    server: &Server,
+    packets: &[Vec<u8>],
+    edit: impl Fn(usize, &[u8]) -> Option<Vec<u8>>,
+) -> Transcript {
+    let mut client = Client::connect(server, "encoding=opus&sample_rate=16000&framing=seq").await;
+    let started = client.expect("started").await;
+    assert_eq!(started["format"]["encoding"], "opus");
+    for (i, packet) in packets.iter().enumerate() {
+        if let Some(payload) = edit(i, packet) {
+            client
+                .send_binary(seq_message(i as u32, i as u64 * 320, &payload))
+                .await;
+        }
+    }
+    client.stop().await
+}
+
+#[tokio::test]
+async fn opus_packets_match_opusdec() {
+    let server = Server::start();
+    let packets = ogg_packets(&fixture("speech-opusenc.opus"));
+    let transcript = stream_packets(&server, &packets, |_, p| Some(p.to_vec())).await;
+    assert_matches_reference(&transcript, "speech-opusenc-ref16k.wav");
+    assert_eq!(recorded(&transcript).samples.len(), packets.len() * 320);
+}
+
+#[tokio::test]
+async fn damaged_opus_packets_are_concealed_counted_and_reported() {
+    let server = Server::start();
+    let packets = ogg_packets(&fixture("speech-opusenc.opus"));
+    let transcript = stream_packets(&server, &packets, |i, p| match i {
+        40 => Some(vec![0xFF]), // code-3 TOC without its frame count
+        41 => Some(vec![]),     // empty packet
+        60..=62 => None,        // lost: a seq gap, concealed
+        _ => Some(p.to_vec()),
+    })
+    .await;
+    assert_eq!(transcript.close_code(), 1000);
+    let warning = transcript.one("error");
+    assert_eq!(warning["code"], "audio_damaged");
+    assert_eq!(warning["fatal"], false);
+    let closed = transcript.one("closed");
+    assert_eq!(closed["damaged_packets"], 2);
+    assert_eq!(closed["concealed_frames"], 5 * 320);
+    assert_eq!(closed["gap_frames"], 3 * 320);
+    // Media time is intact, and the speech is still the speech.
+    let wav = recorded(&transcript);
+    assert_eq!(wav.samples.len(), packets.len() * 320);
+    let reference = read_wav_i16(&fixture("speech-opusenc-ref16k.wav")).samples;
+    let (correlation, _) = aligned_correlation(&wav.samples, &reference, 480);
+    assert!(correlation > 0.9, "correlation {correlation}");
+}
+
+#[tokio::test]
+async fn corrupted_ogg_page_is_skipped_and_the_session_survives() {
+    let server = Server::start();
+    let mut bytes = std::fs::read(fixture("speech-opusenc.opus")).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 8] {
+        *b ^= 0x5A;
+    }
+    let transcript = stream_container(
+        &server,
+        "encoding=ogg_opus&sample_rate=16000",
+        &bytes,
+        &[800],
+    )
+    .await;
+    assert_eq!(transcript.close_code(), 1000, "{:#?}", transcript.messages);
+    assert!(
+        transcript.one("closed")["damaged_packets"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    let warning = transcript.one("error");
+    assert_eq!(warning["code"], "audio_damaged");
+    assert_eq!(warning["fatal"], false);
+    assert!(
+        recorded(&transcript).samples.len() > 16000,
+        "audio after the damage kept"
+    );
+}
+
+#[tokio::test]
+async fn wrong_or_broken_containers_close_with_their_codes() {
+    let server = Server::start();
+    let webm = std::fs::read(fixture("speech-ffmpeg.webm")).unwrap();
+    let ogg = std::fs::read(fixture("speech-opusenc.opus")).unwrap();
+    for (query, bytes, code, close) in [
+        (
+            "encoding=ogg_opus",
+            webm.clone(),
+            "unsupported_container",
+            1003,
+        ),
+        (
+            "encoding=webm_opus",
+            ogg.clone(),
+            "unsupported_container",
+            1003,
+        ),
+        (
+            "encoding=ogg_opus",
+            b"this is not audio at all".to_vec(),
+            "malformed_container",
+            1007,
+        ),
+        (
+            "encoding=webm_opus",
+            vec![0x42; 64],
+            "malformed_container",
+            1007,
+        ),
+    ] {
+        let mut client = Client::connect(&server, query).await;
+        client.send_binary(bytes).await;
+        client.finish().await.assert_error(code, close);
+    }
+    for (query, code, close) in [
+        ("encoding=ogg_opus&channels=2", "invalid_message", 1002),
+        (
+            "encoding=webm_opus&framing=seq",
+            "unsupported_framing",
+            1003,
+        ),
+        (
+            "encoding=opus&sample_rate=44100",
+            "unsupported_sample_rate",
+            1003,
+        ),
+    ] {
+        Client::connect(&server, query)
+            .await
+            .finish()
+            .await
+            .assert_error(code, close);
+    }
+    // A start message works for Opus too.
+    let mut client = Client::connect(&server, "").await;
+    client
+        .send_json(json!({"type": "start", "encoding": "opus", "channels": 1}))
+        .await;
+    assert_eq!(
+        client.expect("started").await["format"]["sample_rate"],
+        48000
+    );
+    client.stop().await;
+    assert_server_still_serves(&server).await;
+}
