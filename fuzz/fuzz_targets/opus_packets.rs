@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
         encoding: Encoding::Opus,
         sample_rate: [8_000, 16_000, 48_000][usize::from(mode % 3)],
         channels: 1 + u16::from(mode & 4 != 0),
-        framing: if mode & 8 != 0 { Framing::Seq } else { Framing::Raw },
+        framing: if mode & 8 != 0 {
+            Framing::Seq
+        } else {
+            Framing::Raw
+        },
     };
     // A short gap limit keeps concealment work per input small.
     let mut pipeline = Pipeline::new(format, 200).expect("pipeline");
