@@ -62,6 +62,12 @@ pub struct Config {
     pub max_gap_ms: u64,
     /// Blocks queued per sink before the session waits for it.
     pub sink_queue_blocks: usize,
+    /// How long a dropped `framing=seq` session waits to be resumed; 0 disables resume.
+    pub resume_window_ms: u64,
+    /// `framing=seq`: longest time between acks while there is something to ack.
+    pub ack_interval_ms: u64,
+    /// Period of `stats` messages while audio flows; 0 disables them.
+    pub stats_interval_ms: u64,
     /// Sinks for sessions that do not name any.
     pub default_sinks: Vec<String>,
     pub log_format: LogFormat,
@@ -92,6 +98,9 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             max_gap_ms: 10_000,
             sink_queue_blocks: 64,
+            resume_window_ms: 30_000,
+            ack_interval_ms: 250,
+            stats_interval_ms: 5_000,
             default_sinks: vec!["record".into()],
             log_format: LogFormat::Text,
             recorder: RecorderConfig::default(),
@@ -138,6 +147,12 @@ pub struct ServeArgs {
     pub max_gap_ms: Option<u64>,
     #[arg(long, env = "COCHLEA_SINK_QUEUE_BLOCKS", value_name = "N")]
     pub sink_queue_blocks: Option<usize>,
+    #[arg(long, env = "COCHLEA_RESUME_WINDOW_MS", value_name = "MS")]
+    pub resume_window_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_ACK_INTERVAL_MS", value_name = "MS")]
+    pub ack_interval_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_STATS_INTERVAL_MS", value_name = "MS")]
+    pub stats_interval_ms: Option<u64>,
     /// Comma-separated; empty for none.
     #[arg(
         long,
@@ -199,6 +214,9 @@ impl Config {
         set(&mut self.shutdown_timeout_ms, &args.shutdown_timeout_ms);
         set(&mut self.max_gap_ms, &args.max_gap_ms);
         set(&mut self.sink_queue_blocks, &args.sink_queue_blocks);
+        set(&mut self.resume_window_ms, &args.resume_window_ms);
+        set(&mut self.ack_interval_ms, &args.ack_interval_ms);
+        set(&mut self.stats_interval_ms, &args.stats_interval_ms);
         set(&mut self.log_format, &args.log_format);
         set(
             &mut self.recorder.flush_interval_ms,
@@ -234,6 +252,12 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return invalid("max_sessions must be at least 1".into());
+        }
+        if !(10..=500).contains(&self.ack_interval_ms) {
+            return invalid(format!(
+                "ack_interval_ms must be from 10 to 500 (clients rely on an ack at least every 500 ms), not {}",
+                self.ack_interval_ms
+            ));
         }
         if self.idle_timeout_ms == 0 {
             return invalid("idle_timeout_ms must be at least 1".into());

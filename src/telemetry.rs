@@ -13,6 +13,9 @@ pub mod names {
     pub const SESSIONS_ACTIVE: &str = "cochlea_sessions_active";
     pub const SESSIONS_TOTAL: &str = "cochlea_sessions_total";
     pub const SESSIONS_REJECTED_TOTAL: &str = "cochlea_sessions_rejected_total";
+    pub const SESSIONS_PARKED: &str = "cochlea_sessions_parked";
+    pub const RESUMES_TOTAL: &str = "cochlea_resumes_total";
+    pub const RESUMES_REJECTED_TOTAL: &str = "cochlea_resumes_rejected_total";
     pub const AUDIO_RECEIVED_BYTES_TOTAL: &str = "cochlea_audio_received_bytes_total";
     pub const AUDIO_RECEIVED_FRAMES_TOTAL: &str = "cochlea_audio_received_frames_total";
     pub const AUDIO_DECODED_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_decoded_sample_frames_total";
@@ -65,11 +68,14 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
 fn register_at_zero() {
     use names::*;
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
+    metrics::gauge!(SESSIONS_PARKED).set(0.0);
     for name in [
         SESSIONS_TOTAL,
         AUDIO_DUPLICATE_FRAMES_TOTAL,
         AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
         AUDIO_DAMAGED_PACKETS_TOTAL,
+        RESUMES_TOTAL,
+        RESUMES_REJECTED_TOTAL,
         RECORDINGS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
@@ -80,6 +86,15 @@ fn describe() {
     use names::*;
     describe_gauge!(SESSIONS_ACTIVE, "WebSocket stream sessions now open.");
     describe_counter!(SESSIONS_TOTAL, "Stream sessions accepted since start.");
+    describe_gauge!(
+        SESSIONS_PARKED,
+        "Sessions whose connection dropped, waiting to be resumed."
+    );
+    describe_counter!(RESUMES_TOTAL, "Sessions resumed on a new connection.");
+    describe_counter!(
+        RESUMES_REJECTED_TOTAL,
+        "Resume attempts refused (unknown session, wrong token, busy)."
+    );
     describe_counter!(
         SESSIONS_REJECTED_TOTAL,
         "Stream sessions refused at connect, by reason."

@@ -63,6 +63,13 @@ pub struct PipelineStats {
     pub damaged_packets: u64,
     /// Sample frames made up by packet-loss concealment or FEC.
     pub concealed_frames: u64,
+    /// `seq` numbers skipped by the client (their media time was filled).
+    pub lost_messages: u64,
+    /// Arrived after their place had been filled: discarded.
+    pub late_messages: u64,
+    /// Media held back waiting for missing packets, and the hold limit.
+    pub current_delay_ms: u32,
+    pub target_delay_ms: u32,
 }
 
 /// Where samples come from.
@@ -154,6 +161,11 @@ impl Pipeline {
     /// What was wrong with the latest damaged packet, if any since last asked.
     pub fn take_damage(&mut self) -> Option<String> {
         self.last_damage.take()
+    }
+
+    /// The highest `seq` taken so far (`framing=seq`).
+    pub fn last_seq(&self) -> Option<u32> {
+        self.last_seq
     }
 
     /// Media time reached so far, in sample frames (gaps included).
@@ -254,6 +266,8 @@ impl Pipeline {
 
         // Everything below is infallible: commit.
         if let Some(seq) = seq {
+            let expected = self.last_seq.map_or(0, |s| s.saturating_add(1));
+            self.stats.lost_messages += u64::from(seq.saturating_sub(expected));
             self.last_seq = Some(seq);
         }
         if let Some(block) = gap_block {

@@ -131,6 +131,45 @@ fn normalize_sink_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String>
         .collect()
 }
 
+/// What a connection asks for: a new stream, or to resume a dropped one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectRequest {
+    New(StartRequest),
+    Resume { session_id: String, token: String },
+}
+
+/// Reads the query string of a connection.
+pub fn parse_connect<'a, I>(pairs: I) -> Result<ConnectRequest, ProtocolError>
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let pairs: Vec<(&str, &str)> = pairs.into_iter().collect();
+    let resume = pairs.iter().find(|(k, _)| *k == "resume").map(|(_, v)| *v);
+    let Some(session_id) = resume else {
+        if pairs.iter().any(|(k, _)| *k == "resume_token") {
+            return Err(ProtocolError::InvalidMessage(
+                "resume_token without resume=<session_id>".into(),
+            ));
+        }
+        return StartRequest::from_query(pairs).map(ConnectRequest::New);
+    };
+    if let Some((other, _)) = pairs
+        .iter()
+        .find(|(k, _)| *k != "resume" && *k != "resume_token")
+    {
+        return Err(ProtocolError::ResumeWithParameters((*other).to_owned()));
+    }
+    let token = pairs
+        .iter()
+        .find(|(k, _)| *k == "resume_token")
+        .map(|(_, v)| (*v).to_owned())
+        .ok_or_else(|| ProtocolError::InvalidMessage("resume without resume_token".into()))?;
+    Ok(ConnectRequest::Resume {
+        session_id: session_id.to_owned(),
+        token,
+    })
+}
+
 /// A text message from the client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {

@@ -24,7 +24,33 @@ pub enum ServerMessage {
     /// Every sink has committed what it had when the client sent `flush`.
     Flushed,
     Recording(RecordingInfo),
+    /// `framing=seq`: every message up to `seq` is safely with the sinks.
+    Ack { seq: u32 },
+    Stats(StreamStats),
     Closed(ClosedSummary),
+}
+
+/// Periodic stream statistics, in the terms of WebRTC's getStats and NetEq.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStats {
+    /// Media time received so far, gaps included.
+    pub media_seconds: f64,
+    pub packets_received: u64,
+    pub packets_duplicated: u64,
+    /// Arrived after their place had been filled: discarded.
+    pub packets_late: u64,
+    /// `seq` numbers that never arrived (their media time was filled).
+    pub packets_lost: u64,
+    /// Opus packets or container pages that could not be decoded.
+    pub packets_damaged: u64,
+    /// Sample frames filled with silence or concealment.
+    pub concealed_frames: u64,
+    /// Media held back waiting for missing packets.
+    pub current_delay_ms: u32,
+    /// How long a gap is held open before it is filled.
+    pub target_delay_ms: u32,
+    /// Times this session has been resumed after a dropped connection.
+    pub resumes: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +62,12 @@ pub struct StartedInfo {
     pub metadata: Map<String, Value>,
     pub max_message_bytes: usize,
     pub idle_timeout_ms: u64,
+    /// `framing=seq` only: present to reconnect with `resume=<session_id>&resume_token=<this>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<String>,
+    /// On a resumed session: the first `seq` the server still needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_from_seq: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]

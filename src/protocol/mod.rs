@@ -9,8 +9,10 @@ mod events;
 mod format;
 mod seq;
 
-pub use control::{parse_client_message, ClientMessage, StartRequest};
-pub use events::{ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, PROTOCOL_VERSION};
+pub use control::{parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest};
+pub use events::{
+    ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, PROTOCOL_VERSION,
+};
 pub use format::{Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 pub use seq::{SeqHeader, SEQ_HEADER_BYTES};
 
@@ -30,6 +32,8 @@ pub enum ProtocolError {
     UnknownMessageType(String),
     #[error("unknown query parameter '{0}'")]
     UnknownParameter(String),
+    #[error("a resume carries only resume and resume_token, not '{0}': the stream's format is the session's")]
+    ResumeWithParameters(String),
     #[error("unsupported encoding '{0}'; supported: pcm_s16le, pcm_f32le, mulaw, alaw, opus, ogg_opus, webm_opus")]
     UnsupportedEncoding(String),
     #[error("unsupported sample_rate '{0}'; expected an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}")]

@@ -8,6 +8,8 @@ use crate::pipeline::PipelineError;
 use crate::protocol::ProtocolError;
 use crate::sinks::SinkError;
 
+use super::resume::ResumeError;
+
 /// RFC 6455 §7.4.1 close codes used by cochlea.
 pub mod codes {
     pub const NORMAL: u16 = 1000;
@@ -41,6 +43,8 @@ pub enum SessionError {
     },
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
 }
 
 impl From<PipelineError> for SessionError {
@@ -64,6 +68,7 @@ impl SessionError {
                 ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
                 ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
                 ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
+                ProtocolError::ResumeWithParameters(_) => ("invalid_message", PROTOCOL_ERROR),
                 ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
                 ProtocolError::UnsupportedSampleRate(_) => {
                     ("unsupported_sample_rate", UNSUPPORTED_DATA)
@@ -101,6 +106,7 @@ impl SessionError {
             SessionError::ServerFull { .. } => ("server_full", TRY_AGAIN_LATER),
             SessionError::IdleTimeout { close_code, .. } => ("idle_timeout", *close_code),
             SessionError::ShuttingDown => ("shutting_down", GOING_AWAY),
+            SessionError::Resume(_) => ("resume_rejected", POLICY_VIOLATION),
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod close;
 mod registry;
+mod resume;
 pub mod session;
 
 use std::io::Write;
@@ -20,7 +21,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::protocol::{ProtocolError, StartRequest};
+use crate::protocol::{parse_connect, ConnectRequest, ProtocolError, StartRequest};
 use close::SessionError;
 use registry::SessionRegistry;
 use session::SessionEnv;
@@ -69,6 +70,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         env: SessionEnv {
             config: config.clone(),
             shutdown: shutdown_rx,
+            resumes: Arc::new(resume::ResumeRegistry::default()),
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -165,10 +167,10 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-fn parse_query(query: &str) -> Result<StartRequest, ProtocolError> {
+fn parse_query(query: &str) -> Result<ConnectRequest, ProtocolError> {
     let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
         .map_err(|e| ProtocolError::InvalidMessage(format!("query string: {e}")))?;
-    StartRequest::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    parse_connect(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
 async fn stream(
@@ -181,10 +183,18 @@ async fn stream(
     let messages = messages.max_frame_size(config.max_message_bytes);
     let id = uuid::Uuid::now_v7().to_string();
 
+    let connect = parse_query(req.query_string());
     if session::is_shutting_down(&state.env.shutdown) {
         actix_web::rt::spawn(session::refuse(id, ws, SessionError::ShuttingDown));
+    } else if let Ok(ConnectRequest::Resume { session_id, token }) = connect {
+        // A resumed session already holds its admission slot.
+        let env = state.env.clone();
+        actix_web::rt::spawn(session::resume(ws, messages, session_id, token, env));
     } else if let Some(guard) = state.registry.try_admit() {
-        let query = parse_query(req.query_string());
+        let query = connect.map(|c| match c {
+            ConnectRequest::New(request) => request,
+            ConnectRequest::Resume { .. } => StartRequest::default(),
+        });
         actix_web::rt::spawn(session::run(
             id,
             ws,

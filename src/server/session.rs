@@ -11,17 +11,18 @@ use std::time::SystemTime;
 use actix_web::web::{Bytes, BytesMut};
 use actix_ws::{CloseCode, CloseReason, Item, Message, MessageStream};
 use metrics::Counter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::close::{codes, from_ws_error, SessionError};
 use super::registry::SessionGuard;
+use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
 use crate::pipeline::{AudioBlock, Pipeline};
 use crate::protocol::{
-    parse_client_message, ClientMessage, ClosedSummary, ProtocolError, ServerMessage, StartRequest,
-    StartedInfo, PROTOCOL_VERSION,
+    parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
+    StartRequest, StartedInfo, StreamStats, PROTOCOL_VERSION,
 };
 use crate::sinks::{self, SinkCommand, SinkContext, SinkEvent};
 use crate::telemetry::names;
@@ -31,9 +32,10 @@ use crate::telemetry::names;
 pub struct SessionEnv {
     pub config: Arc<Config>,
     pub shutdown: watch::Receiver<bool>,
+    pub resumes: Arc<ResumeRegistry>,
 }
 
-/// Runs an admitted session to its end.
+/// Runs a new, admitted session until it ends or is parked for resume.
 pub async fn run(
     id: String,
     ws: actix_ws::Session,
@@ -45,24 +47,108 @@ pub async fn run(
     let span = tracing::info_span!("session", id = %id);
     async move {
         tracing::info!("session opened");
-        let mut session = Session::new(id, ws, env.config.clone());
+        let mut session = Session::new(id, ws, &env);
         let end = match query {
-            Ok(query) => session.drive(query, messages, env.shutdown).await,
+            Ok(query) => match session.open(query).await {
+                Ok(()) => session.run_loop(messages, env.shutdown.clone()).await,
+                Err(e) => End::Error(e),
+            },
             Err(e) => End::Error(e.into()),
         };
-        session.end(end).await;
-        drop(guard);
+        finish_or_park(session, end, guard, env).await;
     }
     .instrument(span)
     .await
 }
 
+/// Re-attaches a parked session to a new connection.
+pub async fn resume(
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    session_id: String,
+    token: String,
+    env: SessionEnv,
+) {
+    let span = tracing::info_span!("session", id = %session_id);
+    async move {
+        let wait = std::time::Duration::from_secs(3);
+        let (parked, takeover) = match env.resumes.claim(&session_id, &token, wait).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                metrics::counter!(names::RESUMES_REJECTED_TOTAL).increment(1);
+                refuse_in_span(ws, SessionError::Resume(error)).await;
+                return;
+            }
+        };
+        let mut session = *parked.session;
+        session.reattach(ws, takeover);
+        metrics::counter!(names::RESUMES_TOTAL).increment(1);
+        let resume_from_seq = session.resume_from_seq();
+        tracing::info!(resume_from_seq, resumes = session.resumes, "session resumed");
+        session.send_started(Some(resume_from_seq)).await;
+        let end = session.run_loop(messages, env.shutdown.clone()).await;
+        finish_or_park(session, end, parked.guard, env).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Ends a session, or, when its connection dropped and it can be resumed,
+/// parks it for `resume_window_ms` and ends it only if nobody claims it.
+async fn finish_or_park(mut session: Session, end: End, guard: SessionGuard, env: SessionEnv) {
+    let dropped = matches!(end, End::ClientGone { .. } | End::TakenOver);
+    let window = std::time::Duration::from_millis(env.config.resume_window_ms);
+    if !(dropped && session.resumable() && !window.is_zero()) {
+        env.resumes.remove(&session.id);
+        session.end(end).await;
+        drop(guard);
+        return;
+    }
+    if let End::TakenOver = end {
+        // The old connection may still be readable by someone: say why it ends.
+        let reason = CloseReason {
+            code: CloseCode::Away,
+            description: Some("resumed_elsewhere".into()),
+        };
+        let _ = session.ws.clone().close(Some(reason)).await;
+    }
+    session.generation += 1;
+    let generation = session.generation;
+    let id = session.id.clone();
+    tracing::info!(window_ms = env.config.resume_window_ms, "connection lost; session parked for resume");
+    metrics::gauge!(names::SESSIONS_PARKED).increment(1.0);
+    env.resumes.park(
+        &id,
+        Parked {
+            session: Box::new(session),
+            guard,
+            generation,
+        },
+    );
+    // One one-shot timer per parked session, not a periodic one.
+    let mut shutdown = env.shutdown.clone();
+    let reason = tokio::select! {
+        () = tokio::time::sleep(window) => End::ResumeExpired,
+        () = wait_for_shutdown(&mut shutdown) => End::Shutdown,
+    };
+    metrics::gauge!(names::SESSIONS_PARKED).decrement(1.0);
+    if let Some(parked) = env.resumes.take_expired(&id, generation) {
+        tracing::info!("resume window over: finishing the session");
+        parked.session.end(reason).await;
+        drop(parked.guard);
+    }
+}
+
 /// Refuses a connection that was upgraded but cannot be served (server full,
 /// shutting down): the client gets an `error` and a close code it can act on,
 /// which a browser could not read from a failed HTTP upgrade.
-pub async fn refuse(id: String, mut ws: actix_ws::Session, error: SessionError) {
+pub async fn refuse(id: String, ws: actix_ws::Session, error: SessionError) {
     let span = tracing::info_span!("session", id = %id);
-    async move {
+    refuse_in_span(ws, error).instrument(span).await
+}
+
+async fn refuse_in_span(mut ws: actix_ws::Session, error: SessionError) {
+    {
         let (code, close_code) = error.codes();
         tracing::warn!(%error, "session refused");
         metrics::counter!(names::SESSIONS_REJECTED_TOTAL, "reason" => code).increment(1);
@@ -79,8 +165,6 @@ pub async fn refuse(id: String, mut ws: actix_ws::Session, error: SessionError) 
             }))
             .await;
     }
-    .instrument(span)
-    .await
 }
 
 enum End {
@@ -93,6 +177,10 @@ enum End {
     },
     Error(SessionError),
     Shutdown,
+    /// A resuming connection took the session over.
+    TakenOver,
+    /// The connection dropped and nobody resumed within the window.
+    ResumeExpired,
 }
 
 /// A message being reassembled from continuation frames.
@@ -138,7 +226,9 @@ struct Active {
     counters: AudioCounters,
 }
 
-struct Session {
+/// One session's whole state. It is `Send`: a resumed session moves to the
+/// task of the connection that resumed it.
+pub struct Session {
     id: String,
     ws: actix_ws::Session,
     config: Arc<Config>,
@@ -146,25 +236,148 @@ struct Session {
     started_at: SystemTime,
     active: Option<Active>,
     last_activity: Instant,
+    /// When to look at idleness next; moved lazily, not on every message.
+    idle_check_at: Instant,
     partial: Option<Partial>,
     flushes_requested: u64,
     flushes_reported: u64,
+    /// `framing=seq` sessions: the token a resuming connection must show.
+    resume_token: Option<String>,
+    takeover: Option<Arc<Notify>>,
+    /// Highest `seq` handed to the sinks, and the highest acknowledged.
+    handed_seq: Option<u32>,
+    acked_seq: Option<u32>,
+    last_ack_at: Instant,
+    last_stats_at: Instant,
+    audio_since_stats: bool,
+    resumes: u32,
+    generation: u64,
+    resume_registry: Arc<ResumeRegistry>,
+    /// What `started` said, to say it again on resume.
+    started_info: Option<StartedInfo>,
 }
 
 impl Session {
-    fn new(id: String, ws: actix_ws::Session, config: Arc<Config>) -> Self {
+    fn new(id: String, ws: actix_ws::Session, env: &SessionEnv) -> Self {
+        let config = env.config.clone();
         Self {
             id,
             ws,
-            config,
+            config: config.clone(),
+            resume_registry: env.resumes.clone(),
+            started_info: None,
             query: StartRequest::default(),
             started_at: SystemTime::now(),
             active: None,
             last_activity: Instant::now(),
+            idle_check_at: Instant::now() + config.idle_timeout(),
             partial: None,
             flushes_requested: 0,
             flushes_reported: 0,
+            resume_token: None,
+            takeover: None,
+            handed_seq: None,
+            acked_seq: None,
+            last_ack_at: Instant::now(),
+            last_stats_at: Instant::now(),
+            audio_since_stats: false,
+            resumes: 0,
+            generation: 0,
         }
+    }
+
+    /// Starts the stream at once when the query string carries the format.
+    async fn open(&mut self, query: StartRequest) -> Result<(), SessionError> {
+        let starts_now = query.starts_stream();
+        self.query = query;
+        if starts_now {
+            self.start(StartRequest::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Binds a parked session to the connection that resumed it.
+    fn reattach(&mut self, ws: actix_ws::Session, takeover: Arc<Notify>) {
+        self.ws = ws;
+        self.takeover = Some(takeover);
+        self.partial = None;
+        self.resumes += 1;
+        self.last_activity = Instant::now();
+        self.idle_check_at = self.last_activity + self.config.idle_timeout();
+        self.acked_seq = None;
+    }
+
+    fn resumable(&self) -> bool {
+        self.resume_token.is_some() && self.active.is_some()
+    }
+
+    /// The first `seq` the server still needs.
+    fn resume_from_seq(&self) -> u32 {
+        self.handed_seq.map_or(0, |s| s.saturating_add(1))
+    }
+
+    /// The earliest moment the loop must wake up for: idleness, a due ack,
+    /// due stats. One timer per session, moved only when this changes.
+    fn next_deadline(&self) -> Instant {
+        let mut at = self.idle_check_at;
+        if self.handed_seq.is_some() && self.handed_seq != self.acked_seq {
+            at = at.min(self.last_ack_at + self.ack_interval());
+        }
+        if self.audio_since_stats && self.config.stats_interval_ms > 0 {
+            at = at.min(self.last_stats_at + self.stats_interval());
+        }
+        at
+    }
+
+    fn ack_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.ack_interval_ms)
+    }
+
+    fn stats_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.stats_interval_ms)
+    }
+
+    /// Sends an ack and stats if they are due; also runs on the message path,
+    /// so a streaming session needs no timer wake-ups for them.
+    async fn send_due_reports(&mut self, now: Instant) {
+        if self.handed_seq.is_some()
+            && self.handed_seq != self.acked_seq
+            && now >= self.last_ack_at + self.ack_interval()
+        {
+            if let Some(seq) = self.handed_seq {
+                self.acked_seq = Some(seq);
+                self.last_ack_at = now;
+                self.send(&ServerMessage::Ack { seq }).await;
+            }
+        }
+        if self.audio_since_stats
+            && self.config.stats_interval_ms > 0
+            && now >= self.last_stats_at + self.stats_interval()
+        {
+            self.last_stats_at = now;
+            self.audio_since_stats = false;
+            if let Some(stats) = self.stream_stats() {
+                self.send(&ServerMessage::Stats(stats)).await;
+            }
+        }
+    }
+
+    fn stream_stats(&self) -> Option<StreamStats> {
+        let active = self.active.as_ref()?;
+        let stats = active.pipeline.stats();
+        let rate = f64::from(active.pipeline.declared_format().sample_rate);
+        Some(StreamStats {
+            media_seconds: active.pipeline.media_frames() as f64 / rate,
+            packets_received: stats.audio_messages,
+            packets_duplicated: stats.duplicate_messages,
+            packets_late: stats.late_messages,
+            packets_lost: stats.lost_messages,
+            packets_damaged: stats.damaged_packets,
+            concealed_frames: stats.gap_frames + stats.concealed_frames,
+            current_delay_ms: stats.current_delay_ms,
+            target_delay_ms: stats.target_delay_ms,
+            resumes: self.resumes,
+        })
     }
 
     async fn send(&mut self, message: &ServerMessage) {
@@ -173,29 +386,27 @@ impl Session {
         }
     }
 
-    /// The main loop: returns how the session ended.
-    async fn drive(
+    /// The main loop: returns how the connection ended.
+    async fn run_loop(
         &mut self,
-        query: StartRequest,
         mut messages: MessageStream,
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
-        let starts_now = query.starts_stream();
-        self.query = query;
-        if starts_now {
-            if let Err(e) = self.start(StartRequest::default()).await {
-                return End::Error(e);
-            }
-        }
-
-        let idle_timeout = self.config.idle_timeout();
-        let idle = tokio::time::sleep_until(self.last_activity + idle_timeout);
-        tokio::pin!(idle);
+        let mut armed = self.next_deadline();
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
+        let takeover = self.takeover.clone();
 
         loop {
+            let wanted = self.next_deadline();
+            if wanted != armed {
+                armed = wanted;
+                timer.as_mut().reset(armed);
+            }
             let step = tokio::select! {
                 biased;
                 () = wait_for_shutdown(&mut shutdown) => return End::Shutdown,
+                () = wait_for_takeover(takeover.as_deref()) => return End::TakenOver,
                 event = next_event(&mut self.active) => self.on_sink_event(event).await.map(|()| None),
                 message = messages.recv() => match message {
                     None => return End::ClientGone { close_frame: false },
@@ -212,17 +423,23 @@ impl Session {
                     }
                     Some(Err(e)) => Err(from_ws_error(e, self.config.max_message_bytes).into()),
                 },
-                () = &mut idle => {
-                    let deadline = self.last_activity + idle_timeout;
-                    if Instant::now() >= deadline {
-                        Err(SessionError::IdleTimeout {
-                            idle_timeout_ms: self.config.idle_timeout_ms,
-                            close_code: self.config.idle_close_code,
-                        })
-                    } else {
-                        idle.as_mut().reset(deadline);
-                        Ok(None)
+                () = &mut timer => {
+                    let now = Instant::now();
+                    // Far in the future until next_deadline() says otherwise.
+                    armed = now + std::time::Duration::from_secs(86_400);
+                    timer.as_mut().reset(armed);
+                    if now >= self.idle_check_at {
+                        let idle_until = self.last_activity + self.config.idle_timeout();
+                        if now >= idle_until {
+                            return End::Error(SessionError::IdleTimeout {
+                                idle_timeout_ms: self.config.idle_timeout_ms,
+                                close_code: self.config.idle_close_code,
+                            });
+                        }
+                        self.idle_check_at = idle_until;
                     }
+                    self.send_due_reports(now).await;
+                    Ok(None)
                 }
             };
             match step {
@@ -329,6 +546,13 @@ impl Session {
             .unwrap_or_else(|| self.config.default_sinks.clone());
         sinks::check_names(&sink_names)?;
         let pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
+        if format.framing == Framing::Seq && self.config.resume_window_ms > 0 {
+            // 122 random bits: the only thing standing between a session id,
+            // which appears in logs and file names, and taking the stream over.
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            self.takeover = Some(self.resume_registry.attach_new(&self.id, &token));
+            self.resume_token = Some(token);
+        }
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let encoding = format.encoding.as_str();
@@ -406,6 +630,8 @@ impl Session {
             metadata: pending.metadata,
             max_message_bytes: self.config.max_message_bytes,
             idle_timeout_ms: self.config.idle_timeout_ms,
+            resume_token: self.resume_token.clone(),
+            resume_from_seq: None,
         };
         tracing::info!(
             encoding = format.encoding.as_str(),
@@ -415,8 +641,17 @@ impl Session {
             sinks = ?started.sinks,
             "stream started"
         );
-        self.send(&ServerMessage::Started(started)).await;
+        self.started_info = Some(started);
+        self.send_started(None).await;
         Ok(())
+    }
+
+    /// Sends `started`; on a resume, with the first `seq` still needed.
+    async fn send_started(&mut self, resume_from_seq: Option<u32>) {
+        if let Some(mut started) = self.started_info.clone() {
+            started.resume_from_seq = resume_from_seq;
+            self.send(&ServerMessage::Started(started)).await;
+        }
     }
 
     async fn on_audio(&mut self, data: &Bytes) -> Result<(), SessionError> {
@@ -470,6 +705,10 @@ impl Session {
             }
         }
         active.blocks = blocks;
+        // Everything up to this seq is now queued with every sink.
+        self.handed_seq = active.pipeline.last_seq();
+        self.audio_since_stats = true;
+        self.send_due_reports(Instant::now()).await;
         pushed.map_err(SessionError::from)
     }
 
@@ -567,6 +806,8 @@ impl Session {
             End::Stop => ("stop", codes::NORMAL, None),
             End::ClientGone { .. } => ("client_gone", codes::NORMAL, None),
             End::Shutdown => ("shutdown", codes::GOING_AWAY, None),
+            End::TakenOver => ("client_gone", codes::GOING_AWAY, None),
+            End::ResumeExpired => ("resume_expired", codes::NORMAL, None),
             End::Error(e) => {
                 let close_code = e.codes().1;
                 let reason = match e {
@@ -593,6 +834,12 @@ impl Session {
         let mut stats = Default::default();
         let mut media_frames = 0;
         let mut sample_rate = 1;
+        // The last word on the stream's health, before the results.
+        if self.config.stats_interval_ms > 0 && self.started_info.is_some() {
+            if let Some(stats) = self.stream_stats() {
+                self.send(&ServerMessage::Stats(stats)).await;
+            }
+        }
         if let Some(active) = self.active.as_mut() {
             for slot in &mut active.sinks {
                 slot.commands = None;
@@ -680,6 +927,14 @@ async fn next_event(active: &mut Option<Active>) -> SinkEvent {
         }
     }
     std::future::pending().await
+}
+
+/// Resolves when a resuming connection asks for this session; never without one.
+async fn wait_for_takeover(takeover: Option<&Notify>) {
+    match takeover {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once shutdown has been signalled; never if the signal is gone.

@@ -162,7 +162,7 @@ async fn partial_sample_frame_closes_1007_and_keeps_earlier_audio() {
     transcript.assert_error("partial_frame", 1007);
     assert_eq!(
         transcript.types(),
-        ["started", "error", "recording", "closed"],
+        ["started", "error", "stats", "recording", "closed"],
         "the audio before the error is still delivered"
     );
     let wav = read_wav_i16(Path::new(

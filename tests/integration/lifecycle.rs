@@ -24,7 +24,7 @@ async fn sigterm_finishes_sessions_and_closes_1001() {
     let transcript = client.finish().await;
     assert_eq!(
         transcript.types(),
-        ["started", "flushed", "recording", "closed"]
+        ["started", "flushed", "stats", "recording", "closed"]
     );
     assert_eq!(transcript.one("closed")["reason"], "shutdown");
     assert_eq!(transcript.close_code(), 1001);

@@ -59,7 +59,7 @@ async fn pcm_s16le_recording_is_sample_exact() {
         "last frame sent -> end of session: {:?} (includes stop round trip)",
         sent_at.elapsed()
     );
-    assert_eq!(transcript.types(), ["started", "recording", "closed"]);
+    assert_eq!(transcript.types(), ["started", "stats", "recording", "closed"]);
     assert_eq!(transcript.close_code(), 1000);
 
     let recording = transcript.one("recording");
@@ -227,7 +227,7 @@ async fn flush_is_acknowledged_once_the_file_holds_everything() {
     let transcript = client.stop().await;
     assert_eq!(
         transcript.types(),
-        ["started", "flushed", "recording", "closed"]
+        ["started", "flushed", "stats", "recording", "closed"]
     );
 }
 
@@ -270,7 +270,7 @@ async fn query_can_choose_no_sinks() {
     assert_eq!(started["sinks"], json!([]));
     client.send_chunks(&[0xFFu8; 1600], 160).await;
     let transcript = client.stop().await;
-    assert_eq!(transcript.types(), ["started", "closed"]);
+    assert_eq!(transcript.types(), ["started", "stats", "closed"]);
     assert_eq!(transcript.one("closed")["sample_frames"], 1600);
     let files = std::fs::read_dir(server.recordings_dir()).unwrap().count();
     assert_eq!(files, 0, "no recording without the record sink");

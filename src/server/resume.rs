@@ -1,0 +1,185 @@
+//! Sessions that can be resumed after a dropped connection.
+//!
+//! A `framing=seq` session is registered here when it starts. While its
+//! client is connected the entry is `Attached`; when the connection drops,
+//! the session's whole state (pipeline, sink handles, counters) is parked
+//! here, and a new connection with the right token takes it over, possibly
+//! on another worker thread. Only the state moves: the new connection's
+//! socket stays on its own worker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::registry::SessionGuard;
+use super::session::Session;
+
+/// Why a resume was refused (close code 1008 in every case).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResumeError {
+    #[error("no resumable session {0}: it never existed, has ended, or its resume window expired")]
+    NotFound(String),
+    #[error("wrong resume_token for session {0}")]
+    WrongToken(String),
+    #[error("session {0} is still attached to another connection that did not let go")]
+    Busy(String),
+}
+
+/// A session waiting for its client, with the slot it holds.
+pub struct Parked {
+    pub session: Box<Session>,
+    pub guard: SessionGuard,
+    /// Each park has its own generation, so a stale expiry timer cannot end
+    /// a session that was resumed and parked again since.
+    pub generation: u64,
+}
+
+enum State {
+    /// A connection drives the session; `takeover` asks it to let go.
+    Attached { takeover: Arc<Notify> },
+    Parked(Parked),
+    /// Between a takeover request and the old connection parking the state.
+    Releasing,
+}
+
+struct Entry {
+    token: String,
+    state: State,
+}
+
+#[derive(Default)]
+pub struct ResumeRegistry {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// Constant-time comparison, so a wrong token's timing says nothing about
+/// the right one.
+fn same_token(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ResumeRegistry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave an entry half-made
+        // (every update is a single insert or replace), so poison is harmless.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new attached session; returns its takeover signal.
+    pub fn attach_new(&self, id: &str, token: &str) -> Arc<Notify> {
+        let takeover = Arc::new(Notify::new());
+        self.lock().insert(
+            id.to_owned(),
+            Entry {
+                token: token.to_owned(),
+                state: State::Attached {
+                    takeover: takeover.clone(),
+                },
+            },
+        );
+        takeover
+    }
+
+    /// Parks a session whose connection dropped.
+    pub fn park(&self, id: &str, parked: Parked) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.state = State::Parked(parked);
+        }
+    }
+
+    /// Takes a parked session back for ending (window expired, shutdown),
+    /// if it is still the same park.
+    pub fn take_expired(&self, id: &str, generation: u64) -> Option<Parked> {
+        let mut entries = self.lock();
+        match entries.get(id).map(|e| &e.state) {
+            Some(State::Parked(p)) if p.generation == generation => {}
+            _ => return None,
+        }
+        match entries.remove(id).map(|e| e.state) {
+            Some(State::Parked(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Forgets a session that ended.
+    pub fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Claims a session for a resuming connection. If the old connection
+    /// still holds it (a half-open TCP connection the server has not noticed
+    /// yet), asks it to let go and waits up to `wait` for the state.
+    pub async fn claim(
+        &self,
+        id: &str,
+        token: &str,
+        wait: std::time::Duration,
+    ) -> Result<(Parked, Arc<Notify>), ResumeError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            {
+                let mut entries = self.lock();
+                let Some(entry) = entries.get_mut(id) else {
+                    return Err(ResumeError::NotFound(id.to_owned()));
+                };
+                if !same_token(&entry.token, token) {
+                    return Err(ResumeError::WrongToken(id.to_owned()));
+                }
+                match std::mem::replace(&mut entry.state, State::Releasing) {
+                    State::Parked(parked) => {
+                        let takeover = Arc::new(Notify::new());
+                        entry.state = State::Attached {
+                            takeover: takeover.clone(),
+                        };
+                        return Ok((parked, takeover));
+                    }
+                    State::Attached { takeover } => {
+                        // notify_one stores a permit, so the old connection
+                        // sees it even if it is not waiting right now.
+                        takeover.notify_one();
+                    }
+                    State::Releasing => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ResumeError::Busy(id.to_owned()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Parked sessions, for shutdown.
+    pub fn take_all_parked(&self) -> Vec<(String, Parked)> {
+        let mut entries = self.lock();
+        let ids: Vec<String> = entries
+            .iter()
+            .filter(|(_, e)| matches!(e.state, State::Parked(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| match entries.remove(&id).map(|e| e.state) {
+                Some(State::Parked(p)) => Some((id, p)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "abcd"));
+        assert!(!same_token("", "a"));
+    }
+}
