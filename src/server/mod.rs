@@ -103,6 +103,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         source,
     })?;
 
+    // Handlers go in before the address is announced: a signal sent right
+    // after the "listening" line must find them (found by a test that did).
+    let signals = Signals::install()?;
     for addr in server.addrs() {
         tracing::info!(%addr, "listening");
         let mut stdout = std::io::stdout().lock();
@@ -124,7 +127,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
 
     let shutdown_timeout = config.shutdown_timeout();
     actix_web::rt::spawn(async move {
-        let signal = wait_for_signal().await;
+        let signal = signals.wait().await;
         tracing::info!(signal, "shutting down: finishing sessions");
         ready.store(false, Ordering::Release);
         handle.pause().await;
@@ -144,26 +147,43 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     Ok(())
 }
 
-async fn wait_for_signal() -> &'static str {
+/// SIGINT and SIGTERM listeners, registered at creation.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+
+    async fn wait(mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => "SIGINT",
+                _ = self.terminate.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 
