@@ -25,7 +25,9 @@ pub enum ServerMessage {
     Flushed,
     Recording(RecordingInfo),
     /// `framing=seq`: every message up to `seq` is safely with the sinks.
-    Ack { seq: u32 },
+    Ack {
+        seq: u32,
+    },
     Stats(StreamStats),
     Closed(ClosedSummary),
 }

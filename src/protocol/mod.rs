@@ -9,7 +9,9 @@ mod events;
 mod format;
 mod seq;
 
-pub use control::{parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest};
+pub use control::{
+    parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest,
+};
 pub use events::{
     ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, PROTOCOL_VERSION,
 };

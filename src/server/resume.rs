@@ -38,7 +38,9 @@ pub struct Parked {
 
 enum State {
     /// A connection drives the session; `takeover` asks it to let go.
-    Attached { takeover: Arc<Notify> },
+    Attached {
+        takeover: Arc<Notify>,
+    },
     Parked(Parked),
     /// Between a takeover request and the old connection parking the state.
     Releasing,

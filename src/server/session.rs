@@ -84,7 +84,11 @@ pub async fn resume(
         session.reattach(ws, takeover);
         metrics::counter!(names::RESUMES_TOTAL).increment(1);
         let resume_from_seq = session.resume_from_seq();
-        tracing::info!(resume_from_seq, resumes = session.resumes, "session resumed");
+        tracing::info!(
+            resume_from_seq,
+            resumes = session.resumes,
+            "session resumed"
+        );
         session.send_started(Some(resume_from_seq)).await;
         let end = session.run_loop(messages, env.shutdown.clone()).await;
         finish_or_park(session, end, parked.guard, env).await;
@@ -115,7 +119,10 @@ async fn finish_or_park(mut session: Session, end: End, guard: SessionGuard, env
     session.generation += 1;
     let generation = session.generation;
     let id = session.id.clone();
-    tracing::info!(window_ms = env.config.resume_window_ms, "connection lost; session parked for resume");
+    tracing::info!(
+        window_ms = env.config.resume_window_ms,
+        "connection lost; session parked for resume"
+    );
     metrics::gauge!(names::SESSIONS_PARKED).increment(1.0);
     env.resumes.park(
         &id,
@@ -794,6 +801,10 @@ impl Session {
 
     /// Finishes every sink, reports, and closes: the one exit of a session.
     async fn end(mut self, end: End) {
+        let client_may_listen = !matches!(
+            end,
+            End::ClientGone { .. } | End::TakenOver | End::ResumeExpired
+        );
         if let End::ClientGone { close_frame: true } = end {
             // Answer the client's Close at once; the sinks finish regardless.
             let normal = CloseReason {
@@ -834,6 +845,13 @@ impl Session {
         let mut stats = Default::default();
         let mut media_frames = 0;
         let mut sample_rate = 1;
+        // A last ack, so a client that is still there knows all arrived.
+        if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
+            if self.acked_seq != Some(seq) {
+                self.acked_seq = Some(seq);
+                self.send(&ServerMessage::Ack { seq }).await;
+            }
+        }
         // The last word on the stream's health, before the results.
         if self.config.stats_interval_ms > 0 && self.started_info.is_some() {
             if let Some(stats) = self.stream_stats() {

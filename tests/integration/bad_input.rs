@@ -403,9 +403,7 @@ async fn full_server_refuses_with_1013_without_disturbing_others() {
         .await
         .finish()
         .await;
-    assert_eq!(refused.types(), ["error"]);
-    assert_eq!(refused.one("error")["code"], "server_full");
-    assert_eq!(refused.close_code(), 1013);
+    refused.assert_refused("server_full", 1013);
 
     first.send_chunks(&s16_bytes(&samples[4000..]), 640).await;
     second.send_chunks(&s16_bytes(&samples), 640).await;

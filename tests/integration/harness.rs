@@ -225,6 +225,14 @@ impl Transcript {
             .unwrap_or_else(|| panic!("no close frame; messages: {:#?}", self.messages))
     }
 
+    /// Asserts a refusal: only an `error` with `code`, then the close frame.
+    pub fn assert_refused(&self, code: &str, close_code: u16) {
+        assert_eq!(self.types(), ["error"], "{:#?}", self.messages);
+        assert_eq!(self.one("error")["code"], code);
+        assert_eq!(self.close_code(), close_code);
+        assert_eq!(self.close.as_ref().unwrap().1, code, "close reason");
+    }
+
     /// Asserts an error with `code`, then `closed`, then a close frame with `close_code`.
     pub fn assert_error(&self, code: &str, close_code: u16) {
         let error = self.one("error");

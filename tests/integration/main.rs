@@ -16,4 +16,5 @@ mod crash;
 mod harness;
 mod lifecycle;
 mod opus;
+mod resume;
 mod streaming;

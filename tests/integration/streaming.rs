@@ -59,7 +59,10 @@ async fn pcm_s16le_recording_is_sample_exact() {
         "last frame sent -> end of session: {:?} (includes stop round trip)",
         sent_at.elapsed()
     );
-    assert_eq!(transcript.types(), ["started", "stats", "recording", "closed"]);
+    assert_eq!(
+        transcript.types(),
+        ["started", "stats", "recording", "closed"]
+    );
     assert_eq!(transcript.close_code(), 1000);
 
     let recording = transcript.one("recording");
