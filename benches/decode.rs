@@ -5,30 +5,26 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
+use cochlea::codec::container::{DemuxEvent, Demuxer};
+use cochlea::codec::ogg::OggDemuxer;
 use cochlea::codec::opus::OpusDecoder;
 
-/// Opus packets of an Ogg file (header packets dropped): a minimal reader, so
-/// the benchmark measures decoding only.
+/// The fixture's Opus packets, through cochlea's own Ogg demuxer.
 fn packets() -> Vec<Vec<u8>> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/speech-opusenc.opus"
     );
     let bytes = std::fs::read(path).expect("fixture");
-    let (mut packets, mut partial, mut at) = (Vec::new(), Vec::new(), 0);
-    while at + 27 <= bytes.len() {
-        let segments = bytes[at + 26] as usize;
-        let mut body = at + 27 + segments;
-        for &lace in &bytes[at + 27..at + 27 + segments] {
-            partial.extend_from_slice(&bytes[body..body + lace as usize]);
-            body += lace as usize;
-            if lace < 255 {
-                packets.push(std::mem::take(&mut partial));
-            }
-        }
-        at = body;
-    }
-    packets.split_off(2)
+    let mut events = Vec::new();
+    OggDemuxer::new().push(&bytes, &mut events).expect("demux");
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            DemuxEvent::Packet { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect()
 }
 
 fn opus_decode(c: &mut Criterion) {

@@ -254,10 +254,7 @@ impl Pipeline {
                 match decoder.decode(payload, &mut samples) {
                     Ok(frames) => frames,
                     Err((frames, damage)) => {
-                        self.stats.damaged_packets += 1;
-                        self.stats.concealed_frames += frames as u64;
-                        self.last_damage = Some(damage.to_string());
-                        frames
+                        note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
                     }
                 }
             }
@@ -328,10 +325,7 @@ impl Pipeline {
                     let frames = match decoder.decode(&data, &mut self.scratch) {
                         Ok(frames) => frames,
                         Err((frames, damage)) => {
-                            self.stats.damaged_packets += 1;
-                            self.stats.concealed_frames += frames as u64;
-                            self.last_damage = Some(damage.to_string());
-                            frames
+                            note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
                         }
                     };
                     let channels = usize::from(self.format.channels);
@@ -369,6 +363,19 @@ impl Pipeline {
         container.events = events;
         pushed.map_err(PipelineError::from)
     }
+}
+
+/// Counts a packet that was concealed instead of decoded; returns its frames.
+fn note_damage(
+    stats: &mut PipelineStats,
+    last_damage: &mut Option<String>,
+    frames: usize,
+    damage: &CodecError,
+) -> usize {
+    stats.damaged_packets += 1;
+    stats.concealed_frames += frames as u64;
+    *last_damage = Some(damage.to_string());
+    frames
 }
 
 #[cfg(test)]

@@ -445,3 +445,28 @@ pub async fn assert_server_still_serves(server: &Server) {
     let wav = read_wav_i16(Path::new(recording["path"].as_str().unwrap()));
     assert_eq!(wav.samples, samples);
 }
+
+/// Opus packets of an Ogg file, read by a minimal page parser written for
+/// this test alone (independent of the server's demuxer): the two header
+/// packets are dropped.
+pub fn ogg_packets_independently(path: &Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut packets = Vec::new();
+    let mut partial = Vec::new();
+    let mut at = 0;
+    while at + 27 <= bytes.len() {
+        assert_eq!(&bytes[at..at + 4], b"OggS");
+        let segments = bytes[at + 26] as usize;
+        let table = &bytes[at + 27..at + 27 + segments];
+        let mut body = at + 27 + segments;
+        for &lace in table {
+            partial.extend_from_slice(&bytes[body..body + lace as usize]);
+            body += lace as usize;
+            if lace < 255 {
+                packets.push(std::mem::take(&mut partial));
+            }
+        }
+        at = body;
+    }
+    packets.split_off(2)
+}

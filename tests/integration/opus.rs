@@ -7,31 +7,6 @@ use serde_json::json;
 
 use crate::harness::*;
 
-/// Opus packets of an Ogg file, read by a minimal page parser written for
-/// this test alone (independent of the server's demuxer): the two header
-/// packets are dropped.
-fn ogg_packets(path: &Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let mut packets = Vec::new();
-    let mut partial = Vec::new();
-    let mut at = 0;
-    while at + 27 <= bytes.len() {
-        assert_eq!(&bytes[at..at + 4], b"OggS");
-        let segments = bytes[at + 26] as usize;
-        let table = &bytes[at + 27..at + 27 + segments];
-        let mut body = at + 27 + segments;
-        for &lace in table {
-            partial.extend_from_slice(&bytes[body..body + lace as usize]);
-            body += lace as usize;
-            if lace < 255 {
-                packets.push(std::mem::take(&mut partial));
-            }
-        }
-        at = body;
-    }
-    packets.split_off(2)
-}
-
 /// Best normalized cross-correlation of `a` against `b` over lags within
 /// `max_lag` samples (mono signals at the same rate).
 fn aligned_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
@@ -191,7 +166,7 @@ async fn stream_packets(
 #[tokio::test]
 async fn opus_packets_match_opusdec() {
     let server = Server::start();
-    let packets = ogg_packets(&fixture("speech-opusenc.opus"));
+    let packets = ogg_packets_independently(&fixture("speech-opusenc.opus"));
     let transcript = stream_packets(&server, &packets, |_, p| Some(p.to_vec())).await;
     assert_matches_reference(&transcript, "speech-opusenc-ref16k.wav");
     assert_eq!(recorded(&transcript).samples.len(), packets.len() * 320);
@@ -200,7 +175,7 @@ async fn opus_packets_match_opusdec() {
 #[tokio::test]
 async fn damaged_opus_packets_are_concealed_counted_and_reported() {
     let server = Server::start();
-    let packets = ogg_packets(&fixture("speech-opusenc.opus"));
+    let packets = ogg_packets_independently(&fixture("speech-opusenc.opus"));
     let transcript = stream_packets(&server, &packets, |i, p| match i {
         40 => Some(vec![0xFF]), // code-3 TOC without its frame count
         41 => Some(vec![]),     // empty packet

@@ -153,7 +153,7 @@ async fn sixty_seconds_with_three_disconnects_is_sample_exact() {
 #[tokio::test]
 async fn opus_resume_keeps_exact_duration_and_the_same_audio() {
     let server = Server::start();
-    let packets: Vec<Vec<u8>> = ogg_opus_packets(&fixture("speech-opusenc.opus"));
+    let packets: Vec<Vec<u8>> = ogg_packets_independently(&fixture("speech-opusenc.opus"));
     // 24 rounds of the 2.5 s fixture: 60 s of packets.
     let stream: Vec<&Vec<u8>> = (0..24).flat_map(|_| packets.iter()).collect();
     let query = "encoding=opus&sample_rate=16000&framing=seq";
@@ -197,25 +197,6 @@ async fn opus_resume_keeps_exact_duration_and_the_same_audio() {
     let correlation = dot / (na.sqrt() * nb.sqrt());
     eprintln!("opus resume: correlation with the uninterrupted run {correlation:.6}");
     assert!(correlation >= 0.99, "correlation {correlation}");
-}
-
-/// Opus packets of an Ogg file (the two header packets dropped).
-fn ogg_opus_packets(path: &Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let (mut packets, mut partial, mut at) = (Vec::new(), Vec::new(), 0);
-    while at + 27 <= bytes.len() {
-        let segments = bytes[at + 26] as usize;
-        let mut body = at + 27 + segments;
-        for &lace in &bytes[at + 27..at + 27 + segments] {
-            partial.extend_from_slice(&bytes[body..body + lace as usize]);
-            body += lace as usize;
-            if lace < 255 {
-                packets.push(std::mem::take(&mut partial));
-            }
-        }
-        at = body;
-    }
-    packets.split_off(2)
 }
 
 #[tokio::test]
