@@ -58,6 +58,13 @@ impl OpusDecoder {
             .map_err(|e| CodecError::DamagedPacket(format!("unreadable Opus packet: {e}")))
     }
 
+    /// Frames `packet` will take in media time: its TOC's duration, or for
+    /// a packet too damaged to say, the last good packet's.
+    pub fn nominal_frames(&self, packet: &[u8]) -> usize {
+        self.packet_frames(packet)
+            .unwrap_or(self.last_packet_frames)
+    }
+
     /// Decodes one packet, appending its samples to `out`. A damaged packet
     /// is concealed for its nominal duration (or the last packet's) and
     /// reported as `DamagedPacket` with the frames still appended, so media

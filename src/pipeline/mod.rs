@@ -5,6 +5,14 @@
 //! is media time, counted in sample frames, never read from a clock.
 
 use std::sync::Arc;
+use std::time::Instant;
+
+pub mod convert;
+pub mod jitter;
+pub mod netem;
+pub mod resample;
+
+use jitter::{JitterBuffer, JitterConfig, Pushed, Released};
 
 use crate::codec::container::{DemuxError, DemuxEvent, Demuxer};
 use crate::codec::ogg::OggDemuxer;
@@ -101,17 +109,31 @@ pub struct Pipeline {
     source: Source,
     /// Media position where the next audio is expected.
     next_frame: u64,
-    last_seq: Option<u32>,
     max_gap_ms: u64,
     stats: PipelineStats,
     last_damage: Option<String>,
     scratch: Vec<f32>,
+    /// `framing=seq`: puts messages in order and decides when a hole is
+    /// given up on. Holds each message's audio payload.
+    jitter: Option<JitterBuffer<Vec<u8>>>,
+    /// An Opus hole released by the jitter buffer, concealed once the packet
+    /// after it is decoded (so in-band FEC can fill its end).
+    pending_gap: Option<(u64, u64)>,
 }
 
 impl Pipeline {
     /// `max_gap_ms` bounds the silence one `framing=seq` timestamp jump may
     /// insert: without it a single header could demand hours of audio.
     pub fn new(format: StreamFormat, max_gap_ms: u64) -> Result<Self, PipelineError> {
+        Self::with_jitter(format, max_gap_ms, JitterConfig::new(format.sample_rate))
+    }
+
+    /// As [`Pipeline::new`], with the jitter buffer's settings for `framing=seq`.
+    pub fn with_jitter(
+        format: StreamFormat,
+        max_gap_ms: u64,
+        jitter: JitterConfig,
+    ) -> Result<Self, PipelineError> {
         let (source, format_known) = if let Some(decoder) = frame_decoder_for(&format) {
             (Source::Frames(decoder), true)
         } else if format.encoding == Encoding::Opus {
@@ -136,11 +158,19 @@ impl Pipeline {
             format_known,
             source,
             next_frame: 0,
-            last_seq: None,
             max_gap_ms,
             stats: PipelineStats::default(),
             last_damage: None,
             scratch: Vec::new(),
+            jitter: (format.framing == Framing::Seq && !format.encoding.is_container()).then(
+                || {
+                    JitterBuffer::new(JitterConfig {
+                        sample_rate: format.sample_rate,
+                        ..jitter
+                    })
+                },
+            ),
+            pending_gap: None,
         })
     }
 
@@ -155,7 +185,43 @@ impl Pipeline {
     }
 
     pub fn stats(&self) -> PipelineStats {
-        self.stats
+        let mut stats = self.stats;
+        if let Some(jitter) = &self.jitter {
+            let j = jitter.stats();
+            stats.duplicate_messages = j.packets_duplicated;
+            stats.late_messages = j.packets_late;
+            stats.lost_messages = j.packets_lost;
+            stats.current_delay_ms = j.current_delay_ms;
+            stats.target_delay_ms = j.target_delay_ms;
+        }
+        stats
+    }
+
+    /// When [`Pipeline::poll`] should next be called, if a hole is held open.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.jitter.as_ref().and_then(JitterBuffer::next_deadline)
+    }
+
+    /// Releases what the jitter buffer no longer needs to hold at `now`.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<AudioBlock>) {
+        let Some(mut jitter) = self.jitter.take() else {
+            return;
+        };
+        while let Some(released) = jitter.pop(now) {
+            self.take_released(released, out);
+        }
+        self.jitter = Some(jitter);
+    }
+
+    /// End of stream: releases everything held, holes filled.
+    pub fn finish(&mut self, out: &mut Vec<AudioBlock>) {
+        let Some(mut jitter) = self.jitter.take() else {
+            return;
+        };
+        for released in jitter.drain() {
+            self.take_released(released, out);
+        }
+        self.jitter = Some(jitter);
     }
 
     /// What was wrong with the latest damaged packet, if any since last asked.
@@ -163,9 +229,11 @@ impl Pipeline {
         self.last_damage.take()
     }
 
-    /// The highest `seq` taken so far (`framing=seq`).
+    /// The highest `seq` handed on to the sinks (`framing=seq`).
     pub fn last_seq(&self) -> Option<u32> {
-        self.last_seq
+        self.jitter
+            .as_ref()
+            .and_then(JitterBuffer::last_released_seq)
     }
 
     /// Media time reached so far, in sample frames (gaps included).
@@ -179,109 +247,165 @@ impl Pipeline {
             / 1000
     }
 
-    /// Takes one binary message and appends the blocks it yields to `out`, in
-    /// media order. On an error nothing is appended.
-    pub fn push(&mut self, message: &[u8], out: &mut Vec<AudioBlock>) -> Result<(), PipelineError> {
+    /// Takes one binary message at `now` and appends the blocks it yields
+    /// to `out`, in media order. On an error nothing is appended.
+    pub fn push(
+        &mut self,
+        message: &[u8],
+        now: Instant,
+        out: &mut Vec<AudioBlock>,
+    ) -> Result<(), PipelineError> {
         if let Source::Container(_) = self.source {
             self.stats.audio_messages += 1;
             self.stats.audio_bytes += message.len() as u64;
             return self.push_container(message, out);
         }
-        let (start_frame, seq, payload) = match self.format.framing {
-            Framing::Raw => (self.next_frame, None, message),
-            Framing::Seq => {
-                let (header, payload) = SeqHeader::parse(message)?;
-                if self.last_seq.is_some_and(|last| header.seq <= last) {
-                    // A resend of something already taken: drop it, keep going.
-                    self.stats.audio_messages += 1;
-                    self.stats.audio_bytes += message.len() as u64;
-                    self.stats.duplicate_messages += 1;
-                    return Ok(());
-                }
-                if header.timestamp < self.next_frame {
-                    return Err(ProtocolError::TimestampBackwards {
-                        seq: header.seq,
-                        timestamp: header.timestamp,
-                        expected_at_least: self.next_frame,
-                    }
-                    .into());
-                }
-                let gap_frames = header.timestamp - self.next_frame;
-                if gap_frames > self.max_gap_frames() {
-                    return Err(ProtocolError::GapTooLarge {
-                        seq: header.seq,
-                        timestamp: header.timestamp,
-                        gap_frames,
-                        max_gap_frames: self.max_gap_frames(),
-                    }
-                    .into());
-                }
-                (header.timestamp, Some(header.seq), payload)
-            }
-        };
+        if self.jitter.is_some() {
+            return self.push_seq(message, now, out);
+        }
+        let start_frame = self.next_frame;
+        self.decode_at(start_frame, message, out)?;
+        self.stats.audio_messages += 1;
+        self.stats.audio_bytes += message.len() as u64;
+        Ok(())
+    }
 
-        let channels = self.format.channels;
-        let gap_frames = start_frame - self.next_frame;
+    fn push_seq(
+        &mut self,
+        message: &[u8],
+        now: Instant,
+        out: &mut Vec<AudioBlock>,
+    ) -> Result<(), PipelineError> {
+        let (header, payload) = SeqHeader::parse(message)?;
+        let frames = self.frames_of(payload)?;
+        let Some(mut jitter) = self.jitter.take() else {
+            return Ok(());
+        };
+        let next = jitter.next_timestamp();
+        let is_new = jitter
+            .last_released_seq()
+            .is_none_or(|released| header.seq > released);
+        let checked = if is_new && header.timestamp < next {
+            // A new seq placed before media already handed on: the client's
+            // clock went backwards, which no reordering can explain.
+            Err(ProtocolError::TimestampBackwards {
+                seq: header.seq,
+                timestamp: header.timestamp,
+                expected_at_least: next,
+            })
+        } else if header.timestamp.saturating_sub(next) > self.max_gap_frames() {
+            Err(ProtocolError::GapTooLarge {
+                seq: header.seq,
+                timestamp: header.timestamp,
+                gap_frames: header.timestamp - next,
+                max_gap_frames: self.max_gap_frames(),
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = checked {
+            self.jitter = Some(jitter);
+            return Err(e.into());
+        }
+        self.stats.audio_messages += 1;
+        self.stats.audio_bytes += message.len() as u64;
+        // Duplicates and late arrivals are counted by the buffer and dropped.
+        let _: Pushed = jitter.push(header.seq, header.timestamp, frames, payload.to_vec(), now);
+        while let Some(released) = jitter.pop(now) {
+            self.take_released(released, out);
+        }
+        self.jitter = Some(jitter);
+        Ok(())
+    }
+
+    /// Sample frames a payload holds, checked before it is buffered.
+    fn frames_of(&self, payload: &[u8]) -> Result<u64, PipelineError> {
+        match &self.source {
+            Source::Packets(decoder) => Ok(decoder.nominal_frames(payload) as u64),
+            _ => {
+                let frame_bytes = self.format.bytes_per_frame().unwrap_or(1);
+                if !payload.len().is_multiple_of(frame_bytes) {
+                    return Err(CodecError::PartialFrame {
+                        len_bytes: payload.len(),
+                        frame_bytes,
+                    }
+                    .into());
+                }
+                Ok((payload.len() / frame_bytes) as u64)
+            }
+        }
+    }
+
+    /// Turns what the jitter buffer released into blocks.
+    fn take_released(&mut self, released: Released<Vec<u8>>, out: &mut Vec<AudioBlock>) {
+        match released {
+            Released::Gap { timestamp, frames } => {
+                self.stats.gap_frames += frames;
+                match self.source {
+                    Source::Packets(_) => self.pending_gap = Some((timestamp, frames)),
+                    _ => {
+                        out.push(AudioBlock {
+                            start_frame: timestamp,
+                            frames: frames as usize,
+                            channels: self.format.channels,
+                            samples: BlockSamples::Silence,
+                        });
+                        self.next_frame = timestamp + frames;
+                    }
+                }
+            }
+            Released::Packet {
+                timestamp, payload, ..
+            } => {
+                if let Some((gap_start, gap_frames)) = self.pending_gap.take() {
+                    if let Source::Packets(decoder) = &mut self.source {
+                        // A gap in Opus is concealed (PLC, then FEC from this
+                        // packet) rather than left silent.
+                        let mut concealed = Vec::new();
+                        decoder.conceal(gap_frames as usize, Some(&payload), &mut concealed);
+                        self.stats.concealed_frames += gap_frames;
+                        out.push(AudioBlock {
+                            start_frame: gap_start,
+                            frames: gap_frames as usize,
+                            channels: self.format.channels,
+                            samples: BlockSamples::Audio(concealed),
+                        });
+                    }
+                }
+                // Validated when it was buffered, so this cannot fail; Opus
+                // damage is concealed and counted inside.
+                let _ = self.decode_at(timestamp, &payload, out);
+            }
+        }
+    }
+
+    /// Decodes one payload placed at `start_frame`.
+    fn decode_at(
+        &mut self,
+        start_frame: u64,
+        payload: &[u8],
+        out: &mut Vec<AudioBlock>,
+    ) -> Result<(), PipelineError> {
         let mut samples = Vec::new();
-        let gap_block;
         let frames = match &mut self.source {
-            Source::Frames(decoder) => {
-                let frames = decoder.decode(payload, &mut samples)?;
-                gap_block = (gap_frames > 0).then_some(AudioBlock {
-                    start_frame: self.next_frame,
-                    frames: gap_frames as usize,
-                    channels,
-                    samples: BlockSamples::Silence,
-                });
-                frames
-            }
-            Source::Packets(decoder) => {
-                // A gap in Opus is concealed (PLC, then FEC from this packet)
-                // rather than left silent: it sounds like speech going on.
-                gap_block = (gap_frames > 0).then(|| {
-                    let mut concealed = Vec::new();
-                    decoder.conceal(gap_frames as usize, Some(payload), &mut concealed);
-                    AudioBlock {
-                        start_frame: self.next_frame,
-                        frames: gap_frames as usize,
-                        channels,
-                        samples: BlockSamples::Audio(concealed),
-                    }
-                });
-                if gap_frames > 0 {
-                    self.stats.concealed_frames += gap_frames;
+            Source::Frames(decoder) => decoder.decode(payload, &mut samples)?,
+            Source::Packets(decoder) => match decoder.decode(payload, &mut samples) {
+                Ok(frames) => frames,
+                Err((frames, damage)) => {
+                    note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
                 }
-                match decoder.decode(payload, &mut samples) {
-                    Ok(frames) => frames,
-                    Err((frames, damage)) => {
-                        note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
-                    }
-                }
-            }
-            Source::Container(_) => unreachable!("containers return above"),
+            },
+            Source::Container(_) => 0,
         };
-
-        // Everything below is infallible: commit.
-        if let Some(seq) = seq {
-            let expected = self.last_seq.map_or(0, |s| s.saturating_add(1));
-            self.stats.lost_messages += u64::from(seq.saturating_sub(expected));
-            self.last_seq = Some(seq);
-        }
-        if let Some(block) = gap_block {
-            out.push(block);
-            self.stats.gap_frames += gap_frames;
-        }
         if frames > 0 {
             out.push(AudioBlock {
                 start_frame,
                 frames,
-                channels,
+                channels: self.format.channels,
                 samples: BlockSamples::Audio(samples),
             });
         }
         self.next_frame = start_frame + frames as u64;
-        self.stats.audio_messages += 1;
-        self.stats.audio_bytes += message.len() as u64;
         self.stats.decoded_frames += frames as u64;
         Ok(())
     }
@@ -382,6 +506,7 @@ fn note_damage(
 mod tests {
     use super::*;
     use crate::protocol::Encoding;
+    use std::time::Instant;
 
     fn format(framing: Framing) -> StreamFormat {
         StreamFormat {
@@ -402,8 +527,8 @@ mod tests {
     fn raw_blocks_are_contiguous() {
         let mut p = Pipeline::new(format(Framing::Raw), 1000).unwrap();
         let mut out = Vec::new();
-        p.push(&[0; 320], &mut out).unwrap();
-        p.push(&[0; 320], &mut out).unwrap();
+        p.push(&[0; 320], Instant::now(), &mut out).unwrap();
+        p.push(&[0; 320], Instant::now(), &mut out).unwrap();
         assert_eq!(out[1].start_frame, 160);
         assert_eq!(p.media_frames(), 320);
     }
@@ -412,9 +537,12 @@ mod tests {
     fn seq_gap_becomes_silence_and_duplicates_are_dropped() {
         let mut p = Pipeline::new(format(Framing::Seq), 1000).unwrap();
         let mut out = Vec::new();
-        p.push(&seq_message(0, 0, 160), &mut out).unwrap();
-        p.push(&seq_message(2, 320, 160), &mut out).unwrap();
-        p.push(&seq_message(2, 320, 160), &mut out).unwrap();
+        p.push(&seq_message(0, 0, 160), Instant::now(), &mut out)
+            .unwrap();
+        p.push(&seq_message(2, 320, 160), Instant::now(), &mut out)
+            .unwrap();
+        p.push(&seq_message(2, 320, 160), Instant::now(), &mut out)
+            .unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!(out[1].samples, BlockSamples::Silence);
         assert_eq!((out[1].start_frame, out[1].frames), (160, 160));
@@ -429,32 +557,34 @@ mod tests {
     fn seq_errors_leave_state_untouched() {
         let mut p = Pipeline::new(format(Framing::Seq), 1000).unwrap();
         let mut out = Vec::new();
-        p.push(&seq_message(0, 0, 160), &mut out).unwrap();
+        p.push(&seq_message(0, 0, 160), Instant::now(), &mut out)
+            .unwrap();
         assert!(matches!(
-            p.push(&seq_message(1, 100, 160), &mut out),
+            p.push(&seq_message(1, 100, 160), Instant::now(), &mut out),
             Err(PipelineError::Protocol(
                 ProtocolError::TimestampBackwards { .. }
             ))
         ));
         assert!(matches!(
-            p.push(&seq_message(1, 160 + 8001, 160), &mut out),
+            p.push(&seq_message(1, 160 + 8001, 160), Instant::now(), &mut out),
             Err(PipelineError::Protocol(ProtocolError::GapTooLarge { .. }))
         ));
         let mut odd = seq_message(1, 160, 1);
         odd.push(0);
         assert!(matches!(
-            p.push(&odd, &mut out),
+            p.push(&odd, Instant::now(), &mut out),
             Err(PipelineError::Codec(CodecError::PartialFrame { .. }))
         ));
         assert!(matches!(
-            p.push(&[1, 2, 3], &mut out),
+            p.push(&[1, 2, 3], Instant::now(), &mut out),
             Err(PipelineError::Protocol(
                 ProtocolError::SeqHeaderTruncated { .. }
             ))
         ));
         assert_eq!(out.len(), 1);
         // The same seq is still acceptable after the failed attempts.
-        p.push(&seq_message(1, 160, 160), &mut out).unwrap();
+        p.push(&seq_message(1, 160, 160), Instant::now(), &mut out)
+            .unwrap();
         assert_eq!(p.media_frames(), 320);
     }
 }

@@ -333,7 +333,27 @@ impl Session {
         if self.audio_since_stats && self.config.stats_interval_ms > 0 {
             at = at.min(self.last_stats_at + self.stats_interval());
         }
+        if let Some(held) = self
+            .active
+            .as_ref()
+            .and_then(|a| a.pipeline.next_deadline())
+        {
+            at = at.min(Instant::from_std(held));
+        }
         at
+    }
+
+    /// Releases audio the jitter buffer stopped waiting for.
+    async fn release_held_audio(&mut self, now: Instant) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut blocks = std::mem::take(&mut active.blocks);
+        blocks.clear();
+        active.pipeline.poll(now.into_std(), &mut blocks);
+        dispatch(&active.sinks, &mut blocks).await;
+        active.blocks = blocks;
+        self.handed_seq = active.pipeline.last_seq();
     }
 
     fn ack_interval(&self) -> std::time::Duration {
@@ -445,6 +465,7 @@ impl Session {
                         }
                         self.idle_check_at = idle_until;
                     }
+                    self.release_held_audio(now).await;
                     self.send_due_reports(now).await;
                     Ok(None)
                 }
@@ -668,7 +689,9 @@ impl Session {
         self.last_activity = Instant::now();
         let before = active.pipeline.stats();
         active.blocks.clear();
-        let pushed = active.pipeline.push(data, &mut active.blocks);
+        let pushed = active
+            .pipeline
+            .push(data, std::time::Instant::now(), &mut active.blocks);
         let after = active.pipeline.stats();
         let damage = active.pipeline.take_damage();
         if after.damaged_packets > before.damaged_packets {
@@ -699,18 +722,7 @@ impl Session {
             metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
         }
 
-        for block in blocks.drain(..) {
-            let block = Arc::new(block);
-            for slot in &active.sinks {
-                if let Some(commands) = &slot.commands {
-                    // Waiting here is the recorder's overflow policy: block,
-                    // which pushes back on the client through TCP instead of
-                    // dropping audio. A failed send means the sink stopped;
-                    // its Failed event is already on the way.
-                    let _ = commands.send(SinkCommand::Audio(block.clone())).await;
-                }
-            }
-        }
+        dispatch(&active.sinks, &mut blocks).await;
         active.blocks = blocks;
         // Everything up to this seq is now queued with every sink.
         self.handed_seq = active.pipeline.last_seq();
@@ -845,6 +857,13 @@ impl Session {
         let mut stats = Default::default();
         let mut media_frames = 0;
         let mut sample_rate = 1;
+        // Audio still held for missing packets goes out, holes filled.
+        if let Some(active) = self.active.as_mut() {
+            let mut blocks = Vec::new();
+            active.pipeline.finish(&mut blocks);
+            dispatch(&active.sinks, &mut blocks).await;
+            self.handed_seq = active.pipeline.last_seq();
+        }
         // A last ack, so a client that is still there knows all arrived.
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
             if self.acked_seq != Some(seq) {
@@ -922,6 +941,22 @@ impl Session {
     /// Sink events while ending; `None` once every sink task is done.
     async fn next_final_event(&mut self) -> Option<SinkEvent> {
         self.active.as_mut()?.events.recv().await
+    }
+}
+
+/// Hands blocks to every live sink, in order.
+async fn dispatch(sinks: &[SinkSlot], blocks: &mut Vec<AudioBlock>) {
+    for block in blocks.drain(..) {
+        let block = Arc::new(block);
+        for slot in sinks {
+            if let Some(commands) = &slot.commands {
+                // Waiting here is the recorder's overflow policy: block, which
+                // pushes back on the client through TCP instead of dropping
+                // audio. A failed send means the sink stopped; its Failed
+                // event is already on the way.
+                let _ = commands.send(SinkCommand::Audio(block.clone())).await;
+            }
+        }
     }
 }
 
