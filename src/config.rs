@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::recorder::{RecorderSettings, SampleFormatSetting};
+use crate::protocol::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
+use crate::sinks::recorder::{ChannelsSetting, RecorderSettings, SampleFormatSetting};
 use crate::sinks::SINK_NAMES;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,10 @@ pub struct RecorderConfig {
     pub fsync: bool,
     /// `auto` (f32 for pcm_f32le, else s16), `s16` or `f32`.
     pub sample_format: SampleFormatSetting,
+    /// Rate of the recordings in Hz; 0 keeps the stream's.
+    pub sample_rate: u32,
+    /// `keep`, `mono`, or `split` (one mono file per channel).
+    pub channels: ChannelsSetting,
 }
 
 impl Default for Config {
@@ -114,6 +119,8 @@ impl Default for RecorderConfig {
             flush_interval_ms: 1000,
             fsync: false,
             sample_format: SampleFormatSetting::Auto,
+            sample_rate: 0,
+            channels: ChannelsSetting::Keep,
         }
     }
 }
@@ -169,6 +176,10 @@ pub struct ServeArgs {
     pub recorder_fsync: Option<bool>,
     #[arg(long, env = "COCHLEA_RECORDER_SAMPLE_FORMAT", value_enum)]
     pub recorder_sample_format: Option<SampleFormatSetting>,
+    #[arg(long, env = "COCHLEA_RECORDER_SAMPLE_RATE", value_name = "HZ")]
+    pub recorder_sample_rate: Option<u32>,
+    #[arg(long, env = "COCHLEA_RECORDER_CHANNELS", value_enum)]
+    pub recorder_channels: Option<ChannelsSetting>,
 }
 
 impl Config {
@@ -227,6 +238,8 @@ impl Config {
             &mut self.recorder.sample_format,
             &args.recorder_sample_format,
         );
+        set(&mut self.recorder.sample_rate, &args.recorder_sample_rate);
+        set(&mut self.recorder.channels, &args.recorder_channels);
         if let Some(sinks) = &args.default_sinks {
             self.default_sinks = sinks
                 .iter()
@@ -268,6 +281,12 @@ impl Config {
                 self.recorder.flush_interval_ms
             ));
         }
+        let rate = self.recorder.sample_rate;
+        if rate != 0 && !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&rate) {
+            return invalid(format!(
+                "recorder.sample_rate must be 0 (the stream's) or from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, not {rate}"
+            ));
+        }
         if let Some(unknown) = self
             .default_sinks
             .iter()
@@ -299,6 +318,8 @@ impl Config {
             flush_interval: Duration::from_millis(self.recorder.flush_interval_ms),
             fsync: self.recorder.fsync,
             sample_format: self.recorder.sample_format,
+            sample_rate: (self.recorder.sample_rate != 0).then_some(self.recorder.sample_rate),
+            channels: self.recorder.channels,
         }
     }
 }

@@ -28,7 +28,7 @@ const BLOCK_MS: u32 = 20;
 const WINDOW: WindowFunction = WindowFunction::BlackmanHarris;
 
 /// Kept apart from the (infallible) runtime path, as rubato does.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResampleError {
     #[error("cannot build resampler: {0}")]
     Construction(String),
@@ -392,7 +392,8 @@ mod tests {
         out
     }
 
-    /// Feeds `input` in random pieces of 0..max_piece samples.
+    /// Feeds `input` in random pieces of 0..=max_piece samples (frames may be
+    /// split between calls), then finishes.
     fn run_pieces(r: &mut Resampler, input: &[f32], seed: u64, max_piece: usize) -> Vec<f32> {
         let mut lcg = Lcg(seed);
         let mut out = Vec::new();

@@ -84,6 +84,9 @@ pub struct RecordingInfo {
     pub channels: u16,
     /// `s16` or `f32`.
     pub sample_format: &'static str,
+    /// With `recorder.channels = "split"`: the stream channel this file holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u16>,
     /// Size of the WAV file, header included.
     pub bytes: u64,
     /// Lowercase hex SHA-256 of the whole WAV file.

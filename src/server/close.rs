@@ -4,6 +4,7 @@
 
 use crate::codec::container::DemuxError;
 use crate::codec::CodecError;
+use crate::pipeline::resample::ResampleError;
 use crate::pipeline::PipelineError;
 use crate::protocol::ProtocolError;
 use crate::sinks::SinkError;
@@ -45,6 +46,8 @@ pub enum SessionError {
     ShuttingDown,
     #[error(transparent)]
     Resume(#[from] ResumeError),
+    #[error(transparent)]
+    Resample(#[from] ResampleError),
 }
 
 impl From<PipelineError> for SessionError {
@@ -107,6 +110,7 @@ impl SessionError {
             SessionError::IdleTimeout { close_code, .. } => ("idle_timeout", *close_code),
             SessionError::ShuttingDown => ("shutting_down", GOING_AWAY),
             SessionError::Resume(_) => ("resume_rejected", POLICY_VIOLATION),
+            SessionError::Resample(_) => ("resample_failed", INTERNAL_ERROR),
         }
     }
 

@@ -19,7 +19,8 @@ use super::close::{codes, from_ws_error, SessionError};
 use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
-use crate::pipeline::{AudioBlock, Pipeline};
+use crate::pipeline::convert::Converter;
+use crate::pipeline::{AudioBlock, Pipeline, SharedBlock};
 use crate::protocol::{
     parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
     StartRequest, StartedInfo, StreamStats, PROTOCOL_VERSION,
@@ -219,9 +220,16 @@ struct PendingSinks {
     metadata: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Sinks that want the same format, and the one converter that serves them.
+struct SinkGroup {
+    converter: Converter,
+    members: Vec<usize>,
+}
+
 struct Active {
     pipeline: Pipeline,
     sinks: Vec<SinkSlot>,
+    groups: Vec<SinkGroup>,
     pending_sinks: Option<PendingSinks>,
     /// Kept only until the sinks are spawned (see `sinks::spawn`).
     events_tx: Option<mpsc::UnboundedSender<SinkEvent>>,
@@ -351,7 +359,7 @@ impl Session {
         let mut blocks = std::mem::take(&mut active.blocks);
         blocks.clear();
         active.pipeline.poll(now.into_std(), &mut blocks);
-        dispatch(&active.sinks, &mut blocks).await;
+        dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
         active.blocks = blocks;
         self.handed_seq = active.pipeline.last_seq();
     }
@@ -596,6 +604,7 @@ impl Session {
         self.active = Some(Active {
             pipeline,
             sinks: Vec::new(),
+            groups: Vec::new(),
             pending_sinks: Some(PendingSinks {
                 names: sink_names,
                 metadata: request.metadata,
@@ -626,6 +635,18 @@ impl Session {
             started_at: self.started_at,
         };
         let built = sinks::build(&pending.names, &context, &self.config)?;
+        let mut groups: Vec<SinkGroup> = Vec::new();
+        for (index, sink) in built.iter().enumerate() {
+            let wanted = sink.output_format();
+            match groups.iter_mut().find(|g| g.converter.format() == wanted) {
+                Some(group) => group.members.push(index),
+                None => groups.push(SinkGroup {
+                    converter: Converter::new(format.sample_rate, format.channels, wanted)?,
+                    members: vec![index],
+                }),
+            }
+        }
+        active.groups = groups;
         let Some(events_tx) = active.events_tx.take() else {
             return Ok(());
         };
@@ -654,7 +675,13 @@ impl Session {
             protocol_version: PROTOCOL_VERSION,
             session_id: self.id.clone(),
             format,
-            sinks: active.sinks.iter().map(|s| s.name.to_owned()).collect(),
+            // Sink names, once each (a split recorder runs one sink per channel).
+            sinks: active.sinks.iter().fold(Vec::new(), |mut names, s| {
+                if !names.iter().any(|n: &String| n == s.name) {
+                    names.push(s.name.to_owned());
+                }
+                names
+            }),
             metadata: pending.metadata,
             max_message_bytes: self.config.max_message_bytes,
             idle_timeout_ms: self.config.idle_timeout_ms,
@@ -722,7 +749,7 @@ impl Session {
             metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
         }
 
-        dispatch(&active.sinks, &mut blocks).await;
+        dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
         active.blocks = blocks;
         // Everything up to this seq is now queued with every sink.
         self.handed_seq = active.pipeline.last_seq();
@@ -861,7 +888,8 @@ impl Session {
         if let Some(active) = self.active.as_mut() {
             let mut blocks = Vec::new();
             active.pipeline.finish(&mut blocks);
-            dispatch(&active.sinks, &mut blocks).await;
+            dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
+            finish_conversions(&active.sinks, &mut active.groups).await;
             self.handed_seq = active.pipeline.last_seq();
         }
         // A last ack, so a client that is still there knows all arrived.
@@ -944,18 +972,43 @@ impl Session {
     }
 }
 
-/// Hands blocks to every live sink, in order.
-async fn dispatch(sinks: &[SinkSlot], blocks: &mut Vec<AudioBlock>) {
+/// Hands blocks to every live sink, in order, each group in its format.
+async fn dispatch(sinks: &[SinkSlot], groups: &mut [SinkGroup], blocks: &mut Vec<AudioBlock>) {
+    let mut converted = Vec::new();
     for block in blocks.drain(..) {
         let block = Arc::new(block);
-        for slot in sinks {
-            if let Some(commands) = &slot.commands {
-                // Waiting here is the recorder's overflow policy: block, which
-                // pushes back on the client through TCP instead of dropping
-                // audio. A failed send means the sink stopped; its Failed
-                // event is already on the way.
-                let _ = commands.send(SinkCommand::Audio(block.clone())).await;
+        for group in groups.iter_mut() {
+            if group.converter.is_identity() {
+                send_to(sinks, &group.members, &block).await;
+                continue;
             }
+            group.converter.convert(&block, &mut converted);
+            for out in converted.drain(..) {
+                send_to(sinks, &group.members, &Arc::new(out)).await;
+            }
+        }
+    }
+}
+
+/// End of stream: the converters' tails, so every sink gets exact lengths.
+async fn finish_conversions(sinks: &[SinkSlot], groups: &mut [SinkGroup]) {
+    let mut tail = Vec::new();
+    for group in groups.iter_mut() {
+        group.converter.finish(&mut tail);
+        for out in tail.drain(..) {
+            send_to(sinks, &group.members, &Arc::new(out)).await;
+        }
+    }
+}
+
+async fn send_to(sinks: &[SinkSlot], members: &[usize], block: &SharedBlock) {
+    for &index in members {
+        if let Some(commands) = sinks.get(index).and_then(|s| s.commands.as_ref()) {
+            // Waiting here is the recorder's overflow policy: block, which
+            // pushes back on the client through TCP instead of dropping
+            // audio. A failed send means the sink stopped; its Failed event
+            // is already on the way.
+            let _ = commands.send(SinkCommand::Audio(block.clone())).await;
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::pipeline::convert::OutputFormat;
 use crate::pipeline::{AudioBlock, SharedBlock};
 use crate::protocol::{ServerMessage, StreamFormat};
 use crate::telemetry::names;
@@ -60,6 +61,12 @@ pub struct SinkContext {
 /// not: spawn them). `finish` runs on the blocking pool.
 pub trait Sink: Send + 'static {
     fn name(&self) -> &'static str;
+
+    /// The format this sink wants its blocks in. The session converts once
+    /// per distinct format, whatever the number of sinks sharing it.
+    fn output_format(&self) -> OutputFormat {
+        OutputFormat::NATIVE
+    }
 
     /// Takes the next block; blocks arrive in media order with no holes.
     fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError>;
@@ -107,14 +114,18 @@ pub fn build(
     check_names(names)?;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::with_capacity(names.len());
     for name in names {
-        if sinks.iter().any(|s| s.name() == name) {
+        if sinks.iter().any(|s| s.name() == name.as_str()) {
             continue;
         }
         match name.as_str() {
-            recorder::NAME => sinks.push(Box::new(recorder::Recorder::create(
-                context,
-                &config.recorder_settings(),
-            )?)),
+            recorder::NAME => {
+                let settings = config.recorder_settings();
+                for output in settings.outputs(context.format.channels) {
+                    sinks.push(Box::new(recorder::Recorder::create(
+                        context, &settings, output,
+                    )?));
+                }
+            }
             other => return Err(SinkError::UnknownSink(other.to_owned())),
         }
     }

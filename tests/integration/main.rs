@@ -13,6 +13,7 @@
 mod bad_input;
 mod concurrency;
 mod crash;
+mod formats;
 mod harness;
 mod lifecycle;
 mod opus;

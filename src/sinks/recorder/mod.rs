@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Sink, SinkContext, SinkError};
+use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
 use sidecar::Sidecar;
@@ -36,15 +37,48 @@ pub enum SampleFormatSetting {
     F32,
 }
 
+/// Which channels the recorder keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelsSetting {
+    /// The stream's channels in one file.
+    #[default]
+    Keep,
+    /// One mono file, the channels averaged.
+    Mono,
+    /// One mono file per channel (`<id>.ch0.wav`, `<id>.ch1.wav`): a stereo
+    /// call with one speaker per side becomes one file per speaker.
+    Split,
+}
+
 /// Recorder settings, resolved from the configuration.
 #[derive(Debug, Clone)]
 pub struct RecorderSettings {
+    /// Rate of the WAV files; `None` keeps the stream's.
+    pub sample_rate: Option<u32>,
+    pub channels: ChannelsSetting,
     pub dir: PathBuf,
     pub flush_interval: Duration,
     /// `fsync` after each header rewrite: survives power loss, not only a
     /// killed process, at the cost of one disk sync per interval per session.
     pub fsync: bool,
     pub sample_format: SampleFormatSetting,
+}
+
+impl RecorderSettings {
+    /// The recordings to make for a stream with `channels` channels.
+    pub fn outputs(&self, channels: u16) -> Vec<OutputFormat> {
+        let format = |layout| OutputFormat {
+            sample_rate: self.sample_rate,
+            layout,
+        };
+        match self.channels {
+            ChannelsSetting::Keep => vec![format(Layout::Keep)],
+            ChannelsSetting::Mono => vec![format(Layout::Mono)],
+            ChannelsSetting::Split if channels == 1 => vec![format(Layout::Keep)],
+            ChannelsSetting::Split => (0..channels).map(|c| format(Layout::Channel(c))).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +122,9 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 }
 
 pub struct Recorder {
+    output: OutputFormat,
+    /// The channel this file holds, when the stream is split per channel.
+    channel: Option<u16>,
     writer: hound::WavWriter<BufWriter<File>>,
     /// A second handle on the same file, for `sync_data`.
     file: File,
@@ -106,11 +143,25 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn create(context: &SinkContext, settings: &RecorderSettings) -> Result<Self, SinkError> {
+    pub fn create(
+        context: &SinkContext,
+        settings: &RecorderSettings,
+        output: OutputFormat,
+    ) -> Result<Self, SinkError> {
         fs::create_dir_all(&settings.dir).map_err(io_error("creating directory", &settings.dir))?;
+        let channel = match output.layout {
+            Layout::Channel(c) => Some(c),
+            Layout::Keep | Layout::Mono => None,
+        };
         // Names come from the server-made session id only, never from client text.
-        let wav_path = settings.dir.join(format!("{}.wav", context.session_id));
-        let sidecar_path = settings.dir.join(format!("{}.json", context.session_id));
+        let stem = match channel {
+            Some(c) => format!("{}.ch{c}", context.session_id),
+            None => context.session_id.clone(),
+        };
+        let wav_path = settings.dir.join(format!("{stem}.wav"));
+        let sidecar_path = settings.dir.join(format!("{stem}.json"));
+        let channels = output.channels(context.format.channels);
+        let sample_rate = output.rate(context.format.sample_rate);
 
         let format = match (settings.sample_format, context.format.encoding) {
             (SampleFormatSetting::F32, _) | (SampleFormatSetting::Auto, Encoding::PcmF32le) => {
@@ -119,8 +170,8 @@ impl Recorder {
             _ => WavFormat::S16,
         };
         let spec = hound::WavSpec {
-            channels: context.format.channels,
-            sample_rate: context.format.sample_rate,
+            channels,
+            sample_rate,
             bits_per_sample: match format {
                 WavFormat::S16 => 16,
                 WavFormat::F32 => 32,
@@ -141,18 +192,27 @@ impl Recorder {
         let writer = hound::WavWriter::new(BufWriter::with_capacity(16 * 1024, file), spec)
             .map_err(|source| SinkError::Wav { sink: NAME, source })?;
 
-        let sidecar = Sidecar::new(context, &wav_path, format.name());
+        let sidecar = Sidecar::new(
+            context,
+            &wav_path,
+            format.name(),
+            sample_rate,
+            channels,
+            channel,
+        );
         sidecar.write(&sidecar_path)?;
 
         Ok(Self {
+            output,
+            channel,
             writer,
             file: sync_handle,
             wav_path,
             sidecar,
             sidecar_path,
             format,
-            channels: context.format.channels,
-            sample_rate: context.format.sample_rate,
+            channels,
+            sample_rate,
             frames_written: 0,
             dirty: false,
             last_flush: Instant::now(),
@@ -222,6 +282,10 @@ impl Recorder {
 impl Sink for Recorder {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn output_format(&self) -> OutputFormat {
+        self.output
     }
 
     fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError> {
@@ -316,6 +380,7 @@ impl Sink for Recorder {
             sample_rate: this.sample_rate,
             channels: this.channels,
             sample_format: this.format.name(),
+            channel: this.channel,
             bytes,
             sha256,
         })])

@@ -17,7 +17,13 @@ pub struct Sidecar {
     session_id: String,
     /// File name of the WAV, relative to the sidecar.
     recording: String,
+    /// The stream as the client sent it.
     format: StreamFormat,
+    /// The WAV file's own rate and channels (after any conversion).
+    sample_rate: u32,
+    channels: u16,
+    /// Which channel of the stream this file holds, when split per channel.
+    channel: Option<u16>,
     sample_format: &'static str,
     metadata: Map<String, Value>,
     started_at: String,
@@ -37,7 +43,14 @@ fn rfc3339(time: SystemTime) -> String {
 }
 
 impl Sidecar {
-    pub fn new(context: &SinkContext, wav_path: &Path, sample_format: &'static str) -> Self {
+    pub fn new(
+        context: &SinkContext,
+        wav_path: &Path,
+        sample_format: &'static str,
+        sample_rate: u32,
+        channels: u16,
+        channel: Option<u16>,
+    ) -> Self {
         Self {
             session_id: context.session_id.clone(),
             recording: wav_path
@@ -45,6 +58,9 @@ impl Sidecar {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             format: context.format,
+            sample_rate,
+            channels,
+            channel,
             sample_format,
             metadata: context.metadata.clone(),
             started_at: rfc3339(context.started_at),
