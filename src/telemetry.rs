@@ -22,6 +22,10 @@ pub mod names {
     pub const AUDIO_GAP_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_gap_sample_frames_total";
     pub const AUDIO_DUPLICATE_FRAMES_TOTAL: &str = "cochlea_audio_duplicate_frames_total";
     pub const AUDIO_DAMAGED_PACKETS_TOTAL: &str = "cochlea_audio_damaged_packets_total";
+    pub const JITTER_LOST_PACKETS_TOTAL: &str = "cochlea_jitter_lost_packets_total";
+    pub const JITTER_LATE_PACKETS_TOTAL: &str = "cochlea_jitter_late_packets_total";
+    pub const JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL: &str =
+        "cochlea_jitter_concealed_sample_frames_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
     pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
@@ -74,6 +78,9 @@ fn register_at_zero() {
         AUDIO_DUPLICATE_FRAMES_TOTAL,
         AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
         AUDIO_DAMAGED_PACKETS_TOTAL,
+        JITTER_LOST_PACKETS_TOTAL,
+        JITTER_LATE_PACKETS_TOTAL,
+        JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL,
         RESUMES_TOTAL,
         RESUMES_REJECTED_TOTAL,
         RECORDINGS_TOTAL,
@@ -123,6 +130,18 @@ fn describe() {
     describe_counter!(
         AUDIO_DAMAGED_PACKETS_TOTAL,
         "Opus packets or container pages that could not be decoded and were concealed or skipped."
+    );
+    describe_counter!(
+        JITTER_LOST_PACKETS_TOTAL,
+        "framing=seq messages that never arrived; their media time was filled."
+    );
+    describe_counter!(
+        JITTER_LATE_PACKETS_TOTAL,
+        "framing=seq messages that arrived after their place was filled (discarded)."
+    );
+    describe_counter!(
+        JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL,
+        "Sample frames filled with silence or Opus concealment for missing audio."
     );
     describe_counter!(
         SESSION_ERRORS_TOTAL,

@@ -234,6 +234,8 @@ struct Active {
     /// Kept only until the sinks are spawned (see `sinks::spawn`).
     events_tx: Option<mpsc::UnboundedSender<SinkEvent>>,
     events: mpsc::UnboundedReceiver<SinkEvent>,
+    /// Pipeline counters as last added to the server-wide metrics.
+    exported: crate::pipeline::PipelineStats,
     /// When the client was last told about damaged audio (at most once a second).
     damage_reported_at: Option<Instant>,
     /// Reused for every message to avoid an allocation per frame.
@@ -391,10 +393,28 @@ impl Session {
         {
             self.last_stats_at = now;
             self.audio_since_stats = false;
+            self.export_jitter_metrics();
             if let Some(stats) = self.stream_stats() {
                 self.send(&ServerMessage::Stats(stats)).await;
             }
         }
+    }
+
+    /// Adds what the jitter counters gained since the last report to the
+    /// server-wide metrics (once per report, not per frame).
+    fn export_jitter_metrics(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let now = active.pipeline.stats();
+        let was = std::mem::replace(&mut active.exported, now);
+        let concealed = |s: &crate::pipeline::PipelineStats| s.gap_frames + s.concealed_frames;
+        metrics::counter!(names::JITTER_LOST_PACKETS_TOTAL)
+            .increment(now.lost_messages.saturating_sub(was.lost_messages));
+        metrics::counter!(names::JITTER_LATE_PACKETS_TOTAL)
+            .increment(now.late_messages.saturating_sub(was.late_messages));
+        metrics::counter!(names::JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL)
+            .increment(concealed(&now).saturating_sub(concealed(&was)));
     }
 
     fn stream_stats(&self) -> Option<StreamStats> {
@@ -611,6 +631,7 @@ impl Session {
             }),
             events_tx: Some(events_tx),
             events,
+            exported: Default::default(),
             damage_reported_at: None,
             blocks: Vec::with_capacity(2),
             counters,
@@ -899,6 +920,7 @@ impl Session {
                 self.send(&ServerMessage::Ack { seq }).await;
             }
         }
+        self.export_jitter_metrics();
         // The last word on the stream's health, before the results.
         if self.config.stats_interval_ms > 0 && self.started_info.is_some() {
             if let Some(stats) = self.stream_stats() {

@@ -340,6 +340,9 @@ async fn acks_cover_everything_and_stats_count_drops_exactly() {
         last["packets_received"],
         (frames.len() - dropped.len()) as u64
     );
+    let (_, metrics) = server.get("/metrics");
+    let lost_metric = format!("cochlea_jitter_lost_packets_total {}", dropped.len());
+    assert!(metrics.contains(&lost_metric), "missing {lost_metric:?}");
     let wav = read_wav_i16(Path::new(
         transcript.one("recording")["path"].as_str().unwrap(),
     ));
