@@ -72,6 +72,30 @@ pub struct Config {
     /// Sinks for sessions that do not name any.
     pub default_sinks: Vec<String>,
     pub log_format: LogFormat,
+    /// API keys; while empty, authentication is off.
+    pub api_keys: Vec<String>,
+    /// Secret for signing session tokens; empty: a random one per process.
+    pub token_secret: String,
+    /// Browser origins allowed to connect (e.g. `https://app.example`); empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Listen beyond loopback without API keys (refused unless set).
+    pub allow_unauthenticated: bool,
+    /// Concurrent sessions per API key (1013 beyond); 0: no per-key limit.
+    pub max_sessions_per_key: usize,
+    /// Longest a session may last, in wall time; 0: unlimited.
+    pub max_session_duration_ms: u64,
+    /// Media time a client may send per wall second beyond the burst; 0: unlimited.
+    pub max_realtime_factor: f64,
+    /// Media a client may send ahead of the real-time allowance.
+    pub realtime_burst_ms: u64,
+    /// Audio bytes queued for one sink before the session waits for it.
+    pub max_pending_bytes_per_sink: usize,
+    /// How long a session waits for a sink over its pending limit before
+    /// giving up with `sink_overloaded`.
+    pub sink_stall_timeout_ms: u64,
+    /// PEM certificate chain and private key: serve `wss://` directly.
+    pub tls_cert_path: Option<PathBuf>,
+    pub tls_key_path: Option<PathBuf>,
     pub recorder: RecorderConfig,
 }
 
@@ -108,6 +132,18 @@ impl Default for Config {
             stats_interval_ms: 5_000,
             default_sinks: vec!["record".into()],
             log_format: LogFormat::Text,
+            api_keys: Vec::new(),
+            token_secret: String::new(),
+            allowed_origins: Vec::new(),
+            allow_unauthenticated: false,
+            max_sessions_per_key: 0,
+            max_session_duration_ms: 0,
+            max_realtime_factor: 0.0,
+            realtime_burst_ms: 10_000,
+            max_pending_bytes_per_sink: 4 * 1024 * 1024,
+            sink_stall_timeout_ms: 10_000,
+            tls_cert_path: None,
+            tls_key_path: None,
             recorder: RecorderConfig::default(),
         }
     }
@@ -170,6 +206,47 @@ pub struct ServeArgs {
     pub default_sinks: Option<Vec<String>>,
     #[arg(long, env = "COCHLEA_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// An API key; repeat the flag for several (env: comma-separated).
+    #[arg(
+        long = "api-key",
+        env = "COCHLEA_API_KEYS",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
+    pub api_keys: Option<Vec<String>>,
+    #[arg(
+        long,
+        env = "COCHLEA_TOKEN_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub token_secret: Option<String>,
+    /// Comma-separated.
+    #[arg(
+        long,
+        env = "COCHLEA_ALLOWED_ORIGINS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+    #[arg(long, env = "COCHLEA_ALLOW_UNAUTHENTICATED", value_name = "BOOL")]
+    pub allow_unauthenticated: Option<bool>,
+    #[arg(long, env = "COCHLEA_MAX_SESSIONS_PER_KEY", value_name = "N")]
+    pub max_sessions_per_key: Option<usize>,
+    #[arg(long, env = "COCHLEA_MAX_SESSION_DURATION_MS", value_name = "MS")]
+    pub max_session_duration_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_MAX_REALTIME_FACTOR", value_name = "FACTOR")]
+    pub max_realtime_factor: Option<f64>,
+    #[arg(long, env = "COCHLEA_REALTIME_BURST_MS", value_name = "MS")]
+    pub realtime_burst_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_MAX_PENDING_BYTES_PER_SINK", value_name = "BYTES")]
+    pub max_pending_bytes_per_sink: Option<usize>,
+    #[arg(long, env = "COCHLEA_SINK_STALL_TIMEOUT_MS", value_name = "MS")]
+    pub sink_stall_timeout_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_TLS_CERT_PATH", value_name = "PEM")]
+    pub tls_cert_path: Option<PathBuf>,
+    #[arg(long, env = "COCHLEA_TLS_KEY_PATH", value_name = "PEM")]
+    pub tls_key_path: Option<PathBuf>,
     #[arg(long, env = "COCHLEA_RECORDER_FLUSH_INTERVAL_MS", value_name = "MS")]
     pub recorder_flush_interval_ms: Option<u64>,
     #[arg(long, env = "COCHLEA_RECORDER_FSYNC", value_name = "BOOL")]
@@ -229,6 +306,39 @@ impl Config {
         set(&mut self.ack_interval_ms, &args.ack_interval_ms);
         set(&mut self.stats_interval_ms, &args.stats_interval_ms);
         set(&mut self.log_format, &args.log_format);
+        set(&mut self.token_secret, &args.token_secret);
+        set(&mut self.allow_unauthenticated, &args.allow_unauthenticated);
+        set(&mut self.max_sessions_per_key, &args.max_sessions_per_key);
+        set(
+            &mut self.max_session_duration_ms,
+            &args.max_session_duration_ms,
+        );
+        set(&mut self.max_realtime_factor, &args.max_realtime_factor);
+        set(&mut self.realtime_burst_ms, &args.realtime_burst_ms);
+        set(
+            &mut self.max_pending_bytes_per_sink,
+            &args.max_pending_bytes_per_sink,
+        );
+        set(&mut self.sink_stall_timeout_ms, &args.sink_stall_timeout_ms);
+        if args.tls_cert_path.is_some() {
+            self.tls_cert_path = args.tls_cert_path.clone();
+        }
+        if args.tls_key_path.is_some() {
+            self.tls_key_path = args.tls_key_path.clone();
+        }
+        let list = |items: &Vec<String>| -> Vec<String> {
+            items
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        if let Some(keys) = &args.api_keys {
+            self.api_keys = list(keys);
+        }
+        if let Some(origins) = &args.allowed_origins {
+            self.allowed_origins = list(origins);
+        }
         set(
             &mut self.recorder.flush_interval_ms,
             &args.recorder_flush_interval_ms,
@@ -251,6 +361,36 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.api_keys.is_empty()
+            && !self.listen.ip().is_loopback()
+            && !self.allow_unauthenticated
+        {
+            return invalid(format!(
+                "refusing to listen on {} without API keys: set api_keys (COCHLEA_API_KEYS) or allow_unauthenticated = true",
+                self.listen
+            ));
+        }
+        if let Some(short) = self.api_keys.iter().find(|k| k.len() < 16) {
+            return invalid(format!(
+                "API keys must be at least 16 characters; one has {}",
+                short.len()
+            ));
+        }
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return invalid("tls_cert_path and tls_key_path go together".into());
+        }
+        if !(self.max_realtime_factor >= 0.0 && self.max_realtime_factor.is_finite()) {
+            return invalid(format!(
+                "max_realtime_factor must be 0 (off) or positive, not {}",
+                self.max_realtime_factor
+            ));
+        }
+        if self.max_pending_bytes_per_sink < 64 * 1024 {
+            return invalid(format!(
+                "max_pending_bytes_per_sink must be at least 65536, not {}",
+                self.max_pending_bytes_per_sink
+            ));
+        }
         if !matches!(self.idle_close_code, 1000 | 1001) {
             return invalid(format!(
                 "idle_close_code must be 1000 or 1001, not {}",

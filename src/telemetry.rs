@@ -27,6 +27,8 @@ pub mod names {
     pub const JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL: &str =
         "cochlea_jitter_concealed_sample_frames_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
+    pub const AUTH_FAILURES_TOTAL: &str = "cochlea_auth_failures_total";
+    pub const LIMIT_HITS_TOTAL: &str = "cochlea_limit_hits_total";
     pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
 }
@@ -148,5 +150,13 @@ fn describe() {
         "Sessions ended by an error, by error code (kind)."
     );
     describe_counter!(SINK_FAILURES_TOTAL, "Sinks that failed, by sink.");
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        "Requests refused before the upgrade, by reason."
+    );
+    describe_counter!(
+        LIMIT_HITS_TOTAL,
+        "Limits reached, by limit (also counted in session errors when fatal)."
+    );
     describe_counter!(RECORDINGS_TOTAL, "WAV recordings completed.");
 }

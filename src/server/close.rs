@@ -37,6 +37,18 @@ pub enum SessionError {
     Sink(#[from] SinkError),
     #[error("server is at its limit of {max_sessions} concurrent sessions; retry later")]
     ServerFull { max_sessions: usize },
+    #[error("this API key already has {max_sessions_per_key} concurrent sessions; retry later")]
+    KeyFull { max_sessions_per_key: usize },
+    #[error("session reached its maximum duration of {max_ms} ms")]
+    MaxDuration { max_ms: u64 },
+    #[error("audio arrives {factor:.1}x faster than real time, over the limit of {limit:.1}x")]
+    TooFast { factor: f64, limit: f64 },
+    #[error("sink {sink} has kept {pending_bytes} bytes pending for over {stall_ms} ms")]
+    SinkOverloaded {
+        sink: &'static str,
+        pending_bytes: usize,
+        stall_ms: u64,
+    },
     #[error("no audio and no start, keepalive or flush message for {idle_timeout_ms} ms")]
     IdleTimeout {
         idle_timeout_ms: u64,
@@ -107,6 +119,10 @@ impl SessionError {
                 }
             },
             SessionError::ServerFull { .. } => ("server_full", TRY_AGAIN_LATER),
+            SessionError::KeyFull { .. } => ("key_full", TRY_AGAIN_LATER),
+            SessionError::MaxDuration { .. } => ("max_duration_reached", POLICY_VIOLATION),
+            SessionError::TooFast { .. } => ("audio_too_fast", POLICY_VIOLATION),
+            SessionError::SinkOverloaded { .. } => ("sink_overloaded", INTERNAL_ERROR),
             SessionError::IdleTimeout { close_code, .. } => ("idle_timeout", *close_code),
             SessionError::ShuttingDown => ("shutting_down", GOING_AWAY),
             SessionError::Resume(_) => ("resume_rejected", POLICY_VIOLATION),

@@ -4,6 +4,7 @@
 //! ([`session::run`]) on the worker that accepted it. `/healthz`, `/readyz`
 //! and `/metrics` are plain HTTP.
 
+pub mod auth;
 pub mod close;
 mod registry;
 mod resume;
@@ -22,8 +23,11 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::protocol::{parse_connect, ConnectRequest, ProtocolError, StartRequest};
+use actix_web::http::header;
 use close::SessionError;
-use registry::SessionRegistry;
+use registry::{Refusal, SessionRegistry};
+
+use crate::telemetry::names;
 use session::SessionEnv;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,7 @@ pub enum ServerError {
 
 struct AppState {
     env: SessionEnv,
+    auth: Arc<auth::Auth>,
     registry: Arc<SessionRegistry>,
     prometheus: PrometheusHandle,
     ready: Arc<AtomicBool>,
@@ -64,9 +69,20 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
 
     let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = SessionRegistry::new(config.max_sessions);
+    let registry = SessionRegistry::new(config.max_sessions, config.max_sessions_per_key);
+    let auth = Arc::new(auth::Auth::new(
+        &config.api_keys,
+        &config.token_secret,
+        &config.allowed_origins,
+    ));
+    if auth.required() {
+        tracing::info!(keys = config.api_keys.len(), "authentication on");
+    } else {
+        tracing::warn!("authentication off: no API keys configured");
+    }
     let ready = Arc::new(AtomicBool::new(true));
     let state = web::Data::new(AppState {
+        auth,
         env: SessionEnv {
             config: config.clone(),
             shutdown: shutdown_rx,
@@ -85,6 +101,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         App::new()
             .app_data(state.clone())
             .route("/v1/stream", web::get().to(stream))
+            .route("/v1/tokens", web::post().to(mint_token))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
@@ -187,10 +204,57 @@ impl Signals {
     }
 }
 
-fn parse_query(query: &str) -> Result<ConnectRequest, ProtocolError> {
-    let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
-        .map_err(|e| ProtocolError::InvalidMessage(format!("query string: {e}")))?;
-    parse_connect(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+/// The query string: the credential (`token`) apart, the rest as a
+/// connection request.
+fn parse_query(query: &str) -> (Option<String>, Result<ConnectRequest, ProtocolError>) {
+    let pairs = match web::Query::<Vec<(String, String)>>::from_query(query) {
+        Ok(pairs) => pairs.into_inner(),
+        Err(e) => {
+            let error = ProtocolError::InvalidMessage(format!("query string: {e}"));
+            return (None, Err(error));
+        }
+    };
+    let token = pairs
+        .iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.clone());
+    let rest = pairs
+        .iter()
+        .filter(|(k, _)| k != "token")
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    (token, parse_connect(rest))
+}
+
+fn header<'a>(req: &'a HttpRequest, name: header::HeaderName) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// An HTTP error before any upgrade, with a JSON body a client can act on.
+fn refuse_http(error: &auth::AuthError) -> HttpResponse {
+    metrics::counter!(names::AUTH_FAILURES_TOTAL, "reason" => error.code()).increment(1);
+    tracing::warn!(%error, "request refused");
+    let status = actix_web::http::StatusCode::from_u16(error.http_status())
+        .unwrap_or(actix_web::http::StatusCode::UNAUTHORIZED);
+    let mut response = HttpResponse::build(status);
+    if status == actix_web::http::StatusCode::UNAUTHORIZED {
+        response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+    }
+    response.json(json!({ "error": error.code(), "message": error.to_string() }))
+}
+
+/// Checks Origin and credentials; `Ok(None)` when authentication is off.
+fn authenticate(
+    req: &HttpRequest,
+    auth: &auth::Auth,
+    query_token: Option<&str>,
+) -> Result<Option<auth::Principal>, auth::AuthError> {
+    auth.check_origin(header(req, header::ORIGIN))?;
+    let presented = auth::presented_credential(
+        header(req, header::AUTHORIZATION),
+        query_token,
+        header(req, header::SEC_WEBSOCKET_PROTOCOL),
+    );
+    auth.check(presented, std::time::SystemTime::now())
 }
 
 async fn stream(
@@ -198,38 +262,115 @@ async fn stream(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, ws, messages) = actix_ws::handle(&req, body)?;
+    let (query_token, connect) = parse_query(req.query_string());
+    // Refused before the upgrade: a bad credential never gets a socket.
+    let principal = match authenticate(&req, &state.auth, query_token.as_deref()) {
+        Ok(principal) => principal,
+        Err(error) => return Ok(refuse_http(&error)),
+    };
+    let (response, ws, messages) =
+        actix_ws::handle_with_protocols(&req, body, &[auth::SUBPROTOCOL])?;
     let config = &state.env.config;
     let messages = messages.max_frame_size(config.max_message_bytes);
     let id = uuid::Uuid::now_v7().to_string();
+    let key_id = principal.as_ref().map(|p| p.key_id.as_str());
 
-    let connect = parse_query(req.query_string());
     if session::is_shutting_down(&state.env.shutdown) {
         actix_web::rt::spawn(session::refuse(id, ws, SessionError::ShuttingDown));
     } else if let Ok(ConnectRequest::Resume { session_id, token }) = connect {
         // A resumed session already holds its admission slot.
         let env = state.env.clone();
         actix_web::rt::spawn(session::resume(ws, messages, session_id, token, env));
-    } else if let Some(guard) = state.registry.try_admit() {
-        let query = connect.map(|c| match c {
-            ConnectRequest::New(request) => request,
-            ConnectRequest::Resume { .. } => StartRequest::default(),
-        });
-        actix_web::rt::spawn(session::run(
-            id,
-            ws,
-            messages,
-            query,
-            state.env.clone(),
-            guard,
-        ));
     } else {
-        let error = SessionError::ServerFull {
-            max_sessions: state.registry.max_sessions(),
-        };
-        actix_web::rt::spawn(session::refuse(id, ws, error));
+        match state.registry.try_admit(key_id) {
+            Ok(guard) => {
+                let query = connect.map(|c| match c {
+                    ConnectRequest::New(request) => request,
+                    ConnectRequest::Resume { .. } => StartRequest::default(),
+                });
+                let limits = session::SessionLimits {
+                    max_session_ms: principal.as_ref().and_then(|p| p.max_session_ms),
+                };
+                actix_web::rt::spawn(session::run(
+                    id,
+                    ws,
+                    messages,
+                    query,
+                    state.env.clone(),
+                    guard,
+                    limits,
+                ));
+            }
+            Err(refusal) => {
+                let error = match refusal {
+                    Refusal::ServerFull => SessionError::ServerFull {
+                        max_sessions: state.registry.max_sessions(),
+                    },
+                    Refusal::KeyFull => SessionError::KeyFull {
+                        max_sessions_per_key: state.registry.max_per_key(),
+                    },
+                };
+                actix_web::rt::spawn(session::refuse(id, ws, error));
+            }
+        }
     }
     Ok(response)
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    /// Lifetime of the token; default 300, at most 3600.
+    ttl_seconds: Option<u64>,
+    /// Caps the length of any session opened with the token.
+    max_session_seconds: Option<u64>,
+}
+
+/// `POST /v1/tokens` with an API key: a short-lived token a web page can use
+/// instead of the key.
+async fn mint_token(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if !state.auth.required() {
+        return HttpResponse::BadRequest().json(json!({
+            "error": "auth_disabled",
+            "message": "no API keys are configured, so there is nothing to mint tokens from"
+        }));
+    }
+    let presented = header(&req, header::AUTHORIZATION).and_then(|h| {
+        h.strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+    });
+    let principal = match presented.map(|key| state.auth.check_key(key.trim())) {
+        Some(Ok(principal)) => principal,
+        Some(Err(error)) => return refuse_http(&error),
+        None => return refuse_http(&auth::AuthError::Missing),
+    };
+    let request: TokenRequest = if body.is_empty() {
+        TokenRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                return HttpResponse::BadRequest().json(json!({
+                    "error": "invalid_request",
+                    "message": format!("token request: {e}")
+                }))
+            }
+        }
+    };
+    let ttl = Duration::from_secs(request.ttl_seconds.unwrap_or(300).clamp(1, 3600));
+    let now = std::time::SystemTime::now();
+    let max_session_ms = request.max_session_seconds.map(|s| s.saturating_mul(1000));
+    let (token, claims) = state.auth.mint(&principal, ttl, max_session_ms, now);
+    HttpResponse::Ok().json(json!({
+        "token": token,
+        "expires_at": humantime::format_rfc3339_seconds(now + ttl).to_string(),
+        "expires_in_seconds": ttl.as_secs(),
+        "key_id": claims.kid,
+    }))
 }
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {

@@ -1,7 +1,8 @@
 //! Admission and counting of live sessions, shared by all workers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -11,6 +12,9 @@ use crate::telemetry::names;
 pub struct SessionRegistry {
     active: AtomicUsize,
     max_sessions: usize,
+    /// Sessions per API key id, for `max_sessions_per_key` (0: unlimited).
+    per_key: Mutex<HashMap<String, usize>>,
+    max_per_key: usize,
     /// Woken whenever the count drops to zero (graceful shutdown waits on it).
     drained: Notify,
 }
@@ -18,13 +22,23 @@ pub struct SessionRegistry {
 /// Held by a session for its whole life; dropping it releases the slot.
 pub struct SessionGuard {
     registry: Arc<SessionRegistry>,
+    key_id: Option<String>,
+}
+
+/// Why a session was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    ServerFull,
+    KeyFull,
 }
 
 impl SessionRegistry {
-    pub fn new(max_sessions: usize) -> Arc<Self> {
+    pub fn new(max_sessions: usize, max_per_key: usize) -> Arc<Self> {
         Arc::new(Self {
             active: AtomicUsize::new(0),
             max_sessions,
+            per_key: Mutex::new(HashMap::new()),
+            max_per_key,
             drained: Notify::new(),
         })
     }
@@ -37,17 +51,32 @@ impl SessionRegistry {
         self.max_sessions
     }
 
-    /// Takes a slot if one is free.
-    pub fn try_admit(self: &Arc<Self>) -> Option<SessionGuard> {
+    pub fn max_per_key(&self) -> usize {
+        self.max_per_key
+    }
+
+    /// Takes a slot if one is free, globally and for the key.
+    pub fn try_admit(self: &Arc<Self>, key_id: Option<&str>) -> Result<SessionGuard, Refusal> {
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_sessions).then_some(n + 1)
             })
-            .ok()?;
+            .map_err(|_| Refusal::ServerFull)?;
+        if let (Some(key), true) = (key_id, self.max_per_key > 0) {
+            let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+            let count = per_key.entry(key.to_owned()).or_insert(0);
+            if *count >= self.max_per_key {
+                drop(per_key);
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::KeyFull);
+            }
+            *count += 1;
+        }
         metrics::gauge!(names::SESSIONS_ACTIVE).increment(1.0);
         metrics::counter!(names::SESSIONS_TOTAL).increment(1);
-        Some(SessionGuard {
+        Ok(SessionGuard {
             registry: Arc::clone(self),
+            key_id: key_id.filter(|_| self.max_per_key > 0).map(str::to_owned),
         })
     }
 
@@ -70,6 +99,19 @@ impl SessionRegistry {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        if let Some(key) = &self.key_id {
+            let mut per_key = self
+                .registry
+                .per_key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = per_key.get_mut(key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_key.remove(key);
+                }
+            }
+        }
         metrics::gauge!(names::SESSIONS_ACTIVE).decrement(1.0);
         if self.registry.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.registry.drained.notify_waiters();

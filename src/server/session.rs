@@ -20,13 +20,19 @@ use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
 use crate::pipeline::convert::Converter;
-use crate::pipeline::{AudioBlock, Pipeline, SharedBlock};
+use crate::pipeline::{AudioBlock, BlockSamples, Pipeline, SharedBlock};
 use crate::protocol::{
     parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
     StartRequest, StartedInfo, StreamStats, PROTOCOL_VERSION,
 };
 use crate::sinks::{self, SinkCommand, SinkContext, SinkEvent};
 use crate::telemetry::names;
+
+/// Limits that come with the credential (a token may shorten the session).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionLimits {
+    pub max_session_ms: Option<u64>,
+}
 
 /// What a session needs from the server.
 #[derive(Clone)]
@@ -44,11 +50,13 @@ pub async fn run(
     query: Result<StartRequest, ProtocolError>,
     env: SessionEnv,
     guard: SessionGuard,
+    limits: SessionLimits,
 ) {
     let span = tracing::info_span!("session", id = %id);
     async move {
         tracing::info!("session opened");
         let mut session = Session::new(id, ws, &env);
+        session.apply_limits(limits);
         let end = match query {
             Ok(query) => match session.open(query).await {
                 Ok(()) => session.run_loop(messages, env.shutdown.clone()).await,
@@ -199,6 +207,9 @@ enum Partial {
 
 struct SinkSlot {
     name: &'static str,
+    /// Bytes this sink may have pending (`max_pending_bytes_per_sink`).
+    budget: Arc<tokio::sync::Semaphore>,
+    budget_bytes: usize,
     /// Dropped when the session ends, which tells the sink to finish.
     commands: Option<mpsc::Sender<SinkCommand>>,
     /// False once the sink failed: it will answer no more flushes.
@@ -272,6 +283,13 @@ pub struct Session {
     resume_registry: Arc<ResumeRegistry>,
     /// What `started` said, to say it again on resume.
     started_info: Option<StartedInfo>,
+    /// `max_session_duration_ms` (or the token's, if shorter) from connect.
+    ends_at: Option<Instant>,
+    session_limit_ms: u64,
+    /// For `max_realtime_factor`: when audio started, and when the client
+    /// was warned that it sends too fast.
+    first_audio_at: Option<Instant>,
+    too_fast_since: Option<Instant>,
 }
 
 impl Session {
@@ -283,6 +301,10 @@ impl Session {
             config: config.clone(),
             resume_registry: env.resumes.clone(),
             started_info: None,
+            ends_at: None,
+            session_limit_ms: 0,
+            first_audio_at: None,
+            too_fast_since: None,
             query: StartRequest::default(),
             started_at: SystemTime::now(),
             active: None,
@@ -300,6 +322,65 @@ impl Session {
             audio_since_stats: false,
             resumes: 0,
             generation: 0,
+        }
+    }
+
+    fn apply_limits(&mut self, limits: SessionLimits) {
+        let configured = (self.config.max_session_duration_ms > 0)
+            .then_some(self.config.max_session_duration_ms);
+        let max_ms = match (configured, limits.max_session_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.session_limit_ms = max_ms.unwrap_or(0);
+        self.ends_at = max_ms.map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
+    }
+
+    /// Checks the audio rate against `max_realtime_factor`: a client over it
+    /// is warned once, and closed if it is still over a second later.
+    async fn check_rate(&mut self, now: Instant) -> Result<(), SessionError> {
+        let limit = self.config.max_realtime_factor;
+        let Some(active) = self.active.as_ref() else {
+            return Ok(());
+        };
+        if limit <= 0.0 {
+            return Ok(());
+        }
+        let first = *self.first_audio_at.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(first).as_secs_f64();
+        let rate = f64::from(active.pipeline.declared_format().sample_rate);
+        let media = active.pipeline.media_frames() as f64 / rate;
+        let burst = self.config.realtime_burst_ms as f64 / 1000.0;
+        if media <= burst + elapsed * limit {
+            self.too_fast_since = None;
+            return Ok(());
+        }
+        let factor = if elapsed > 0.0 {
+            (media - burst).max(0.0) / elapsed
+        } else {
+            f64::INFINITY
+        };
+        match self.too_fast_since {
+            None => {
+                self.too_fast_since = Some(now);
+                metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_realtime_factor")
+                    .increment(1);
+                self.send(&ServerMessage::Error {
+                    code: "audio_too_fast",
+                    message: format!(
+                        "audio arrives {factor:.1}x faster than real time (limit {limit:.1}x); slow down or the session closes in 1 s"
+                    ),
+                    fatal: false,
+                })
+                .await;
+                Ok(())
+            }
+            Some(since)
+                if now.saturating_duration_since(since) >= std::time::Duration::from_secs(1) =>
+            {
+                Err(SessionError::TooFast { factor, limit })
+            }
+            Some(_) => Ok(()),
         }
     }
 
@@ -354,16 +435,22 @@ impl Session {
     }
 
     /// Releases audio the jitter buffer stopped waiting for.
-    async fn release_held_audio(&mut self, now: Instant) {
+    async fn release_held_audio(&mut self, now: Instant) -> Result<(), SessionError> {
+        let stall = self.stall_timeout();
         let Some(active) = self.active.as_mut() else {
-            return;
+            return Ok(());
         };
         let mut blocks = std::mem::take(&mut active.blocks);
         blocks.clear();
         active.pipeline.poll(now.into_std(), &mut blocks);
-        dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
+        let sent = dispatch(&active.sinks, &mut active.groups, &mut blocks, stall).await;
         active.blocks = blocks;
         self.handed_seq = active.pipeline.last_seq();
+        sent
+    }
+
+    fn stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.sink_stall_timeout_ms)
     }
 
     fn ack_interval(&self) -> std::time::Duration {
@@ -480,6 +567,13 @@ impl Session {
                 },
                 () = &mut timer => {
                     let now = Instant::now();
+                    if self.ends_at.is_some_and(|at| now >= at) {
+                        metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_session_duration")
+                            .increment(1);
+                        return End::Error(SessionError::MaxDuration {
+                            max_ms: self.session_limit_ms,
+                        });
+                    }
                     // Far in the future until next_deadline() says otherwise.
                     armed = now + std::time::Duration::from_secs(86_400);
                     timer.as_mut().reset(armed);
@@ -493,9 +587,13 @@ impl Session {
                         }
                         self.idle_check_at = idle_until;
                     }
-                    self.release_held_audio(now).await;
-                    self.send_due_reports(now).await;
-                    Ok(None)
+                    match self.release_held_audio(now).await {
+                        Ok(()) => {
+                            self.send_due_reports(now).await;
+                            Ok(None)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             };
             match step {
@@ -683,6 +781,10 @@ impl Session {
                 );
                 SinkSlot {
                     name: handle.name,
+                    budget: Arc::new(tokio::sync::Semaphore::new(
+                        self.config.max_pending_bytes_per_sink,
+                    )),
+                    budget_bytes: self.config.max_pending_bytes_per_sink,
                     commands: Some(handle.commands),
                     alive: true,
                     flushes_done: 0,
@@ -731,6 +833,7 @@ impl Session {
     }
 
     async fn on_audio(&mut self, data: &Bytes) -> Result<(), SessionError> {
+        let stall = self.stall_timeout();
         let Some(active) = self.active.as_mut() else {
             return Err(ProtocolError::AudioBeforeStart.into());
         };
@@ -770,13 +873,16 @@ impl Session {
             metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
         }
 
-        dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
+        let sent = dispatch(&active.sinks, &mut active.groups, &mut blocks, stall).await;
         active.blocks = blocks;
+        sent?;
         // Everything up to this seq is now queued with every sink.
         self.handed_seq = active.pipeline.last_seq();
         self.audio_since_stats = true;
-        self.send_due_reports(Instant::now()).await;
-        pushed.map_err(SessionError::from)
+        let now = Instant::now();
+        self.send_due_reports(now).await;
+        pushed.map_err(SessionError::from)?;
+        self.check_rate(now).await
     }
 
     /// Tells the client that audio was damaged and concealed: a non-fatal
@@ -909,8 +1015,11 @@ impl Session {
         if let Some(active) = self.active.as_mut() {
             let mut blocks = Vec::new();
             active.pipeline.finish(&mut blocks);
-            dispatch(&active.sinks, &mut active.groups, &mut blocks).await;
-            finish_conversions(&active.sinks, &mut active.groups).await;
+            let stall = std::time::Duration::from_millis(self.config.sink_stall_timeout_ms);
+            // A sink too slow even now has its own error on the way; what
+            // it cannot take is not waited for forever.
+            let _ = dispatch(&active.sinks, &mut active.groups, &mut blocks, stall).await;
+            let _ = finish_conversions(&active.sinks, &mut active.groups, stall).await;
             self.handed_seq = active.pipeline.last_seq();
         }
         // A last ack, so a client that is still there knows all arrived.
@@ -995,44 +1104,89 @@ impl Session {
 }
 
 /// Hands blocks to every live sink, in order, each group in its format.
-async fn dispatch(sinks: &[SinkSlot], groups: &mut [SinkGroup], blocks: &mut Vec<AudioBlock>) {
+async fn dispatch(
+    sinks: &[SinkSlot],
+    groups: &mut [SinkGroup],
+    blocks: &mut Vec<AudioBlock>,
+    stall: std::time::Duration,
+) -> Result<(), SessionError> {
     let mut converted = Vec::new();
     for block in blocks.drain(..) {
         let block = Arc::new(block);
         for group in groups.iter_mut() {
             if group.converter.is_identity() {
-                send_to(sinks, &group.members, &block).await;
+                send_to(sinks, &group.members, &block, stall).await?;
                 continue;
             }
             group.converter.convert(&block, &mut converted);
             for out in converted.drain(..) {
-                send_to(sinks, &group.members, &Arc::new(out)).await;
+                send_to(sinks, &group.members, &Arc::new(out), stall).await?;
             }
         }
     }
+    Ok(())
 }
 
 /// End of stream: the converters' tails, so every sink gets exact lengths.
-async fn finish_conversions(sinks: &[SinkSlot], groups: &mut [SinkGroup]) {
+async fn finish_conversions(
+    sinks: &[SinkSlot],
+    groups: &mut [SinkGroup],
+    stall: std::time::Duration,
+) -> Result<(), SessionError> {
     let mut tail = Vec::new();
     for group in groups.iter_mut() {
         group.converter.finish(&mut tail);
         for out in tail.drain(..) {
-            send_to(sinks, &group.members, &Arc::new(out)).await;
+            send_to(sinks, &group.members, &Arc::new(out), stall).await?;
         }
     }
+    Ok(())
 }
 
-async fn send_to(sinks: &[SinkSlot], members: &[usize], block: &SharedBlock) {
+/// Queues a block for each member sink. Waiting is the recorder's overflow
+/// policy: it pushes back on the client through TCP instead of dropping
+/// audio; but a sink that stays over its pending-bytes budget for `stall`
+/// ends the session rather than freezing it.
+async fn send_to(
+    sinks: &[SinkSlot],
+    members: &[usize],
+    block: &SharedBlock,
+    stall: std::time::Duration,
+) -> Result<(), SessionError> {
+    let bytes = match &block.samples {
+        BlockSamples::Audio(samples) => samples.len() * std::mem::size_of::<f32>(),
+        BlockSamples::Silence => 0,
+    };
     for &index in members {
-        if let Some(commands) = sinks.get(index).and_then(|s| s.commands.as_ref()) {
-            // Waiting here is the recorder's overflow policy: block, which
-            // pushes back on the client through TCP instead of dropping
-            // audio. A failed send means the sink stopped; its Failed event
-            // is already on the way.
-            let _ = commands.send(SinkCommand::Audio(block.clone())).await;
-        }
+        let Some(slot) = sinks.get(index) else {
+            continue;
+        };
+        let Some(commands) = slot.commands.as_ref() else {
+            continue;
+        };
+        let want = u32::try_from(bytes.min(slot.budget_bytes)).unwrap_or(u32::MAX);
+        let permit = match tokio::time::timeout(stall, slot.budget.clone().acquire_many_owned(want))
+            .await
+        {
+            Ok(Ok(permit)) => Some(permit),
+            // Closed budget: the sink is gone; its Failed event is on the way.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_pending_bytes_per_sink")
+                    .increment(1);
+                return Err(SessionError::SinkOverloaded {
+                    sink: slot.name,
+                    pending_bytes: slot.budget_bytes - slot.budget.available_permits(),
+                    stall_ms: stall.as_millis() as u64,
+                });
+            }
+        };
+        // A failed send means the sink stopped; its Failed event is on the way.
+        let _ = commands
+            .send(SinkCommand::Audio(block.clone(), permit))
+            .await;
     }
+    Ok(())
 }
 
 fn extend(partial: &mut Partial, bytes: &[u8]) {

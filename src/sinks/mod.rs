@@ -135,7 +135,9 @@ pub fn build(
 /// Commands from the session to one sink task.
 #[derive(Debug)]
 pub enum SinkCommand {
-    Audio(SharedBlock),
+    /// A block, and the share of the sink's pending-bytes budget it holds
+    /// until the sink has written it.
+    Audio(SharedBlock, Option<tokio::sync::OwnedSemaphorePermit>),
     Flush,
 }
 
@@ -199,7 +201,7 @@ async fn run(
         }
         let step = tokio::select! {
             command = commands.recv() => match command {
-                Some(SinkCommand::Audio(block)) => sink.write(&block, Instant::now()),
+                Some(SinkCommand::Audio(block, _budget)) => sink.write(&block, Instant::now()),
                 Some(SinkCommand::Flush) => sink.flush(Instant::now()).map(|()| {
                     let _ = events.send(SinkEvent::Flushed { index });
                 }),
@@ -310,12 +312,12 @@ mod tests {
         handle.commands.send(SinkCommand::Flush).await.unwrap();
         handle
             .commands
-            .send(SinkCommand::Audio(block()))
+            .send(SinkCommand::Audio(block(), None))
             .await
             .unwrap();
         handle
             .commands
-            .send(SinkCommand::Audio(block()))
+            .send(SinkCommand::Audio(block(), None))
             .await
             .unwrap();
 
@@ -335,7 +337,7 @@ mod tests {
         // Later audio is refused, not silently swallowed.
         assert!(handle
             .commands
-            .send(SinkCommand::Audio(block()))
+            .send(SinkCommand::Audio(block(), None))
             .await
             .is_err());
     }
