@@ -93,6 +93,9 @@ pub struct Config {
     /// How long a session waits for a sink over its pending limit before
     /// giving up with `sink_overloaded`.
     pub sink_stall_timeout_ms: u64,
+    /// Time a client has to send its whole HTTP request (upgrade included);
+    /// slower ones get 408 and are disconnected.
+    pub request_timeout_ms: u64,
     /// PEM certificate chain and private key: serve `wss://` directly.
     pub tls_cert_path: Option<PathBuf>,
     pub tls_key_path: Option<PathBuf>,
@@ -142,6 +145,7 @@ impl Default for Config {
             realtime_burst_ms: 10_000,
             max_pending_bytes_per_sink: 4 * 1024 * 1024,
             sink_stall_timeout_ms: 10_000,
+            request_timeout_ms: 5_000,
             tls_cert_path: None,
             tls_key_path: None,
             recorder: RecorderConfig::default(),
@@ -243,6 +247,8 @@ pub struct ServeArgs {
     pub max_pending_bytes_per_sink: Option<usize>,
     #[arg(long, env = "COCHLEA_SINK_STALL_TIMEOUT_MS", value_name = "MS")]
     pub sink_stall_timeout_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub request_timeout_ms: Option<u64>,
     #[arg(long, env = "COCHLEA_TLS_CERT_PATH", value_name = "PEM")]
     pub tls_cert_path: Option<PathBuf>,
     #[arg(long, env = "COCHLEA_TLS_KEY_PATH", value_name = "PEM")]
@@ -320,6 +326,7 @@ impl Config {
             &args.max_pending_bytes_per_sink,
         );
         set(&mut self.sink_stall_timeout_ms, &args.sink_stall_timeout_ms);
+        set(&mut self.request_timeout_ms, &args.request_timeout_ms);
         if args.tls_cert_path.is_some() {
             self.tls_cert_path = args.tls_cert_path.clone();
         }

@@ -133,7 +133,7 @@ impl Auth {
         match origin {
             Some(origin) if !self.allowed_origins.is_empty() => {
                 let normalized = origin.trim_end_matches('/').to_ascii_lowercase();
-                if self.allowed_origins.iter().any(|o| *o == normalized) {
+                if self.allowed_origins.contains(&normalized) {
                     Ok(())
                 } else {
                     Err(AuthError::Origin(origin.to_owned()))

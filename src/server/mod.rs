@@ -114,6 +114,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     // (RFC 6455 §7.1.1). actix's default waits 1 s for the client to hang up
     // first, which kept every client waiting a second after `closed`.
     .client_disconnect_timeout(Duration::ZERO)
+    // Slowloris: a client dribbling its request headers is cut off.
+    .client_request_timeout(Duration::from_millis(config.request_timeout_ms))
     .bind(config.listen)
     .map_err(|source| ServerError::Bind {
         addr: config.listen,
@@ -225,7 +227,7 @@ fn parse_query(query: &str) -> (Option<String>, Result<ConnectRequest, ProtocolE
     (token, parse_connect(rest))
 }
 
-fn header<'a>(req: &'a HttpRequest, name: header::HeaderName) -> Option<&'a str> {
+fn header(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 

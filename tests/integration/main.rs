@@ -18,4 +18,5 @@ mod harness;
 mod lifecycle;
 mod opus;
 mod resume;
+mod security;
 mod streaming;

@@ -1,0 +1,290 @@
+//! Authentication, origins and limits, through real sockets.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::*;
+
+const KEY: &str = "test-key-0123456789abcdef";
+const OTHER_KEY: &str = "other-key-0123456789abcdef";
+
+fn secured(extra: &[&str]) -> Server {
+    let mut args = vec!["--api-key", KEY, "--api-key", OTHER_KEY];
+    args.extend_from_slice(extra);
+    Server::start_with(&args, &[])
+}
+
+/// Tries a WebSocket upgrade; returns the HTTP status of a refusal, or the
+/// negotiated subprotocol on success.
+async fn upgrade(
+    server: &Server,
+    query: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Option<String>, (u16, Value)> {
+    let mut request = server.url(query).into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((mut ws, response)) => {
+            let protocol = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let _ = ws.close(None).await;
+            Ok(protocol)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            Err((status, body))
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+/// A raw HTTP request; returns (status, body).
+fn http(server: &Server, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn mint(server: &Server, key: &str, body: &str) -> (u16, Value) {
+    let request = format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = http(server, &request);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn every_way_of_presenting_a_key_works_and_a_wrong_one_gets_401() {
+    let server = secured(&[]);
+    let q = "encoding=mulaw";
+    let bearer = format!("Bearer {KEY}");
+    assert!(upgrade(&server, q, &[("authorization", &bearer)])
+        .await
+        .is_ok());
+    assert!(upgrade(&server, &format!("{q}&token={KEY}"), &[])
+        .await
+        .is_ok());
+    // Browsers: the key rides in Sec-WebSocket-Protocol; the server selects
+    // cochlea.v1, so the browser accepts the handshake.
+    let protocols = format!("cochlea.v1, token.{KEY}");
+    assert_eq!(
+        upgrade(&server, q, &[("sec-websocket-protocol", &protocols)]).await,
+        Ok(Some("cochlea.v1".to_owned()))
+    );
+    let (status, body) = upgrade(&server, q, &[]).await.unwrap_err();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("auth_missing"))
+    );
+    let (status, body) = upgrade(&server, &format!("{q}&token=not-the-key-at-all"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("auth_wrong_key"))
+    );
+    let (_, metrics) = server.get("/metrics");
+    assert!(metrics.contains("cochlea_auth_failures_total{reason=\"auth_wrong_key\"} 1"));
+}
+
+#[tokio::test]
+async fn minted_tokens_work_until_they_expire() {
+    let server = secured(&[]);
+    let (status, minted) = mint(&server, KEY, r#"{"ttl_seconds": 1}"#);
+    assert_eq!(status, 200, "{minted}");
+    let token = minted["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("ct1."));
+    assert_ne!(token, KEY, "a page never sees the key");
+    let query = format!("encoding=mulaw&token={token}");
+    assert!(upgrade(&server, &query, &[]).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = upgrade(&server, &query, &[]).await.unwrap_err();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("auth_expired"))
+    );
+    // Minting needs a real key, and a token cannot mint tokens.
+    assert_eq!(mint(&server, "wrong-key-0123456789abcdef", "").0, 401);
+    assert_eq!(mint(&server, &token, "").0, 401);
+}
+
+#[tokio::test]
+async fn a_token_can_cap_the_session_length() {
+    let server = secured(&[]);
+    let (_, minted) = mint(&server, KEY, r#"{"max_session_seconds": 1}"#);
+    let token = minted["token"].as_str().unwrap();
+    let mut client = Client::connect(&server, &format!("encoding=mulaw&token={token}")).await;
+    client.expect("started").await;
+    client.send_binary(vec![0xFF; 800]).await;
+    let transcript = client.finish().await;
+    transcript.assert_error("max_duration_reached", 1008);
+    assert_eq!(
+        transcript.one("recording")["sample_frames"],
+        800,
+        "audio kept"
+    );
+}
+
+#[tokio::test]
+async fn wrong_origin_gets_403_and_the_right_one_passes() {
+    let server = secured(&["--allowed-origins", "https://app.example"]);
+    let q = format!("encoding=mulaw&token={KEY}");
+    assert!(upgrade(&server, &q, &[("origin", "https://app.example")])
+        .await
+        .is_ok());
+    let (status, body) = upgrade(&server, &q, &[("origin", "https://evil.example")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("origin_not_allowed"))
+    );
+}
+
+#[test]
+fn no_keys_beyond_loopback_is_refused_at_startup() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cochlea"))
+        .args(["serve", "--print-config", "--listen", "0.0.0.0:0"])
+        .env_remove("COCHLEA_API_KEYS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without API keys"));
+}
+
+#[tokio::test]
+async fn sessions_per_key_are_limited_with_1013() {
+    let server = secured(&["--max-sessions-per-key", "1"]);
+    let mut first = Client::connect(&server, &format!("encoding=mulaw&token={KEY}")).await;
+    first.expect("started").await;
+    Client::connect(&server, &format!("encoding=mulaw&token={KEY}"))
+        .await
+        .finish()
+        .await
+        .assert_refused("key_full", 1013);
+    // Another key is not affected, and the slot frees when the session ends.
+    let mut other = Client::connect(&server, &format!("encoding=mulaw&token={OTHER_KEY}")).await;
+    other.expect("started").await;
+    other.stop().await;
+    first.stop().await;
+    let mut again = Client::connect(&server, &format!("encoding=mulaw&token={KEY}")).await;
+    again.expect("started").await;
+    again.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_far_faster_than_real_time_is_warned_then_closed_1008() {
+    let server = Server::start_with(
+        &["--max-realtime-factor", "2", "--realtime-burst-ms", "200"],
+        &[],
+    );
+    let mut client = Client::connect(&server, "encoding=pcm_s16le&sample_rate=16000").await;
+    client.expect("started").await;
+    // 100 ms of audio every 10 ms: ten times real time, for up to 3 s.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if client
+            .ws
+            .send(Message::binary(vec![0u8; 3200]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let transcript = client.finish().await;
+    let errors = transcript.of_type("error");
+    assert_eq!(errors[0]["code"], "audio_too_fast");
+    assert_eq!(errors[0]["fatal"], false, "told first");
+    assert_eq!(errors.last().unwrap()["fatal"], true, "then closed");
+    assert_eq!(transcript.close_code(), 1008);
+}
+
+#[tokio::test]
+async fn a_slowloris_upgrade_is_cut_off() {
+    let server = Server::start_with(&["--request-timeout-ms", "500"], &[]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    // Half a request, then nothing.
+    stream
+        .write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(10), "held {waited:?}");
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_thousand_silent_connections_cost_little_and_are_closed_by_idle_timeout() {
+    let server = Server::start_with(&["--idle-timeout-ms", "1500"], &[]);
+    let before = rss_kib(server.pid());
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        clients.push(Client::connect(&server, "").await);
+    }
+    let (_, health) = server.get("/healthz");
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["sessions_active"], 1000);
+    let held = rss_kib(server.pid()) - before;
+    eprintln!(
+        "1000 idle connections: {held} KiB of server RSS, {} KiB each",
+        held / 1000
+    );
+    assert!(held < 64 * 1024, "1000 idle connections took {held} KiB");
+    // Each is closed by the idle timeout, with its reason.
+    let mut closed = 0;
+    for client in clients {
+        let transcript = client.finish().await;
+        assert_eq!(transcript.one("error")["code"], "idle_timeout");
+        closed += 1;
+    }
+    assert_eq!(closed, 1000);
+    let (_, health) = server.get("/healthz");
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["sessions_active"], 0);
+}
