@@ -9,6 +9,7 @@ pub mod close;
 mod registry;
 mod resume;
 pub mod session;
+mod tls;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -56,7 +59,7 @@ struct AppState {
 
 /// Runs the server until SIGINT or SIGTERM, then drains sessions and returns.
 ///
-/// Prints one line, `cochlea listening on http://ADDR`, to stdout once bound,
+/// Prints one line, `cochlea listening on http://ADDR` (https with TLS), to stdout once bound,
 /// with the real port when the configuration asked for port 0.
 pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), ServerError> {
     // Fail at startup, not at the first session, if recordings cannot be kept.
@@ -115,8 +118,16 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     // first, which kept every client waiting a second after `closed`.
     .client_disconnect_timeout(Duration::ZERO)
     // Slowloris: a client dribbling its request headers is cut off.
-    .client_request_timeout(Duration::from_millis(config.request_timeout_ms))
-    .bind(config.listen)
+    .client_request_timeout(Duration::from_millis(config.request_timeout_ms));
+    let tls = match (&config.tls_cert_path, &config.tls_key_path) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(config.listen, tls),
+        None => server.bind(config.listen),
+    }
     .map_err(|source| ServerError::Bind {
         addr: config.listen,
         source,
@@ -128,7 +139,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     for addr in server.addrs() {
         tracing::info!(%addr, "listening");
         let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "cochlea listening on http://{addr}");
+        let _ = writeln!(stdout, "cochlea listening on {scheme}://{addr}");
         let _ = stdout.flush();
     }
 

@@ -64,7 +64,10 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("cochlea listening on http://") {
+                let addr = line
+                    .strip_prefix("cochlea listening on http://")
+                    .or_else(|| line.strip_prefix("cochlea listening on https://"));
+                if let Some(addr) = addr {
                     let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
                 }
             }

@@ -288,3 +288,62 @@ async fn a_thousand_silent_connections_cost_little_and_are_closed_by_idle_timeou
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["sessions_active"], 0);
 }
+
+#[tokio::test]
+async fn wss_with_a_self_signed_certificate() {
+    use std::sync::Arc;
+    use tokio_tungstenite::Connector;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let server = Server::start_with(
+        &[
+            "--tls-cert-path",
+            cert_path.to_str().unwrap(),
+            "--tls-key-path",
+            key_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+
+    // A client that trusts exactly this certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let url = format!(
+        "wss://localhost:{}/v1/stream?encoding=pcm_s16le&sample_rate=16000",
+        server.addr.port()
+    );
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        url,
+        None,
+        false,
+        Some(Connector::Rustls(Arc::new(config))),
+    )
+    .await
+    .expect("wss handshake");
+    let mut client = Client {
+        ws,
+        received: Vec::new(),
+    };
+    client.expect("started").await;
+    let samples: Vec<i16> = (0..3200).map(|i| (i % 500) as i16).collect();
+    client.send_chunks(&s16_bytes(&samples), 640).await;
+    let transcript = client.stop().await;
+    let wav = read_wav_i16(std::path::Path::new(
+        transcript.one("recording")["path"].as_str().unwrap(),
+    ));
+    assert!(wav.samples == samples, "audio over TLS recorded exactly");
+    // Plain WebSocket on a TLS port is not served.
+    let plain = format!("ws://127.0.0.1:{}/v1/stream", server.addr.port());
+    assert!(tokio_tungstenite::connect_async(plain).await.is_err());
+}
