@@ -8,8 +8,8 @@
 use libfuzzer_sys::fuzz_target;
 
 use cochlea::protocol::{
-    parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest,
-    StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
+    parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest, StreamFormat,
+    MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
 };
 
 fn query_pairs(query: &str) -> Vec<(&str, &str)> {

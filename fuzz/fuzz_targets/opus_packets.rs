@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         let len = usize::from(len).min(tail.len());
         let (message, tail) = tail.split_at(len);
         rest = tail;
-        if pipeline.push(message, std::time::Instant::now(), &mut out).is_err() {
+        if pipeline
+            .push(message, std::time::Instant::now(), &mut out)
+            .is_err()
+        {
             break;
         }
         out.clear();

@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(data.len() >= SEQ_HEADER_BYTES);
             assert_eq!(&header.encode()[..], &data[..SEQ_HEADER_BYTES]);
             assert_eq!(audio, &data[SEQ_HEADER_BYTES..]);
-            let (again, rest) = SeqHeader::parse(&header.encode()).expect("encoded header parses");
+            let encoded = header.encode();
+            let (again, rest) = SeqHeader::parse(&encoded).expect("encoded header parses");
             assert_eq!(again, header);
             assert!(rest.is_empty());
         }

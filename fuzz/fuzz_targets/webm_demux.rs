@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let mut pipeline = Pipeline::new(format, 10_000).expect("pipeline");
     let mut out = Vec::new();
     for slice in bytes.chunks(usize::from(cut) + 1) {
-        if pipeline.push(slice, std::time::Instant::now(), &mut out).is_err() {
+        if pipeline
+            .push(slice, std::time::Instant::now(), &mut out)
+            .is_err()
+        {
             break;
         }
         out.clear();
