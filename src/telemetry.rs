@@ -28,6 +28,8 @@ pub mod names {
         "cochlea_jitter_concealed_sample_frames_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
     pub const AUTH_FAILURES_TOTAL: &str = "cochlea_auth_failures_total";
+    pub const INGEST_LATENCY_SECONDS: &str = "cochlea_ingest_latency_seconds";
+    pub const SINK_WRITE_SECONDS: &str = "cochlea_sink_write_seconds";
     pub const LIMIT_HITS_TOTAL: &str = "cochlea_limit_hits_total";
     pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
@@ -61,7 +63,18 @@ pub fn init_logging(format: LogFormat) {
 
 /// Installs the global metrics recorder and describes every metric.
 pub fn init_metrics() -> Result<PrometheusHandle, String> {
+    // Real histograms (not summaries) for latencies, with buckets around
+    // the 20 ms frame that matters here.
+    let buckets = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+        1.0,
+    ];
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &buckets,
+        )
+        .map_err(|e| format!("cannot configure histogram buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
     describe();
@@ -150,6 +163,16 @@ fn describe() {
         "Sessions ended by an error, by error code (kind)."
     );
     describe_counter!(SINK_FAILURES_TOTAL, "Sinks that failed, by sink.");
+    metrics::describe_histogram!(
+        INGEST_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From a binary message's arrival until its audio is queued with every sink."
+    );
+    metrics::describe_histogram!(
+        SINK_WRITE_SECONDS,
+        Unit::Seconds,
+        "Time a sink takes to take one block, by sink."
+    );
     describe_counter!(
         AUTH_FAILURES_TOTAL,
         "Requests refused before the upgrade, by reason."

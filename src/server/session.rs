@@ -220,6 +220,7 @@ struct SinkSlot {
 /// Counter handles resolved once per session, so the per-frame path does no
 /// registry lookups.
 struct AudioCounters {
+    ingest_seconds: metrics::Histogram,
     bytes: Counter,
     frames: Counter,
     sample_frames: Counter,
@@ -711,6 +712,7 @@ impl Session {
         let (events_tx, events) = mpsc::unbounded_channel();
         let encoding = format.encoding.as_str();
         let counters = AudioCounters {
+            ingest_seconds: metrics::histogram!(names::INGEST_LATENCY_SECONDS),
             bytes: metrics::counter!(names::AUDIO_RECEIVED_BYTES_TOTAL, "encoding" => encoding),
             frames: metrics::counter!(names::AUDIO_RECEIVED_FRAMES_TOTAL, "encoding" => encoding),
             sample_frames: metrics::counter!(
@@ -833,6 +835,7 @@ impl Session {
     }
 
     async fn on_audio(&mut self, data: &Bytes) -> Result<(), SessionError> {
+        let arrived = std::time::Instant::now();
         let stall = self.stall_timeout();
         let Some(active) = self.active.as_mut() else {
             return Err(ProtocolError::AudioBeforeStart.into());
@@ -875,6 +878,10 @@ impl Session {
 
         let sent = dispatch(&active.sinks, &mut active.groups, &mut blocks, stall).await;
         active.blocks = blocks;
+        active
+            .counters
+            .ingest_seconds
+            .record(arrived.elapsed().as_secs_f64());
         sent?;
         // Everything up to this seq is now queued with every sink.
         self.handed_seq = active.pipeline.last_seq();

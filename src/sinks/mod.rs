@@ -192,6 +192,7 @@ async fn run(
     // the session id) over by hand.
     let span = tracing::Span::current();
 
+    let write_seconds = metrics::histogram!(names::SINK_WRITE_SECONDS, "sink" => sink.name());
     let failure = loop {
         let wanted = sink.next_deadline();
         if wanted != armed {
@@ -201,7 +202,12 @@ async fn run(
         }
         let step = tokio::select! {
             command = commands.recv() => match command {
-                Some(SinkCommand::Audio(block, _budget)) => sink.write(&block, Instant::now()),
+                Some(SinkCommand::Audio(block, _budget)) => {
+                    let now = Instant::now();
+                    let written = sink.write(&block, now);
+                    write_seconds.record(now.elapsed().as_secs_f64());
+                    written
+                }
                 Some(SinkCommand::Flush) => sink.flush(Instant::now()).map(|()| {
                     let _ = events.send(SinkEvent::Flushed { index });
                 }),

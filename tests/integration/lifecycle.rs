@@ -75,6 +75,9 @@ async fn health_readiness_and_metrics() {
         "cochlea_session_errors_total{kind=\"unsupported_encoding\"} 1",
         "cochlea_recordings_total 1",
         "# TYPE cochlea_sessions_active gauge",
+        "# TYPE cochlea_ingest_latency_seconds histogram",
+        "cochlea_ingest_latency_seconds_count 10",
+        "cochlea_sink_write_seconds_count{sink=\"record\"} 10",
         "# HELP cochlea_sessions_total",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
