@@ -14,8 +14,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # System packages the build or the tests need, as "command:package" pairs.
-# cmake builds the libopus that the opus crate bundles.
-requirements=(cmake:cmake)
+# cmake builds the libopus that the opus crate bundles; curl and promtool
+# (Debian's prometheus package) are for scripts/check-metrics.sh.
+requirements=(cmake:cmake curl:curl promtool:prometheus)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do

@@ -20,7 +20,7 @@ pub mod names {
     pub const AUDIO_RECEIVED_FRAMES_TOTAL: &str = "cochlea_audio_received_frames_total";
     pub const AUDIO_DECODED_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_decoded_sample_frames_total";
     pub const AUDIO_GAP_SAMPLE_FRAMES_TOTAL: &str = "cochlea_audio_gap_sample_frames_total";
-    pub const AUDIO_DUPLICATE_FRAMES_TOTAL: &str = "cochlea_audio_duplicate_frames_total";
+    pub const AUDIO_DUPLICATE_MESSAGES_TOTAL: &str = "cochlea_audio_duplicate_messages_total";
     pub const AUDIO_DAMAGED_PACKETS_TOTAL: &str = "cochlea_audio_damaged_packets_total";
     pub const JITTER_LOST_PACKETS_TOTAL: &str = "cochlea_jitter_lost_packets_total";
     pub const JITTER_LATE_PACKETS_TOTAL: &str = "cochlea_jitter_late_packets_total";
@@ -90,7 +90,7 @@ fn register_at_zero() {
     metrics::gauge!(SESSIONS_PARKED).set(0.0);
     for name in [
         SESSIONS_TOTAL,
-        AUDIO_DUPLICATE_FRAMES_TOTAL,
+        AUDIO_DUPLICATE_MESSAGES_TOTAL,
         AUDIO_GAP_SAMPLE_FRAMES_TOTAL,
         AUDIO_DAMAGED_PACKETS_TOTAL,
         JITTER_LOST_PACKETS_TOTAL,
@@ -139,7 +139,7 @@ fn describe() {
         "Sample frames of silence inserted for framing=seq timestamp gaps."
     );
     describe_counter!(
-        AUDIO_DUPLICATE_FRAMES_TOTAL,
+        AUDIO_DUPLICATE_MESSAGES_TOTAL,
         "framing=seq messages dropped as already received."
     );
     describe_counter!(

@@ -873,7 +873,7 @@ impl Session {
                 .increment(after.gap_frames - before.gap_frames);
         }
         if after.duplicate_messages > before.duplicate_messages {
-            metrics::counter!(names::AUDIO_DUPLICATE_FRAMES_TOTAL).increment(1);
+            metrics::counter!(names::AUDIO_DUPLICATE_MESSAGES_TOTAL).increment(1);
         }
 
         let sent = dispatch(&active.sinks, &mut active.groups, &mut blocks, stall).await;
