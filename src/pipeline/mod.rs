@@ -71,6 +71,9 @@ pub struct PipelineStats {
     pub damaged_packets: u64,
     /// Sample frames made up by packet-loss concealment or FEC.
     pub concealed_frames: u64,
+    /// Sample frames of silence put in for gaps (PCM and G.711; Opus gaps
+    /// are concealed instead and counted in `concealed_frames`).
+    pub silence_frames: u64,
     /// `seq` numbers skipped by the client (their media time was filled).
     pub lost_messages: u64,
     /// Arrived after their place had been filled: discarded.
@@ -344,6 +347,7 @@ impl Pipeline {
                 match self.source {
                     Source::Packets(_) => self.pending_gap = Some((timestamp, frames)),
                     _ => {
+                        self.stats.silence_frames += frames;
                         out.push(AudioBlock {
                             start_frame: timestamp,
                             frames: frames as usize,
@@ -486,6 +490,14 @@ impl Pipeline {
         }
         container.events = events;
         pushed.map_err(PipelineError::from)
+    }
+}
+
+impl PipelineStats {
+    /// Media frames the client did not supply, filled with silence or
+    /// concealment: each counted once, whichever way it was filled.
+    pub fn filled_frames(&self) -> u64 {
+        self.silence_frames + self.concealed_frames
     }
 }
 

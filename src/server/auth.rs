@@ -312,6 +312,14 @@ mod tests {
     }
 
     #[test]
+    fn secrets_compare_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+
+    #[test]
     fn no_keys_means_no_auth() {
         let open = Auth::new(&[], "", &[]);
         assert_eq!(open.check(None, SystemTime::now()), Ok(None));

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::auth::constant_time_eq;
 use super::registry::SessionGuard;
 use super::session::Session;
 
@@ -54,16 +55,6 @@ struct Entry {
 #[derive(Default)]
 pub struct ResumeRegistry {
     entries: Mutex<HashMap<String, Entry>>,
-}
-
-/// Constant-time comparison, so a wrong token's timing says nothing about
-/// the right one.
-fn same_token(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl ResumeRegistry {
@@ -130,7 +121,7 @@ impl ResumeRegistry {
                 let Some(entry) = entries.get_mut(id) else {
                     return Err(ResumeError::NotFound(id.to_owned()));
                 };
-                if !same_token(&entry.token, token) {
+                if !constant_time_eq(entry.token.as_bytes(), token.as_bytes()) {
                     return Err(ResumeError::WrongToken(id.to_owned()));
                 }
                 match std::mem::replace(&mut entry.state, State::Releasing) {
@@ -170,18 +161,5 @@ impl ResumeRegistry {
                 _ => None,
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_token;
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(same_token("abc", "abc"));
-        assert!(!same_token("abc", "abd"));
-        assert!(!same_token("abc", "abcd"));
-        assert!(!same_token("", "a"));
     }
 }

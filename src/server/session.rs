@@ -496,13 +496,12 @@ impl Session {
         };
         let now = active.pipeline.stats();
         let was = std::mem::replace(&mut active.exported, now);
-        let concealed = |s: &crate::pipeline::PipelineStats| s.gap_frames + s.concealed_frames;
         metrics::counter!(names::JITTER_LOST_PACKETS_TOTAL)
             .increment(now.lost_messages.saturating_sub(was.lost_messages));
         metrics::counter!(names::JITTER_LATE_PACKETS_TOTAL)
             .increment(now.late_messages.saturating_sub(was.late_messages));
         metrics::counter!(names::JITTER_CONCEALED_SAMPLE_FRAMES_TOTAL)
-            .increment(concealed(&now).saturating_sub(concealed(&was)));
+            .increment(now.filled_frames().saturating_sub(was.filled_frames()));
     }
 
     fn stream_stats(&self) -> Option<StreamStats> {
@@ -516,7 +515,7 @@ impl Session {
             packets_late: stats.late_messages,
             packets_lost: stats.lost_messages,
             packets_damaged: stats.damaged_packets,
-            concealed_frames: stats.gap_frames + stats.concealed_frames,
+            concealed_frames: stats.filled_frames(),
             current_delay_ms: stats.current_delay_ms,
             target_delay_ms: stats.target_delay_ms,
             resumes: self.resumes,

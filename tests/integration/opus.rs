@@ -191,6 +191,10 @@ async fn damaged_opus_packets_are_concealed_counted_and_reported() {
     assert_eq!(closed["damaged_packets"], 2);
     assert_eq!(closed["concealed_frames"], 5 * 320);
     assert_eq!(closed["gap_frames"], 3 * 320);
+    // The final stats count each filled frame once (gaps concealed by
+    // Opus are not also counted as silence).
+    let stats = transcript.of_type("stats");
+    assert_eq!(stats.last().unwrap()["concealed_frames"], 5 * 320);
     // Media time is intact, and the speech is still the speech.
     let wav = recorded(&transcript);
     assert_eq!(wav.samples.len(), packets.len() * 320);
