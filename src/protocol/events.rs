@@ -30,6 +30,70 @@ pub enum ServerMessage {
     },
     Stats(StreamStats),
     Closed(ClosedSummary),
+    /// Voice activity on one channel (`transcribe` sessions).
+    Vad(VadEvent),
+    /// The text of one utterance.
+    Transcript(Transcript),
+    /// A non-fatal `error` about one utterance or the transcription queue:
+    /// `transcribe_failed` or `transcribe_shed`. Same `type` as `Error`, with
+    /// the fields that say which audio it concerns.
+    #[serde(rename = "error")]
+    TranscribeError(TranscribeErrorInfo),
+}
+
+/// `speech_started` / `speech_ended` on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VadEventKind {
+    SpeechStarted,
+    SpeechEnded,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VadEvent {
+    pub event: VadEventKind,
+    pub channel: u16,
+    /// Seconds of media time from the start of the stream.
+    pub time: f64,
+    /// The utterance this speech belongs to (as in its `transcript`).
+    pub utterance_id: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Transcript {
+    /// Numbered from 0 per session, in order of speech onset on any channel.
+    pub utterance_id: u64,
+    pub channel: u16,
+    /// Seconds of media time from the start of the stream.
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+    /// Always true in protocol version 1 (no interim results yet).
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// The configured backend that produced it.
+    pub backend: String,
+    /// Wall time of the backend request that succeeded, in milliseconds.
+    pub backend_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TranscribeErrorInfo {
+    pub code: &'static str,
+    pub message: String,
+    /// Always false: transcription trouble never ends the stream.
+    pub fatal: bool,
+    pub channel: u16,
+    /// `transcribe_failed`: the utterance that got no text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utterance_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<f64>,
+    /// `transcribe_shed`: utterances dropped unsent since the last report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
 }
 
 /// Periodic stream statistics, in the terms of WebRTC's getStats and NetEq.

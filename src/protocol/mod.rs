@@ -13,7 +13,8 @@ pub use control::{
     parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest,
 };
 pub use events::{
-    ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, PROTOCOL_VERSION,
+    ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, TranscribeErrorInfo,
+    Transcript, VadEvent, VadEventKind, PROTOCOL_VERSION,
 };
 pub use format::{Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 pub use seq::{SeqHeader, SEQ_HEADER_BYTES};
