@@ -7,6 +7,7 @@
 //! [`SinkEvent`], and the session task, which owns the socket, writes it out.
 
 pub mod recorder;
+pub mod transcriber;
 
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
