@@ -114,6 +114,7 @@ impl SessionError {
             },
             SessionError::Sink(e) => match e {
                 SinkError::UnknownSink(_) => ("unknown_sink", UNSUPPORTED_DATA),
+                SinkError::UnknownBackend(_) => ("unknown_backend", UNSUPPORTED_DATA),
                 SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
                     ("sink_failed", INTERNAL_ERROR)
                 }

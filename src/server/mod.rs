@@ -45,6 +45,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("transcription: {0}")]
+    Transcription(#[from] crate::sinks::transcriber::backend::BackendError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -70,6 +72,14 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         }
     })?;
 
+    let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
+        &config.transcription,
+    )?);
+    for name in transcription.backend_names() {
+        if let Some(backend) = transcription.backend(&name) {
+            tracing::info!(backend = %name, url = backend.url(), "transcription backend");
+        }
+    }
     let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let registry = SessionRegistry::new(config.max_sessions, config.max_sessions_per_key);
@@ -90,6 +100,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             config: config.clone(),
             shutdown: shutdown_rx,
             resumes: Arc::new(resume::ResumeRegistry::default()),
+            transcription,
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),

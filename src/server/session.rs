@@ -25,7 +25,9 @@ use crate::protocol::{
     parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
     StartRequest, StartedInfo, StreamStats, PROTOCOL_VERSION,
 };
-use crate::sinks::{self, SinkCommand, SinkContext, SinkEvent};
+use crate::sinks::transcriber::backend::Backend;
+use crate::sinks::transcriber::{Transcriber, TranscriptionService};
+use crate::sinks::{self, SinkCommand, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
 
 /// Limits that come with the credential (a token may shorten the session).
@@ -40,6 +42,7 @@ pub struct SessionEnv {
     pub config: Arc<Config>,
     pub shutdown: watch::Receiver<bool>,
     pub resumes: Arc<ResumeRegistry>,
+    pub transcription: Arc<TranscriptionService>,
 }
 
 /// Runs a new, admitted session until it ends or is parked for resume.
@@ -229,6 +232,7 @@ struct AudioCounters {
 /// Sinks waiting for a container's header to tell the stream's format.
 struct PendingSinks {
     names: Vec<String>,
+    transcribe: Option<Arc<Backend>>,
     metadata: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -282,6 +286,7 @@ pub struct Session {
     resumes: u32,
     generation: u64,
     resume_registry: Arc<ResumeRegistry>,
+    transcription: Arc<TranscriptionService>,
     /// What `started` said, to say it again on resume.
     started_info: Option<StartedInfo>,
     /// `max_session_duration_ms` (or the token's, if shorter) from connect.
@@ -301,6 +306,7 @@ impl Session {
             ws,
             config: config.clone(),
             resume_registry: env.resumes.clone(),
+            transcription: env.transcription.clone(),
             started_info: None,
             ends_at: None,
             session_limit_ms: 0,
@@ -699,6 +705,10 @@ impl Session {
             .clone()
             .unwrap_or_else(|| self.config.default_sinks.clone());
         sinks::check_names(&sink_names)?;
+        let transcribe = self
+            .transcription
+            .select(request.transcribe.as_deref())
+            .map_err(SinkError::UnknownBackend)?;
         let pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
         if format.framing == Framing::Seq && self.config.resume_window_ms > 0 {
             // 122 random bits: the only thing standing between a session id,
@@ -726,6 +736,7 @@ impl Session {
             groups: Vec::new(),
             pending_sinks: Some(PendingSinks {
                 names: sink_names,
+                transcribe,
                 metadata: request.metadata,
             }),
             events_tx: Some(events_tx),
@@ -754,7 +765,18 @@ impl Session {
             metadata: pending.metadata.clone(),
             started_at: self.started_at,
         };
-        let built = sinks::build(&pending.names, &context, &self.config)?;
+        let Some(events_tx) = active.events_tx.take() else {
+            return Ok(());
+        };
+        let mut built = sinks::build(&pending.names, &context, &self.config)?;
+        if let Some(backend) = pending.transcribe.clone() {
+            built.push(Box::new(Transcriber::start(
+                &context,
+                &self.transcription,
+                backend,
+                events_tx.clone(),
+            )));
+        }
         let mut groups: Vec<SinkGroup> = Vec::new();
         for (index, sink) in built.iter().enumerate() {
             let wanted = sink.output_format();
@@ -767,9 +789,6 @@ impl Session {
             }
         }
         active.groups = groups;
-        let Some(events_tx) = active.events_tx.take() else {
-            return Ok(());
-        };
         active.sinks = built
             .into_iter()
             .enumerate()
@@ -806,6 +825,7 @@ impl Session {
                 }
                 names
             }),
+            transcribe: pending.transcribe.as_ref().map(|b| b.name.clone()),
             metadata: pending.metadata,
             max_message_bytes: self.config.max_message_bytes,
             idle_timeout_ms: self.config.idle_timeout_ms,

@@ -29,6 +29,9 @@ pub const SINK_NAMES: [&str; 1] = [recorder::NAME];
 pub enum SinkError {
     #[error("unknown sink '{0}'; available: record")]
     UnknownSink(String),
+    /// `transcribe=` named a backend that is not configured.
+    #[error("{0}")]
+    UnknownBackend(String),
     #[error("{sink}: {action} {path}: {source}")]
     Io {
         sink: &'static str,

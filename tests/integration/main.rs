@@ -6,6 +6,7 @@
 //! - `concurrency`: 200 sessions at once, each with its own recording
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
+//! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //!
 //! Every server text message is validated against proto/schemas by the harness.
@@ -20,3 +21,5 @@ mod opus;
 mod resume;
 mod security;
 mod streaming;
+mod stt_stub;
+mod transcribe;

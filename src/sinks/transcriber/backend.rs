@@ -259,10 +259,7 @@ impl Backend {
                     .header("X-Cochlea-Session-Id", utterance.session_id)
                     .header("X-Cochlea-Utterance-Id", utterance.utterance_id)
                     .header("X-Cochlea-Channel", utterance.channel)
-                    .header(
-                        "X-Cochlea-Start",
-                        format!("{:.3}", utterance.start_seconds),
-                    )
+                    .header("X-Cochlea-Start", format!("{:.3}", utterance.start_seconds))
                     .header("X-Cochlea-End", format!("{:.3}", utterance.end_seconds))
                     .body(wav),
                 WebhookBody::Json => {
@@ -383,7 +380,10 @@ mod tests {
                 "https://api.example/v1/audio/transcriptions",
                 "https://api.example/v1/audio/transcriptions",
             ),
-            ("http://h/inference", "http://h/inference/v1/audio/transcriptions"),
+            (
+                "http://h/inference",
+                "http://h/inference/v1/audio/transcriptions",
+            ),
         ] {
             assert_eq!(openai_endpoint(given), expected);
         }

@@ -145,10 +145,17 @@ impl TranscriptionConfig {
             ));
         }
         if vad.pre_roll_ms > 2_000 || vad.min_speech_ms > 2_000 {
-            return Err("transcription.vad.pre_roll_ms and min_speech_ms must be at most 2000".into());
+            return Err(
+                "transcription.vad.pre_roll_ms and min_speech_ms must be at most 2000".into(),
+            );
         }
         for (name, backend) in &self.backends {
-            if name.is_empty() || name == "none" || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            if name.is_empty()
+                || name == "none"
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
                 return Err(format!("transcription backend name '{name}' must be letters, digits, '-' or '_', and not 'none'"));
             }
             Backend::new(name, backend).map_err(|e| e.to_string())?;
@@ -571,13 +578,26 @@ impl Sender {
                 None => self.queue.wait_for_work().await,
             };
             if !work {
+                // Closed and empty: requests still in flight get the rest
+                // of the stop wait (receivers keep the last value after this
+                // task ends).
+                if deadline.is_none() {
+                    self.stop_deadline
+                        .send_replace(Some(tokio::time::Instant::now() + stop_wait));
+                }
                 break;
             }
             // Slots are taken only once there is work, so an idle session
             // holds no global slot.
             let permits = async {
                 let session = self.session_requests.clone().acquire_owned().await.ok()?;
-                let global = self.service.global_requests.clone().acquire_owned().await.ok()?;
+                let global = self
+                    .service
+                    .global_requests
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .ok()?;
                 Some((session, global))
             };
             let permits = match deadline {
@@ -594,7 +614,10 @@ impl Sender {
             let Some(permits) = permits else {
                 // Out of time after stop: what is left gets no transcript.
                 while let Some(utterance) = self.queue.pop() {
-                    self.fail(&utterance, "the session ended before a request slot was free");
+                    self.fail(
+                        &utterance,
+                        "the session ended before a request slot was free",
+                    );
                 }
                 break;
             };

@@ -349,9 +349,9 @@ mod tests {
         assert_eq!(
             bounds(&out),
             [
-                ("start", 20, 0),     // frame 5
-                ("end", 40, 0),       // after frame 9
-                ("utt", 12, 52),      // pre-roll from frame 3; hangover to frame 12
+                ("start", 20, 0), // frame 5
+                ("end", 40, 0),   // after frame 9
+                ("utt", 12, 52),  // pre-roll from frame 3; hangover to frame 12
             ]
         );
     }
@@ -451,7 +451,10 @@ mod tests {
         let mut seg = Segmenter::new(Scripted, settings, 0.5);
         let mut out = Vec::new();
         seg.push(&audio, &mut out);
-        assert_eq!(bounds(&out)[..3], [("start", 0, 0), ("end", 36, 0), ("utt", 0, 36)]);
+        assert_eq!(
+            bounds(&out)[..3],
+            [("start", 0, 0), ("end", 36, 0), ("utt", 0, 36)]
+        );
     }
 
     #[test]
