@@ -28,6 +28,8 @@ pub mod names {
         "cochlea_jitter_concealed_sample_frames_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
     pub const AUTH_FAILURES_TOTAL: &str = "cochlea_auth_failures_total";
+    pub const DIALECT_SESSIONS_TOTAL: &str = "cochlea_dialect_sessions_total";
+    pub const DIALECT_EVENTS_TOTAL: &str = "cochlea_dialect_events_total";
     pub const INGEST_LATENCY_SECONDS: &str = "cochlea_ingest_latency_seconds";
     pub const SINK_WRITE_SECONDS: &str = "cochlea_sink_write_seconds";
     pub const LIMIT_HITS_TOTAL: &str = "cochlea_limit_hits_total";
@@ -187,6 +189,14 @@ fn describe() {
         SINK_WRITE_SECONDS,
         Unit::Seconds,
         "Time a sink takes to take one block, by sink."
+    );
+    describe_counter!(
+        DIALECT_SESSIONS_TOTAL,
+        "Sessions opened on a dialect endpoint (twilio, vonage, audiofork, deepgram)."
+    );
+    describe_counter!(
+        DIALECT_EVENTS_TOTAL,
+        "Platform events on dialect endpoints (DTMF, marks, extra text), by dialect and event."
     );
     describe_counter!(
         AUTH_FAILURES_TOTAL,
