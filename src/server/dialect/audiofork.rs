@@ -58,16 +58,17 @@ impl MixType {
     }
 }
 
-/// `8k`, `16k` (as on the command line) or a plain rate in Hz.
+/// `8k` or `16k`, as on the command line (or `8000`, `16000`): the rates
+/// mod_audio_fork generates.
 fn parse_rate(text: &str) -> Result<u32, ProtocolError> {
-    let trimmed = text.trim();
-    let hz = match trimmed.strip_suffix(['k', 'K']) {
-        Some(khz) => khz.parse::<u32>().ok().and_then(|k| k.checked_mul(1000)),
-        None => trimmed.parse::<u32>().ok(),
-    };
-    hz.map(|hz| hz.to_string())
-        .ok_or_else(|| ProtocolError::UnsupportedSampleRate(excerpt(text, 16)))
-        .and_then(|hz| crate::protocol::parse_sample_rate(&hz))
+    match text.trim() {
+        "8k" | "8000" => Ok(8000),
+        "16k" | "16000" => Ok(16000),
+        other => Err(ProtocolError::UnsupportedSampleRate(format!(
+            "{} (mod_audio_fork sends 8k or 16k)",
+            excerpt(other, 16)
+        ))),
+    }
 }
 
 pub fn prepare(session_id: &str, pairs: &[(String, String)]) -> Prepared {
@@ -283,6 +284,7 @@ mod tests {
         for (query, expected) in [
             (("mix_type", "quad"), "unsupported channels"),
             (("sampling_rate", "44k1"), "unsupported sample_rate"),
+            (("sampling_rate", "48k"), "unsupported sample_rate"),
             (("sampling_rate", "96k"), "unsupported sample_rate"),
             (("encoding", "mulaw"), "unknown query parameter"),
         ] {

@@ -456,7 +456,7 @@ impl Interleaver {
         let channels = self.tracks.len();
         while self.emitted < to {
             let pos = self.emitted;
-            let mut end = to.min(pos + MAX_BLOCK_FRAMES);
+            let mut end = to;
             let mut covered = false;
             for track in &self.tracks {
                 if let Some((start, audio)) = track.segments.front() {
@@ -473,6 +473,7 @@ impl Interleaver {
                 self.emitted = end;
                 continue;
             }
+            let end = end.min(pos + MAX_BLOCK_FRAMES);
             let frames = (end - pos) as usize;
             let mut message = Vec::with_capacity(SEQ_HEADER_BYTES + frames * channels);
             message.extend_from_slice(&self.next_seq.to_le_bytes());
