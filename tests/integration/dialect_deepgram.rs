@@ -165,7 +165,9 @@ async fn bad_requests_get_a_deepgram_error_then_the_close_code() {
     let server = secured();
     let (name, value) = token_header();
     let headers = [(name, value.as_str())];
-    let cases: [(&str, Option<&str>, Option<&[u8]>, u16, &str); 5] = [
+    // (query, text sent, binary sent, close code, error code)
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a [u8]>, u16, &'a str);
+    let cases: [Case; 5] = [
         (
             "encoding=linear16&sample_rate=16000",
             Some(r#"{"type":"Dance"}"#),

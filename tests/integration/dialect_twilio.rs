@@ -195,7 +195,9 @@ async fn both_tracks_become_one_aligned_stereo_recording_with_gaps_silent() {
 async fn malformed_twilio_messages_close_with_their_code_and_the_server_goes_on() {
     let server = Server::start();
     let started = || vec![connected(), start(&["inbound"], json!({}))];
-    let cases: Vec<(&str, Vec<Value>, Option<Vec<u8>>, u16, &str)> = vec![
+    // (name, messages, then a binary message, close code, error code)
+    type Case = (&'static str, Vec<Value>, Option<Vec<u8>>, u16, &'static str);
+    let cases: Vec<Case> = vec![
         ("binary frame", started(), Some(vec![0xFF; 160]), 1003, "binary_not_allowed"),
         ("media before start", vec![connected(), media(2, "inbound", 1, 0, &[0xFF; 160])], None, 1002, "audio_before_start"),
         (
