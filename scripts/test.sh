@@ -6,3 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo test --all-targets "$@"
+# The official Deepgram SDK against /v1/listen (a venv under target/).
+scripts/deepgram-sdk-test.sh
