@@ -65,6 +65,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 TARGET_RATE_HZ = 16000
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024  # OpenAI's own upload limit
+# A body over the limit but at most this many times it is read and dropped
+# before the 413; a larger one gets the 413 and the connection is closed.
+DRAIN_FACTOR = 4
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 ENGLISH = {"en", "en-us", "en_us", "english", "eng"}
 WEBHOOK_WAV_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "application/octet-stream"}
@@ -506,14 +509,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(400, f"Content-Length {length!r} is not a byte count") from None
         if size > limit:
-            self.close_connection = True  # the unread body would be taken for the next request
-            raise RequestError(413, f"request body of {size} bytes is larger than the limit of {limit} bytes",
-                               code="payload_too_large")
+            message = f"request body of {size} bytes is larger than the limit of {limit} bytes"
+            if size <= DRAIN_FACTOR * limit:
+                # Read and drop it, so that a client still sending gets the 413
+                # rather than a reset connection, and may reuse the connection.
+                self._discard(size)
+            else:
+                self.close_connection = True
+            raise RequestError(413, message, code="payload_too_large")
         body = self.rfile.read(size)
         if len(body) != size:
             self.close_connection = True
             raise RequestError(400, f"request body ended after {len(body)} of {size} bytes")
         return body
+
+    def _discard(self, size: int) -> None:
+        while size > 0:
+            got = self.rfile.read(min(size, 1 << 16))
+            if not got:
+                self.close_connection = True
+                return
+            size -= len(got)
 
     def _read_chunked(self, limit: int) -> bytes:
         chunks = []
