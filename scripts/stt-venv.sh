@@ -31,8 +31,12 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
 }
 
-if [ -x "$python" ] && [ -f "$stamp" ] && cmp -s "$stamp" "$requirements" \
-   && "$python" -c 'import pocketsphinx' >/dev/null 2>&1; then
+# The server's requirements and the e2e client's (websockets), as one stamp.
+e2e_requirements="tests/e2e/requirements.txt"
+wanted=$(cat "$requirements" "$e2e_requirements")
+
+if [ -x "$python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
+   && "$python" -c 'import pocketsphinx, websockets' >/dev/null 2>&1; then
   printf '%s\n' "$(cd "$(dirname "$python")" && pwd)/python"
   exit 0
 fi
@@ -49,7 +53,7 @@ if [ ! -x "$python" ]; then
   python3 -m venv "$venv_dir"
 fi
 log "installing $requirements"
-"$python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
-"$python" -c 'import pocketsphinx' 
-cp "$requirements" "$stamp"
+"$python" -m pip install --quiet --disable-pip-version-check -r "$requirements" -r "$e2e_requirements" >&2
+"$python" -c 'import pocketsphinx, websockets'
+printf '%s' "$wanted" >"$stamp"
 printf '%s\n' "$(cd "$(dirname "$python")" && pwd)/python"

@@ -409,6 +409,11 @@ def transcribe(decoder, pcm16k: bytes) -> Transcript:
     """Decodes one utterance of 16 kHz mono s16le PCM as a whole."""
     started = time.perf_counter()
     cpu_started = time.thread_time()
+    # Feature state (the cepstral mean, among others) carries over from one
+    # utterance to the next in a decoder, so the same audio could decode
+    # differently depending on what the thread decoded before. Resetting it
+    # (microseconds) makes each request depend on its own audio alone.
+    decoder.reinit_feat()
     decoder.start_utt()
     try:
         decoder.process_raw(pcm16k, no_search=False, full_utt=True)

@@ -59,7 +59,8 @@ stt_addr=$(wait_for_line "$work/stt.out" "listening on http://")
 log "reference backend on $stt_addr"
 
 "$cochlea" serve --listen 127.0.0.1:0 --recordings-dir "$work/recordings" \
-  --transcribe-url "http://$stt_addr" >"$work/cochlea.out" 2>"$work/cochlea.err" &
+  --transcribe-url "http://$stt_addr" --transcribe-stop-wait-ms 120000 \
+  --transcribe-request-timeout-ms 60000 >"$work/cochlea.out" 2>"$work/cochlea.err" &
 pids+=($!)
 addr=$(wait_for_line "$work/cochlea.out" "cochlea listening on http://")
 log "cochlea on $addr"
