@@ -217,6 +217,7 @@ async fn twilio_and_vonage_calls_are_transcribed_with_nothing_sent_back() {
     let frames = client.hang_up().await;
     assert!(frames.texts.is_empty(), "{:#?}", frames.texts);
     // `transcribe=none` turns it off, from the URL as on /v1/stream.
+    wait_recordings(&server, 2);
     let before = stub.requests().len();
     let mut client = DialectClient::connect(&server, "/vonage?transcribe=none", &[]).await;
     client

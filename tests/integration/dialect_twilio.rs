@@ -300,6 +300,15 @@ async fn the_key_can_ride_in_a_custom_parameter_because_twilio_drops_query_strin
     first
         .send_json(&start(&["inbound"], json!({"token": KEY, "agent": "ana"})))
         .await;
+    // Twilio gets no `started`: the recorder's sidecar shows the stream began.
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::read_dir(server.recordings_dir()).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first stream never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let mut second = DialectClient::connect(&server, "/twilio", &[]).await;
     second.send_json(&connected()).await;
     second
