@@ -245,3 +245,29 @@ fn complete(server: &Server) -> usize {
         })
         .unwrap_or(0)
 }
+
+#[tokio::test]
+async fn a_full_server_refuses_in_each_platform_shape() {
+    let server = Server::start_with(&["--api-key", KEY, "--max-sessions", "1"], &[]);
+    let (name, value) = token_header();
+    let url = "/v1/listen?encoding=linear16&sample_rate=16000";
+    // Admission happens before the upgrade completes.
+    let first = DialectClient::connect(&server, url, &[(name, &value)]).await;
+    let frames = DialectClient::connect(&server, url, &[(name, &value)])
+        .await
+        .finish()
+        .await;
+    frames.assert_closed(1013, "server_full");
+    let messages = frames.json();
+    assert_eq!(messages.len(), 1, "a refusal: no Metadata, nothing began");
+    assert_eq!(messages[0]["type"], "Error");
+    assert_eq!(messages[0]["variant"], "server_full");
+    // Twilio reads no JSON of ours: only the close frame.
+    let frames = DialectClient::connect(&server, "/twilio", &[])
+        .await
+        .finish()
+        .await;
+    frames.assert_closed(1013, "server_full");
+    assert!(frames.texts.is_empty());
+    first.hang_up().await;
+}

@@ -297,6 +297,12 @@ impl Dialect for Twilio {
     fn finish(&mut self, out: &mut Vec<Inbound>) {
         if let Some(interleaver) = self.interleaver.as_mut() {
             interleaver.finish(out);
+            if interleaver.late_frames > 0 {
+                tracing::info!(
+                    late_frames = interleaver.late_frames,
+                    "twilio audio for time already recorded was dropped (repeated chunks or a track over the lag limit)"
+                );
+            }
         }
     }
 
