@@ -112,6 +112,19 @@ async fn a_mulaw_call_is_recorded_as_its_g711_decoding() {
     assert_eq!(metadata["dialect"]["callSid"], CALL_SID);
     assert_eq!(metadata["dialect"]["streamSid"], STREAM_SID);
     assert_eq!(recordings[0].sidecar["format"]["encoding"], "mulaw");
+
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        r#"cochlea_dialect_sessions_total{dialect="twilio"} 1"#,
+        r#"cochlea_dialect_events_total{dialect="twilio",event="dtmf"} 1"#,
+        r#"cochlea_dialect_events_total{dialect="twilio",event="mark"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} missing:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
