@@ -754,9 +754,9 @@ class SttServer(http.server.ThreadingHTTPServer):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="OpenAI-compatible transcription server over pocketsphinx.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8090, help="port; 0 picks a free one (default 8090)")
+    parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="decoder processes, so concurrent decodes (default 2; each holds ~100 MB)")
+                        help="decoder processes, so concurrent decodes (default 2; each holds ~120 MB)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help=f"largest request body (default {DEFAULT_MAX_BYTES})")
     parser.add_argument("--queue-timeout-s", type=float, default=30.0,
