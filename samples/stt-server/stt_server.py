@@ -31,8 +31,9 @@ than --max-bytes), 415 (not a WAV), or 503 (no decoder free within
 `openai-processing-ms` (the time spent decoding, as hosted providers report
 it), so a client can subtract the engine's own time from its latency.
 
-pocketsphinx decoders are not thread-safe: the server holds --workers
-decoders in a pool and each request borrows one for its whole decode.
+pocketsphinx decoders are not thread-safe, and its binding holds the GIL
+while decoding: the server runs --workers processes with one decoder each
+(a request waits for a free one), and HTTP in threads of the main process.
 
 Run: python stt_server.py --host 127.0.0.1 --port 0 --workers 2
 It prints `listening on http://HOST:PORT` on stdout once the decoders are
@@ -53,9 +54,10 @@ import hmac
 import http.server
 import json
 import math
+import multiprocessing
 import operator
 import os
-import queue
+import signal
 import socket
 import struct
 import sys
@@ -423,7 +425,8 @@ def transcribe(decoder, pcm16k: bytes) -> Transcript:
     text = hyp.hypstr if hyp is not None else ""
     frame_rate = float(decoder.config["frate"])
     words = []
-    for seg in decoder.seg():
+    # seg() is None, not empty, when nothing was recognized (e.g. silence).
+    for seg in (decoder.seg() or []) if hyp is not None else []:
         word = seg.word
         # Fillers and sentence markers are not words: <s>, </s>, <sil>, [NOISE].
         if word.startswith(("<", "[", "+")):
@@ -438,28 +441,72 @@ def transcribe(decoder, pcm16k: bytes) -> Transcript:
     return Transcript(text, words, time.perf_counter() - started, time.thread_time() - cpu_started)
 
 
-class DecoderPool:
-    """--workers decoders; a request borrows one for its whole decode."""
+# One decoder per worker process, made by _worker_init.
+_WORKER_DECODER = None
 
-    def __init__(self, workers: int):
+
+def _worker_init() -> None:
+    global _WORKER_DECODER
+    _WORKER_DECODER = make_decoder()
+
+
+def _worker_transcribe(pcm16k: bytes) -> Tuple[str, List[Dict[str, object]], float, float]:
+    # A plain tuple crosses the process boundary without naming this module.
+    return tuple(transcribe(_WORKER_DECODER, pcm16k))  # type: ignore[return-value]
+
+
+class DecoderPool:
+    """--workers processes, each with its own decoder.
+
+    Processes rather than threads: pocketsphinx's Python binding holds the
+    GIL for the whole of process_raw (measured: a Python thread barely runs
+    during a decode), so decoders in threads of one process decode one at a
+    time and also stall the HTTP threads. A semaphore admits at most
+    --workers decodes at once, so a request that cannot start within
+    --queue-timeout-s gets a 503 instead of waiting in an unbounded queue.
+    """
+
+    def __init__(self, workers: int, decode_timeout_s: float):
         self.size = workers
-        self._idle: "queue.Queue" = queue.Queue()
-        for _ in range(workers):
-            self._idle.put(make_decoder())
+        self.decode_timeout_s = decode_timeout_s
+        self._slots = threading.BoundedSemaphore(workers)
+        self._busy = 0
+        self._lock = threading.Lock()
+        # spawn: the children start clean rather than as forks of a process
+        # that may already run threads. Pool starts every worker now, so the
+        # model is loaded before the server says it is listening.
+        self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        # Wait until each worker has its decoder (0.1 s of silence each).
+        for pending in [self._pool.apply_async(_worker_transcribe, (b"\0\0" * 1600,)) for _ in range(workers)]:
+            pending.get(timeout=120)
 
     def busy(self) -> int:
-        return self.size - self._idle.qsize()
+        with self._lock:
+            return self._busy
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
 
     def run(self, pcm16k: bytes, timeout_s: float) -> Transcript:
-        try:
-            decoder = self._idle.get(timeout=timeout_s)
-        except queue.Empty:
+        if not self._slots.acquire(timeout=timeout_s):
             raise RequestError(503, f"all {self.size} decoders stayed busy for {timeout_s} s; retry later",
-                               code="server_busy", error_type="server_error") from None
+                               code="server_busy", error_type="server_error")
+        with self._lock:
+            self._busy += 1
         try:
-            return transcribe(decoder, pcm16k)
+            # Generous: a decode takes about a quarter of the audio's length.
+            limit_s = self.decode_timeout_s + len(pcm16k) / (2 * TARGET_RATE_HZ)
+            try:
+                text, words, decode_s, cpu_s = self._pool.apply_async(_worker_transcribe, (pcm16k,)).get(limit_s)
+            except multiprocessing.TimeoutError:
+                raise RequestError(500, f"decoding took longer than {limit_s:.0f} s",
+                                   error_type="server_error") from None
+            return Transcript(text, words, decode_s, cpu_s)
         finally:
-            self._idle.put(decoder)
+            with self._lock:
+                self._busy -= 1
+            self._slots.release()
 
 
 # --------------------------------------------------------------------------
@@ -467,6 +514,9 @@ class DecoderPool:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as HTTP client pools expect
+    # Headers and body go out in separate writes; with Nagle's algorithm the
+    # body would wait for the client's delayed ACK (measured: +40 ms a reply).
+    disable_nagle_algorithm = True
     server_version = "cochlea-stt-sample/1"
     server: "SttServer"
 
@@ -709,13 +759,15 @@ class SttServer(http.server.ThreadingHTTPServer):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="OpenAI-compatible transcription server over pocketsphinx.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8090, help="port; 0 picks a free one (default 8090)")
+    parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="decoders, so concurrent decodes (default 2; each holds ~90 MB)")
+                        help="decoder processes, so concurrent decodes (default 2; each holds ~120 MB)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help=f"largest request body (default {DEFAULT_MAX_BYTES})")
     parser.add_argument("--queue-timeout-s", type=float, default=30.0,
                         help="how long a request waits for a free decoder before 503 (default 30)")
+    parser.add_argument("--decode-timeout-s", type=float, default=60.0,
+                        help="a decode taking longer than this plus the audio's length fails with 500 (default 60)")
     parser.add_argument("--api-key", default=os.environ.get("STT_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' (default: env STT_API_KEY; none: open)")
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines on stderr")
@@ -725,11 +777,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_bytes < 1024:
         parser.error("--max-bytes must be at least 1024")
 
-    pool = DecoderPool(args.workers)
+    pool = DecoderPool(args.workers, args.decode_timeout_s)
     server = SttServer((args.host, args.port), pool, max_bytes=args.max_bytes,
                        queue_timeout_s=args.queue_timeout_s, api_key=args.api_key, quiet=args.quiet)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
+    # SIGTERM ends the server like Ctrl-C does, so the decoder processes are
+    # stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"listening on http://{shown}:{port}", flush=True)
     try:
         server.serve_forever()
@@ -737,6 +792,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass
     finally:
         server.server_close()
+        pool.close()
     return 0
 
 

@@ -355,6 +355,18 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(times, sorted(times))
         self.assertLessEqual(times[-1], duration_s + 0.01)
 
+    def test_silence_and_tiny_input_are_answered(self):
+        # No hypothesis at all (pocketsphinx's seg() is then None) must not
+        # fail the request. What the engine makes of silence is its business
+        # (it sometimes says "i'll"), so only the shape of the reply is checked.
+        for frames in (1, 160, 16000):
+            status, _, body = self.transcribe(wav_bytes(s16([0] * frames), 16000, 1, 16),
+                                              {"response_format": "verbose_json"})
+            self.assertEqual(status, 200, body)
+            reply = json.loads(body)
+            self.assertEqual(" ".join(w["word"] for w in reply["words"]), reply["text"])
+            self.assertAlmostEqual(reply["duration"], frames / 16000, places=3)
+
     def test_chunked_upload(self):
         name = next(iter(self.refs))
         status, _, body = self.transcribe(self.speech(name), chunked=True)

@@ -99,6 +99,9 @@ impl Reply {
     }
 }
 
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
 type Script = dyn Fn(usize, &Received) -> Reply + Send + Sync;
 
 pub struct Stub {
@@ -115,12 +118,37 @@ impl Drop for Stub {
 
 impl Stub {
     pub async fn start(script: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) -> Stub {
+        Self::start_with(None, script).await
+    }
+
+    /// The same over HTTPS with this certificate chain and key (DER).
+    pub async fn start_tls(
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        script: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Stub {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_with(Some(acceptor), script).await
+    }
+
+    async fn start_with(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        script: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Stub {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
         let addr = listener.local_addr().expect("stub address");
         let received = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
         let counter = Arc::new(Mutex::new(0usize));
         let kept = received.clone();
+        let tls_used = tls.is_some();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -129,8 +157,16 @@ impl Stub {
                 let script = script.clone();
                 let kept = kept.clone();
                 let counter = counter.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
+                    let stream: Box<dyn Stream> = match tls {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => Box::new(stream),
+                            Err(_) => return,
+                        },
+                        None => Box::new(stream),
+                    };
+                    let (read, mut write) = tokio::io::split(stream);
                     let mut reader = BufReader::new(read);
                     // Keep-alive: several requests per connection.
                     while let Some(request) = read_request(&mut reader).await {
@@ -155,8 +191,9 @@ impl Stub {
                 });
             }
         });
+        let scheme = if tls_used { "https" } else { "http" };
         Stub {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://localhost:{}", addr.port()),
             received,
             task,
         }

@@ -546,3 +546,71 @@ async fn stereo_calls_are_segmented_per_channel() {
         );
     }
 }
+
+#[tokio::test]
+async fn https_backends_are_verified_against_the_configured_ca() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let stub = Stub::start_tls(cert, key, |_, _| Reply::text("over tls")).await;
+    assert!(stub.url.starts_with("https://localhost:"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let config = dir.path().join("cochlea.toml");
+    let backends = |with_ca: bool| {
+        format!(
+            "[transcription.backends.default]\nurl = \"{}\"\nmax_retries = 0\n{}",
+            stub.url,
+            if with_ca {
+                format!("ca_cert_path = \"{}\"\n", ca.display())
+            } else {
+                String::new()
+            }
+        )
+    };
+    // max_retries is not a backend key: the file is refused, naming it.
+    std::fs::write(&config, backends(true)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cochlea"))
+        .args([
+            "serve",
+            "--print-config",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_retries"));
+
+    let (samples, _) = speech_stream(1, 0.6);
+    for with_ca in [true, false] {
+        let text = backends(with_ca).replace("max_retries = 0\n", "");
+        std::fs::write(&config, text).unwrap();
+        let server = Server::start_with(
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--transcribe-max-retries",
+                "0",
+            ],
+            &[],
+        );
+        let client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+        let t = client.stop().await;
+        assert_closed_last(&t);
+        if with_ca {
+            let texts = transcripts(&t);
+            assert!(!texts.is_empty(), "{:#?}", t.messages);
+            assert!(texts.iter().all(|m| m["text"] == "over tls"));
+        } else {
+            // The system's roots do not know this certificate: refused.
+            assert!(transcripts(&t).is_empty());
+            let failed = errors(&t, "transcribe_failed");
+            assert!(!failed.is_empty());
+            let message = failed[0]["message"].as_str().unwrap();
+            assert!(message.to_lowercase().contains("certificate"), "{message}");
+        }
+    }
+}

@@ -58,6 +58,9 @@ pub struct BackendConfig {
     pub text_field: String,
     /// Extra request headers.
     pub headers: BTreeMap<String, String>,
+    /// PEM file of CA certificates to trust for this backend besides the
+    /// system's (a self-hosted engine behind a private CA).
+    pub ca_cert_path: String,
 }
 
 impl Default for BackendConfig {
@@ -73,6 +76,7 @@ impl Default for BackendConfig {
             body: WebhookBody::Wav,
             text_field: "text".into(),
             headers: BTreeMap::new(),
+            ca_cert_path: String::new(),
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct Backend {
     body: WebhookBody,
     text_path: Vec<String>,
     headers: reqwest::header::HeaderMap,
+    /// Its own HTTP client when it trusts extra CAs; else the shared one.
+    client: Option<reqwest::Client>,
 }
 
 /// `openai` URLs: a full `.../audio/transcriptions` endpoint is used as is;
@@ -198,6 +204,26 @@ impl Backend {
         if text_path.is_empty() {
             return Err(fail("text_field must name a field".into()));
         }
+        let client = if config.ca_cert_path.is_empty() {
+            None
+        } else {
+            let pem = std::fs::read(&config.ca_cert_path)
+                .map_err(|e| fail(format!("ca_cert_path {}: {e}", config.ca_cert_path)))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| fail(format!("ca_cert_path {}: {e}", config.ca_cert_path)))?;
+            if certs.is_empty() {
+                return Err(fail(format!(
+                    "ca_cert_path {} holds no PEM certificate",
+                    config.ca_cert_path
+                )));
+            }
+            Some(
+                client_builder()
+                    .tls_certs_merge(certs)
+                    .build()
+                    .map_err(|e| fail(format!("cannot build its HTTP client: {e}")))?,
+            )
+        };
         Ok(Self {
             name: name.to_owned(),
             kind: config.kind,
@@ -209,6 +235,7 @@ impl Backend {
             body: config.body,
             text_path,
             headers,
+            client,
         })
     }
 
@@ -225,6 +252,7 @@ impl Backend {
         timeout: Duration,
     ) -> Result<String, BackendError> {
         let wav = encode_wav(utterance.samples)?;
+        let client = self.client.as_ref().unwrap_or(client);
         let mut request = client
             .post(self.url.clone())
             .headers(self.headers.clone())
@@ -312,6 +340,17 @@ impl Backend {
             ))),
         }
     }
+}
+
+/// The settings every backend client shares. reqwest is built without a
+/// crypto provider and takes the process default: ring, as for the server's
+/// own TLS (installing it twice is refused harmlessly).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("cochlea/", env!("CARGO_PKG_VERSION")))
 }
 
 fn classify(error: reqwest::Error, timeout: Duration) -> BackendError {

@@ -218,14 +218,7 @@ pub struct TranscriptionService {
 
 impl TranscriptionService {
     pub fn new(config: &TranscriptionConfig) -> Result<Self, BackendError> {
-        // reqwest is built without a crypto provider: it uses the process
-        // default, which is ring, as for the server's own TLS. Installing
-        // twice is refused harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("cochlea/", env!("CARGO_PKG_VERSION")))
+        let client = backend::client_builder()
             .build()
             .map_err(|e| BackendError::Config {
                 name: "*".into(),
