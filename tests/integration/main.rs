@@ -7,10 +7,13 @@
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `browser`:     the microphone page in headless Chromium with a fake microphone
+//! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
 //!
 //! Every server text message is validated against proto/schemas by the harness.
 
 mod bad_input;
+mod browser;
 mod concurrency;
 mod crash;
 mod formats;
@@ -19,4 +22,5 @@ mod lifecycle;
 mod opus;
 mod resume;
 mod security;
+mod signal;
 mod streaming;
