@@ -125,10 +125,11 @@ async fn stream_one(path: PathBuf, options: Options, display: std::rc::Rc<Displa
     let source = match source::load(&path) {
         Ok(source) => source,
         Err(e) => {
+            display.line(&format!("failed: {e}"));
             return FileResult {
                 path,
                 result: Err(e.into()),
-            }
+            };
         }
     };
     let name = source.name();

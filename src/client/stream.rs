@@ -54,10 +54,10 @@ pub enum StreamError {
         reason: String,
         partial: String,
     },
-    #[error("connection lost at {at_seconds:.2} s of media and not resumed within {waited_ms} ms: {error}")]
+    #[error("connection lost at {at_seconds:.2} s of media and not resumed within {waited_seconds:.1} s: {error}")]
     Lost {
         at_seconds: f64,
-        waited_ms: u128,
+        waited_seconds: f64,
         error: String,
     },
     #[error("connection lost at {at_seconds:.2} s of media, and the session cannot be resumed ({why}): {error}")]
@@ -162,6 +162,12 @@ fn resume_url(url: &str, session_id: &str, resume_token: &str) -> String {
     resume
 }
 
+/// The URL without its query, for messages: the query may hold a token or
+/// a resume token, which do not belong in logs.
+fn without_query(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(base, _)| base)
+}
+
 fn describe_refusal(response: &tungstenite::handshake::client::Response) -> StreamError {
     let status = response.status().as_u16();
     let body = response
@@ -182,13 +188,13 @@ fn describe_refusal(response: &tungstenite::handshake::client::Response) -> Stre
 
 async fn connect(url: &str, token: Option<&str>) -> Result<Connection, StreamError> {
     let mut request = url.into_client_request().map_err(|e| StreamError::Url {
-        url: url.to_owned(),
+        url: without_query(url).to_owned(),
         message: e.to_string(),
     })?;
     if let Some(token) = token {
         let value =
             HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| StreamError::Url {
-                url: url.to_owned(),
+                url: without_query(url).to_owned(),
                 message: "the token holds characters an HTTP header cannot".into(),
             })?;
         request.headers_mut().insert(AUTHORIZATION, value);
@@ -197,14 +203,14 @@ async fn connect(url: &str, token: Option<&str>) -> Result<Connection, StreamErr
     let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => {
             return Err(StreamError::Connect {
-                url: url.to_owned(),
+                url: without_query(url).to_owned(),
                 message: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
             })
         }
         Ok(Err(tungstenite::Error::Http(response))) => return Err(describe_refusal(&response)),
         Ok(Err(e)) => {
             return Err(StreamError::Connect {
-                url: url.to_owned(),
+                url: without_query(url).to_owned(),
                 message: e.to_string(),
             })
         }
@@ -571,7 +577,7 @@ pub async fn stream(
                     if since.elapsed() >= options.resume_timeout {
                         return Err(StreamError::Lost {
                             at_seconds: session.sent_seconds(),
-                            waited_ms: since.elapsed().as_millis(),
+                            waited_seconds: since.elapsed().as_secs_f64(),
                             error: e.to_string(),
                         });
                     }
@@ -586,7 +592,7 @@ pub async fn stream(
             let start = Message::text(session.start_message().to_string());
             if let Err(e) = conn.sink.send(start).await {
                 return Err(StreamError::Connect {
-                    url,
+                    url: without_query(&url).to_owned(),
                     message: e.to_string(),
                 });
             }
@@ -600,7 +606,7 @@ pub async fn stream(
             Err(End::Closed) => return session.finish(),
             Err(End::Lost(error)) if !resuming => {
                 return Err(StreamError::Connect {
-                    url,
+                    url: without_query(&url).to_owned(),
                     message: error,
                 })
             }
@@ -611,7 +617,7 @@ pub async fn stream(
                 if since.elapsed() >= options.resume_timeout {
                     return Err(StreamError::Lost {
                         at_seconds: session.sent_seconds(),
-                        waited_ms: since.elapsed().as_millis(),
+                        waited_seconds: since.elapsed().as_secs_f64(),
                         error,
                     });
                 }
@@ -694,6 +700,15 @@ mod tests {
             resume_url("ws://h:1/v1/stream?sinks=none&token=ct1.x", "id", "tok"),
             "ws://h:1/v1/stream?resume=id&resume_token=tok&token=ct1.x"
         );
+    }
+
+    #[test]
+    fn messages_leave_out_queries() {
+        assert_eq!(
+            without_query("ws://h:1/v1/stream?resume=a&resume_token=secret"),
+            "ws://h:1/v1/stream"
+        );
+        assert_eq!(without_query("ws://h:1/v1/stream"), "ws://h:1/v1/stream");
     }
 
     #[test]

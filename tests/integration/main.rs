@@ -7,6 +7,7 @@
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
 //! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
 //!
@@ -20,7 +21,9 @@ mod formats;
 mod harness;
 mod lifecycle;
 mod opus;
+mod page;
 mod resume;
 mod security;
 mod signal;
+mod stream_cli;
 mod streaming;
