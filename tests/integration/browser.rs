@@ -554,3 +554,47 @@ async fn browser_page_shows_an_error_that_ends_a_running_session() {
         .await;
     assert_eq!(fetched, 200);
 }
+
+/// samples/clients/browser_mic.js, evaluated in a page as a user would
+/// paste it (on /healthz: a same-origin page without the microphone page's
+/// Content-Security-Policy, which would refuse the snippet's blob: worklet).
+#[tokio::test]
+async fn the_browser_snippet_streams_the_microphone() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let server = Server::start();
+    let (microphone, source) = padded_speech(server.dir.path());
+    let seconds = (source.len() as f64 / 16000.0).ceil() as u64 + 1;
+    let snippet = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/samples/clients/browser_mic.js"
+    ))
+    .unwrap();
+    let url = format!("http://{}/healthz", server.addr);
+    let browser = Browser::launch(&binary, &url, &microphone, true);
+    let mut page = Page::attach(&browser).await;
+    let recording = page
+        .eval(&format!(
+            "{snippet}\nstreamMicrophone({{ seconds: {seconds}, onMessage: () => {{}} }})"
+        ))
+        .await;
+    let path = PathBuf::from(recording["path"].as_str().unwrap_or_else(|| {
+        panic!(
+            "no recording: {recording}\nconsole:\n{}",
+            page.console.join("\n")
+        )
+    }));
+    let recorded = to_f64(&read_wav_i16(&path).samples);
+    let source = to_f64(&source);
+    let first = best_alignment(&recorded[..24000], &source, 16000, 16000).1;
+    let tracked = tracked_alignment(&recorded, &source, 16000, 8000, first, 320, 320);
+    eprintln!(
+        "snippet: {:.2} s, correlation {:.4} ({} lag jumps)",
+        recorded.len() as f64 / 16000.0,
+        tracked.correlation,
+        tracked.jumps().len()
+    );
+    assert!(tracked.correlation >= 0.95, "{:?}", tracked.windows);
+}

@@ -9,6 +9,7 @@
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
+//! - `snippets`:    the Python and Node sample clients
 //! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
 //!
 //! Every server text message is validated against proto/schemas by the harness.
@@ -25,5 +26,6 @@ mod page;
 mod resume;
 mod security;
 mod signal;
+mod snippets;
 mod stream_cli;
 mod streaming;
