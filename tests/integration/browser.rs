@@ -250,6 +250,22 @@ impl Page {
         result["result"]["value"].clone()
     }
 
+    /// Waits until the page at `url` has loaded (the page target exists
+    /// from the start, showing about:blank until the navigation commits).
+    async fn wait_loaded(&mut self, url: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = self
+                .eval("[location.href, document.readyState].join(' ')")
+                .await;
+            if now.as_str() == Some(&format!("{url} complete")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{url} did not load: {now}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `window.cochlea` (the page's state), as JSON.
     async fn state(&mut self) -> Value {
         let text = self.eval("JSON.stringify(window.cochlea || null)").await;
@@ -575,6 +591,7 @@ async fn the_browser_snippet_streams_the_microphone() {
     let url = format!("http://{}/healthz", server.addr);
     let browser = Browser::launch(&binary, &url, &microphone, true);
     let mut page = Page::attach(&browser).await;
+    page.wait_loaded(&url).await;
     let recording = page
         .eval(&format!(
             "{snippet}\nstreamMicrophone({{ seconds: {seconds}, onMessage: () => {{}} }})"
