@@ -312,6 +312,8 @@ struct Session<'a> {
     error: Option<Value>,
     /// The code of the last close frame the server sent.
     close_frame: Option<u16>,
+    /// `stop` went out on the current (or the lost) connection.
+    stop_sent: bool,
     outcome: Outcome,
 }
 
@@ -372,11 +374,18 @@ impl Session<'_> {
             .as_u64()
             .map(|c| c as u16)
             .or(self.close_frame);
+        let code = error["code"].as_str().unwrap_or("?");
+        let partial = if code == "resume_rejected" && self.stop_sent {
+            // The server may well have finished: it had `stop`.
+            "; the connection dropped after `stop`, so the recording is probably complete on the server, but its summary was lost".to_owned()
+        } else {
+            self.partial()
+        };
         StreamError::Server {
-            code: error["code"].as_str().unwrap_or("?").to_owned(),
+            code: code.to_owned(),
             message: error["message"].as_str().unwrap_or("").to_owned(),
             close: close_code.map_or(String::new(), |c| format!(" (close {c})")),
-            partial: self.partial(),
+            partial,
         }
     }
 
@@ -450,7 +459,8 @@ impl Session<'_> {
 
     /// Sends what is due and reads what comes until `closed` or a drop.
     async fn exchange(&mut self, conn: &mut Connection) -> End {
-        let mut stop_sent = false;
+        // A new connection sends `stop` again once everything is resent.
+        self.stop_sent = false;
         let mut last_heard = Instant::now();
         loop {
             // Everything that has arrived, first.
@@ -478,12 +488,12 @@ impl Session<'_> {
                     }
                     due
                 }
-                None if !stop_sent => {
+                None if !self.stop_sent => {
                     let stop = Message::text(json!({"type": "stop"}).to_string());
                     if let Err(e) = conn.sink.send(stop).await {
                         return End::Lost(e.to_string());
                     }
-                    stop_sent = true;
+                    self.stop_sent = true;
                     last_heard = Instant::now();
                     continue;
                 }
@@ -559,6 +569,7 @@ pub async fn stream(
         pacer: Pacer::new(options.speed, source.sample_rate),
         error: None,
         close_frame: None,
+        stop_sent: false,
         outcome: Outcome::default(),
     };
     // Set while the connection is down: when it went, and why.

@@ -459,3 +459,50 @@ async fn a_cut_connection_is_resumed_into_one_exact_recording() {
     assert_pcm_exact(&files[0]);
     assert_eq!(summary["closed"]["gap_frames"], 0);
 }
+
+#[tokio::test]
+async fn a_cut_connection_without_resume_is_a_clear_failure() {
+    // Resume switched off: `started` carries no resume token.
+    let server = Server::start_with(&["--resume-window-ms", "0"], &[]);
+    let proxy = CuttingProxy::start(server.addr, 100_000).await;
+    let url = format!("ws://{}/v1/stream", proxy.addr);
+    let file = sample("speaker-16k.wav").display().to_string();
+    let child = stream_command(&url, &["--speed", "max", &file])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let output = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the session cannot be resumed (the server sent no resume token)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        proxy.connections.load(Ordering::SeqCst),
+        1,
+        "no reconnect attempted"
+    );
+}
+
+#[tokio::test]
+async fn a_server_error_at_start_is_reported_with_its_code() {
+    // `--transcribe` goes in `start`; a backend the server does not have is
+    // refused with an `error` (whichever code the server picks for it).
+    let server = Server::start();
+    let file = sample("speaker-16k.wav").display().to_string();
+    let output = run_stream(
+        &server.url(""),
+        &["--speed", "max", "--transcribe", "no-such-backend", &file],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed: server error ") && stderr.contains("(close 10"),
+        "{stderr}"
+    );
+    assert!(wav_files(&server.recordings_dir()).is_empty());
+}
