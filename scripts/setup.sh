@@ -15,11 +15,14 @@ fi
 
 # System packages the build or the tests need, as "command:package" pairs.
 # cmake builds the libopus that the opus crate bundles; curl and promtool
-# (Debian's prometheus package) are for scripts/check-metrics.sh; chromium
-# runs the microphone page in the browser tests; node, npm and python3 run
-# the sample clients (samples/clients/) in the snippet tests.
-requirements=(cmake:cmake curl:curl promtool:prometheus chromium:chromium
-  node:nodejs npm:npm python3:python3)
+# (Debian's prometheus package) are for scripts/check-metrics.sh; flite and
+# sox make the speech of the end-to-end transcription tests
+# (tests/e2e/make_speech.sh), and python3 runs those tests and the reference
+# transcription server (scripts/stt-venv.sh makes its venv); chromium runs
+# the microphone page in the browser tests; node and npm run the Node sample
+# client (samples/clients/) in the snippet tests.
+requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3
+  chromium:chromium node:nodejs npm:npm)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do

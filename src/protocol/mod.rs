@@ -17,8 +17,8 @@ pub use events::{
     Transcript, VadEvent, VadEventKind, PROTOCOL_VERSION,
 };
 pub use format::{
-    Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
-    OPUS_SAMPLE_RATES,
+    parse_sample_rate, Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE, OPUS_SAMPLE_RATES,
 };
 pub use seq::{SeqHeader, SEQ_HEADER_BYTES};
 
