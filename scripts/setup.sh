@@ -18,12 +18,23 @@ fi
 # (Debian's prometheus package) are for scripts/check-metrics.sh; flite and
 # sox make the speech of the end-to-end transcription tests
 # (tests/e2e/make_speech.sh), and python3 runs those tests and the reference
-# transcription server (scripts/stt-venv.sh makes its venv).
-requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3)
+# transcription server (scripts/stt-venv.sh makes its venv); chromium runs
+# the microphone page in the browser tests; node and npm run the Node sample
+# client (samples/clients/) in the snippet tests.
+requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3
+  chromium:chromium node:nodejs npm:npm)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || needed_packages+=("${pair#*:}")
+done
+# Python modules for Debian's own python3 (the one apt installs modules
+# for, whatever python3 comes first in PATH), as "module:package" pairs:
+# the Python sample client's one.
+system_python=/usr/bin/python3
+python_modules=(websockets:python3-websockets)
+for pair in "${python_modules[@]}"; do
+  "$system_python" -c "import ${pair%%:*}" >/dev/null 2>&1 || needed_packages+=("${pair#*:}")
 done
 
 if [ "${#needed_packages[@]}" -gt 0 ]; then
@@ -36,6 +47,13 @@ if [ "${#needed_packages[@]}" -gt 0 ]; then
   log "installing ${needed_packages[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${needed_packages[@]}"
+fi
+
+# The Node sample client's one dependency (ws), pinned by its lockfile.
+clients_dir="$(dirname "$0")/../samples/clients"
+if [ ! -f "$clients_dir/node_modules/ws/package.json" ]; then
+  log "installing the Node sample client's dependencies (npm ci)"
+  (cd "$clients_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 if ! command -v cc >/dev/null 2>&1; then

@@ -21,6 +21,7 @@
 //! Invariants: recording time equals media time (gaps become silence); file
 //! names come from server-made ids only; no client input can panic the server.
 
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod healthcheck;

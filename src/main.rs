@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Stream audio files to a server, as live clients would, and report
+    /// the recordings and transcripts.
+    Stream(Box<cochlea::client::StreamArgs>),
     /// Exit 0 if a running server answers its health check (for containers).
     Healthcheck {
         /// Health URL of the server (plain HTTP).
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Stream(args) => cochlea::client::run(*args),
         Command::Healthcheck { url, timeout_ms } => {
             match cochlea::healthcheck::check(&url, std::time::Duration::from_millis(timeout_ms)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,7 @@ pub use events::{
 };
 pub use format::{
     parse_sample_rate, Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
+    MIN_SAMPLE_RATE, OPUS_SAMPLE_RATES,
 };
 pub use seq::{SeqHeader, SEQ_HEADER_BYTES};
 

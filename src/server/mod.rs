@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod close;
 pub mod dialect;
+pub mod page;
 mod registry;
 mod resume;
 pub mod session;
@@ -125,6 +126,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
+            .configure(page::routes)
     })
     .workers(workers)
     // Signals are ours: sessions must finish their sinks before workers stop.
@@ -306,7 +308,12 @@ async fn stream(
     let key_id = principal.as_ref().map(|p| p.key_id.as_str());
 
     if session::is_shutting_down(&state.env.shutdown) {
-        actix_web::rt::spawn(session::refuse(id, ws, SessionError::ShuttingDown));
+        actix_web::rt::spawn(session::refuse(
+            id,
+            ws,
+            messages,
+            SessionError::ShuttingDown,
+        ));
     } else if let Ok(ConnectRequest::Resume { session_id, token }) = connect {
         // A resumed session already holds its admission slot.
         let env = state.env.clone();
@@ -340,7 +347,7 @@ async fn stream(
                         max_sessions_per_key: state.registry.max_per_key(),
                     },
                 };
-                actix_web::rt::spawn(session::refuse(id, ws, error));
+                actix_web::rt::spawn(session::refuse(id, ws, messages, error));
             }
         }
     }

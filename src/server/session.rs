@@ -31,6 +31,11 @@ use crate::sinks::transcriber::{Transcriber, TranscriptionService};
 use crate::sinks::{self, SinkCommand, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
 
+/// Before the Close frame: how long the client must have sent nothing, and
+/// the most time spent waiting for that (see [`read_until_quiet`]).
+const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Limits that come with the credential (a token may shorten the session).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SessionLimits {
@@ -78,17 +83,18 @@ pub async fn run_with_dialect(
     }
     async move {
         tracing::info!("session opened");
+        let mut messages = messages;
         let mut session = Session::new(id, ws, &env);
         session.dialect = dialect;
         session.apply_limits(limits);
         let end = match query {
             Ok(query) => match session.open(query).await {
-                Ok(()) => session.run_loop(messages, env.shutdown.clone()).await,
+                Ok(()) => session.run_loop(&mut messages, env.shutdown.clone()).await,
                 Err(e) => End::Error(e),
             },
             Err(e) => End::Error(e.into()),
         };
-        finish_or_park(session, end, guard, env).await;
+        finish_or_park(session, end, guard, env, &mut messages).await;
     }
     .instrument(span)
     .await
@@ -109,7 +115,7 @@ pub async fn resume(
             Ok(claimed) => claimed,
             Err(error) => {
                 metrics::counter!(names::RESUMES_REJECTED_TOTAL).increment(1);
-                refuse_in_span(ws, SessionError::Resume(error)).await;
+                refuse_in_span(ws, messages, SessionError::Resume(error)).await;
                 return;
             }
         };
@@ -123,8 +129,9 @@ pub async fn resume(
             "session resumed"
         );
         session.send_started(Some(resume_from_seq)).await;
-        let end = session.run_loop(messages, env.shutdown.clone()).await;
-        finish_or_park(session, end, parked.guard, env).await;
+        let mut messages = messages;
+        let end = session.run_loop(&mut messages, env.shutdown.clone()).await;
+        finish_or_park(session, end, parked.guard, env, &mut messages).await;
     }
     .instrument(span)
     .await
@@ -132,12 +139,18 @@ pub async fn resume(
 
 /// Ends a session, or, when its connection dropped and it can be resumed,
 /// parks it for `resume_window_ms` and ends it only if nobody claims it.
-async fn finish_or_park(mut session: Session, end: End, guard: SessionGuard, env: SessionEnv) {
+async fn finish_or_park(
+    mut session: Session,
+    end: End,
+    guard: SessionGuard,
+    env: SessionEnv,
+    messages: &mut MessageStream,
+) {
     let dropped = matches!(end, End::ClientGone { .. } | End::TakenOver);
     let window = std::time::Duration::from_millis(env.config.resume_window_ms);
     if !(dropped && session.resumable() && !window.is_zero()) {
         env.resumes.remove(&session.id);
-        session.end(end).await;
+        session.end(end, Some(messages)).await;
         drop(guard);
         return;
     }
@@ -174,7 +187,7 @@ async fn finish_or_park(mut session: Session, end: End, guard: SessionGuard, env
     metrics::gauge!(names::SESSIONS_PARKED).decrement(1.0);
     if let Some(parked) = env.resumes.take_expired(&id, generation) {
         tracing::info!("resume window over: finishing the session");
-        parked.session.end(reason).await;
+        parked.session.end(reason, None).await;
         drop(parked.guard);
     }
 }
@@ -182,12 +195,21 @@ async fn finish_or_park(mut session: Session, end: End, guard: SessionGuard, env
 /// Refuses a connection that was upgraded but cannot be served (server full,
 /// shutting down): the client gets an `error` and a close code it can act on,
 /// which a browser could not read from a failed HTTP upgrade.
-pub async fn refuse(id: String, ws: actix_ws::Session, error: SessionError) {
+pub async fn refuse(
+    id: String,
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    error: SessionError,
+) {
     let span = tracing::info_span!("session", id = %id);
-    refuse_in_span(ws, error).instrument(span).await
+    refuse_in_span(ws, messages, error).instrument(span).await
 }
 
-async fn refuse_in_span(mut ws: actix_ws::Session, error: SessionError) {
+async fn refuse_in_span(
+    mut ws: actix_ws::Session,
+    mut messages: MessageStream,
+    error: SessionError,
+) {
     {
         let (code, close_code) = error.codes();
         tracing::warn!(%error, "session refused");
@@ -198,12 +220,45 @@ async fn refuse_in_span(mut ws: actix_ws::Session, error: SessionError) {
             fatal: true,
         };
         let _ = ws.text(message.to_json()).await;
+        read_until_quiet(&mut messages).await;
         let _ = ws
             .close(Some(CloseReason {
                 code: CloseCode::from(close_code),
                 description: Some(code.to_owned()),
             }))
             .await;
+    }
+}
+
+/// Reads and discards what the client is still sending, until it has been
+/// quiet for [`QUIET`] (or the connection ends, or [`DRAIN_LIMIT`] passes),
+/// so that the Close frame goes out on a socket with nothing left unread.
+///
+/// Why: when the server sends its Close frame, the response ends and the
+/// connection is closed at once. Bytes the client sent that nobody read
+/// (audio still in flight, or a browser's `start` racing a refusal) make the
+/// kernel answer the close with a TCP reset instead of a FIN, and the reset
+/// discards what the server had not yet transmitted, often the Close frame
+/// itself: a browser then reports close code 1006 instead of the real one,
+/// and sometimes loses the `error` too. Found by the browser tests
+/// (tests/integration/browser.rs). A client that stops sending on a fatal
+/// `error`, as the page does, is quiet within a round trip.
+async fn read_until_quiet(messages: &mut MessageStream) {
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    loop {
+        let wait = deadline.min(Instant::now() + QUIET);
+        match tokio::time::timeout_at(wait, messages.recv()).await {
+            Ok(Some(Ok(Message::Close(_)) | Err(_))) | Ok(None) | Err(_) => return,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+impl End {
+    /// The server ends the session while the client may still be sending
+    /// (see [`read_until_quiet`]).
+    fn client_may_still_send(&self) -> bool {
+        matches!(self, End::Error(_) | End::Shutdown)
     }
 }
 
@@ -572,7 +627,7 @@ impl Session {
     /// The main loop: returns how the connection ended.
     async fn run_loop(
         &mut self,
-        mut messages: MessageStream,
+        messages: &mut MessageStream,
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let mut armed = self.next_deadline();
@@ -1089,7 +1144,8 @@ impl Session {
     }
 
     /// Finishes every sink, reports, and closes: the one exit of a session.
-    async fn end(mut self, end: End) {
+    async fn end(mut self, end: End, messages: Option<&mut MessageStream>) {
+        let client_may_send = end.client_may_still_send();
         let client_may_listen = !matches!(
             end,
             End::ClientGone { .. } | End::TakenOver | End::ResumeExpired
@@ -1214,6 +1270,9 @@ impl Session {
             concealed_frames: stats.concealed_frames,
         };
         self.send(&ServerMessage::Closed(summary)).await;
+        if let (Some(messages), true) = (messages, client_may_send) {
+            read_until_quiet(messages).await;
+        }
         let _ = self
             .ws
             .close(Some(CloseReason {

@@ -8,6 +8,10 @@
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
+//! - `browser`:     the microphone page in headless Chromium with a fake microphone
+//! - `snippets`:    the Python and Node sample clients
+//! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
 //! - `dialect_*`:   /twilio, /vonage, /audiofork, /v1/listen replayed from the
 //!   platforms' documented messages; transcripts in each one's shapes
 //!
@@ -16,6 +20,7 @@
 //! reads them unvalidated, and each test checks the shape itself).
 
 mod bad_input;
+mod browser;
 mod concurrency;
 mod crash;
 mod dialect_audiofork;
@@ -28,8 +33,12 @@ mod formats;
 mod harness;
 mod lifecycle;
 mod opus;
+mod page;
 mod resume;
 mod security;
+mod signal;
+mod snippets;
+mod stream_cli;
 mod streaming;
 mod stt_stub;
 mod transcribe;
