@@ -9,7 +9,7 @@
 # ---- build ------------------------------------------------------------------
 FROM rust:1-slim-bookworm AS builder
 
-# cmake, pkg-config and a C toolchain: the bundled libopus (planned) needs them.
+# cmake, pkg-config and a C toolchain: the bundled libopus needs them.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       cmake pkg-config build-essential \
@@ -32,13 +32,21 @@ RUN mkdir src \
 # The real sources. COPY keeps their original modification times, which are
 # older than the placeholder build: touch the crate roots, or cargo would think
 # the placeholder binary is up to date and ship it.
+# The microphone page is compiled into the binary from samples/web.
 COPY src ./src
+COPY samples/web ./samples/web
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && cp target/release/cochlea /usr/local/bin/cochlea
 
 # ---- runtime ----------------------------------------------------------------
 FROM debian:bookworm-slim
+
+# ca-certificates: HTTPS speech-to-text backends are verified against the
+# system's trust store.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 cochlea \
  && useradd --system --uid 10001 --gid cochlea --no-create-home \
