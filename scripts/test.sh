@@ -8,7 +8,10 @@ scripts/setup.sh
 # The browser tests run apart, one at a time, after the rest: Chromium's fake
 # microphone drops or repeats 10 ms buffers when it is starved of CPU, and the
 # recording is compared with the source sample by sample.
-cargo test --all-targets "$@" -- --skip browser::
+# (Criterion's bench harnesses take no --skip, so the benches' test mode
+# runs in its own step.)
+cargo test --lib --bins --tests --examples "$@" -- --skip browser::
+cargo test --benches "$@"
 cargo test --test integration "$@" -- browser:: --test-threads=1
 # Transcription end to end with a real engine (pocketsphinx in a venv under
 # target/): speech from flite, streamed through cochlea in real time.
