@@ -580,6 +580,25 @@ async fn the_browser_snippet_streams_the_microphone() {
         return;
     };
     let _one = ONE_BROWSER.lock().await;
+    // As for the page: a capture disturbed by CPU starvation gets one more
+    // attempt; a snippet that garbles audio fails both.
+    let mut attempt = 1;
+    loop {
+        let (correlation, jumps, windows) = snippet_capture_once(&binary).await;
+        let disturbed = correlation < 0.95 || jumps > MAX_LAG_JUMPS;
+        if !disturbed || attempt == 2 {
+            assert!(jumps <= MAX_LAG_JUMPS, "{jumps} lag jumps: {windows}");
+            assert!(correlation >= 0.95, "{windows}");
+            return;
+        }
+        eprintln!("attempt {attempt} looks disturbed (correlation {correlation:.4}, {jumps} lag jumps): once more");
+        attempt += 1;
+    }
+}
+
+/// One run of the snippet: the tracked correlation with the source, the
+/// number of lag jumps, and the per-window detail for a failure message.
+async fn snippet_capture_once(binary: &Path) -> (f64, usize, String) {
     let server = Server::start();
     let (microphone, source) = padded_speech(server.dir.path());
     let seconds = (source.len() as f64 / 16000.0).ceil() as u64 + 1;
@@ -589,7 +608,7 @@ async fn the_browser_snippet_streams_the_microphone() {
     ))
     .unwrap();
     let url = format!("http://{}/healthz", server.addr);
-    let browser = Browser::launch(&binary, &url, &microphone, true);
+    let browser = Browser::launch(binary, &url, &microphone, true);
     let mut page = Page::attach(&browser).await;
     page.wait_loaded(&url).await;
     let recording = page
@@ -607,11 +626,11 @@ async fn the_browser_snippet_streams_the_microphone() {
     let source = to_f64(&source);
     let first = best_alignment(&recorded[..24000], &source, 16000, 16000).1;
     let tracked = tracked_alignment(&recorded, &source, 16000, 8000, first, 320, 320);
+    let jumps = tracked.jumps().len();
     eprintln!(
-        "snippet: {:.2} s, correlation {:.4} ({} lag jumps)",
+        "snippet: {:.2} s, correlation {:.4} ({jumps} lag jumps)",
         recorded.len() as f64 / 16000.0,
         tracked.correlation,
-        tracked.jumps().len()
     );
-    assert!(tracked.correlation >= 0.95, "{:?}", tracked.windows);
+    (tracked.correlation, jumps, format!("{:?}", tracked.windows))
 }
