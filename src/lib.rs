@@ -24,8 +24,10 @@
 pub mod codec;
 pub mod config;
 pub mod healthcheck;
+pub mod loadgen;
 pub mod pipeline;
 pub mod protocol;
+pub mod rlimit;
 pub mod server;
 pub mod sinks;
 pub mod telemetry;
