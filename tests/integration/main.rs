@@ -7,6 +7,7 @@
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `loadgen`:     `cochlea loadgen` against the server: every frame acknowledged
 //!
 //! Every server text message is validated against proto/schemas by the harness.
 
@@ -16,6 +17,7 @@ mod crash;
 mod formats;
 mod harness;
 mod lifecycle;
+mod loadgen;
 mod opus;
 mod resume;
 mod security;
