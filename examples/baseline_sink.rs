@@ -120,6 +120,8 @@ async fn serve(listen: SocketAddr) -> std::io::Result<()> {
 
 async fn session(tcp: TcpStream) {
     let mut starts_now = false;
+    // The signature is tungstenite's handshake callback's.
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != "/v1/stream" {
             let mut refusal = ErrorResponse::new(Some("only /v1/stream".into()));

@@ -97,8 +97,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Each recorded session holds about three descriptors (socket, WAV file,
-/// a second handle for syncing it): raise the soft limit as far as allowed.
+/// Each recorded session holds two descriptors (socket, WAV file), more
+/// with more sinks: raise the soft limit as far as allowed.
 fn raise_open_files_limit(config: &Config) {
     match cochlea::rlimit::raise_nofile_limit() {
         Ok(limit) => {
@@ -108,13 +108,13 @@ fn raise_open_files_limit(config: &Config) {
                 hard = limit.hard,
                 "open files limit (RLIMIT_NOFILE)"
             );
-            let wanted = (config.max_sessions as u64).saturating_mul(3) + 64;
+            let wanted = (config.max_sessions as u64).saturating_mul(2) + 64;
             if limit.soft < wanted {
                 tracing::warn!(
                     soft = limit.soft,
                     max_sessions = config.max_sessions,
                     wanted,
-                    "open files limit is below about 3 per session: sessions may fail to open recordings"
+                    "open files limit is below 2 per session: sessions may fail to open recordings"
                 );
             }
         }

@@ -1,8 +1,9 @@
 //! The open-files limit (RLIMIT_NOFILE).
 //!
-//! A recorded session holds three descriptors (the socket, the WAV file and
-//! a second handle on it for `sync_data`), so a thousand streams need about
-//! 3,000, above the common soft limit of 1,024. The hard limit is what an
+//! A recorded session holds two descriptors (the socket and the WAV file;
+//! the sidecar is opened only to be rewritten), and the other side of a
+//! loopback benchmark one per stream, so a thousand streams need over 2,000,
+//! above the common soft limit of 1,024. The hard limit is what an
 //! unprivileged process may raise its soft limit to; both `serve` and
 //! `loadgen` do so at startup.
 
@@ -26,6 +27,8 @@ pub enum RlimitError {
 
 /// Raises the soft open-files limit to the hard limit.
 #[cfg(unix)]
+// `rlim_t` is u64 on Linux, not on every unix: the conversions stay.
+#[allow(clippy::useless_conversion)]
 pub fn raise_nofile_limit() -> Result<NofileLimit, RlimitError> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -82,6 +85,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::useless_conversion)]
     fn soft_limit_ends_at_the_hard_limit() {
         let limit = raise_nofile_limit().unwrap();
         assert!(limit.soft_before <= limit.soft);
