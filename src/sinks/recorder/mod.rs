@@ -110,12 +110,15 @@ impl WavFormat {
 const MAX_WAV_DATA_BYTES: u64 = u32::MAX as u64 - 68;
 
 /// Builds the mapper from an IO error on `path` to a [`SinkError`].
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SinkError {
-    let path = path.to_path_buf();
+/// The path is copied only if there is an error: this runs once per block.
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SinkError + 'a {
     move |source| SinkError::Io {
         sink: NAME,
         action,
-        path,
+        path: path.to_path_buf(),
         source,
     }
 }

@@ -175,19 +175,28 @@ fn write_at(file: &mut File, offset: u64, bytes: &[u8]) -> io::Result<()> {
     }
 }
 
-/// `(s * 32768).round().clamp(-32768, 32767) as i16`, without `f32::round`:
-/// on the x86-64 baseline (no SSE4.1) that is a libm call, and it was half of
-/// the recorder's CPU (callgrind, BENCHMARKS.md). Clamping first keeps the
-/// value where truncation by `as i32` is exact and `v - trunc(v)` is the
-/// exact fraction; rounding is half away from zero, as `round` does.
+/// `(s * 32768).round().clamp(-32768, 32767) as i16`, in operations that
+/// vectorize. `f32::round` is a libm call on the x86-64 baseline (no SSE4.1),
+/// and a saturating `as i32` compiles to per-element checks; together they
+/// were half of the recorder's CPU (callgrind, BENCHMARKS.md).
 #[inline]
 fn f32_to_i16(s: f32) -> i16 {
-    let v = (s * 32768.0).clamp(-32768.0, 32767.0);
-    let t = v as i32;
-    let fraction = v - t as f32;
-    // Branch-free, so a loop of it vectorizes. NaN: `v as i32` is 0 and no
-    // comparison holds, so silence, as before.
-    (t + i32::from(fraction >= 0.5) - i32::from(fraction <= -0.5)) as i16
+    // NaN is silence, as `round` then `as` made it.
+    let v = if s.is_nan() {
+        0.0
+    } else {
+        (s * 32768.0).clamp(-32768.0, 32767.0)
+    };
+    // 1.5 * 2^23 + v lies in [2^23, 2^24), where the float step is 1: the
+    // addition rounds v to the nearest integer (ties to even), and the bits
+    // minus MAGIC's bits are that integer.
+    const MAGIC: f32 = 12_582_912.0;
+    let r = v + MAGIC;
+    let nearest = (r.to_bits() as i32) - (MAGIC.to_bits() as i32);
+    // Exact; +-0.5 only on a tie, which `round` breaks away from zero.
+    let diff = v - (r - MAGIC);
+    let away = i32::from(diff == 0.5 && v > 0.0) - i32::from(diff == -0.5 && v < 0.0);
+    (nearest + away) as i16
 }
 
 #[cfg(test)]
