@@ -15,8 +15,11 @@ fi
 
 # System packages the build or the tests need, as "command:package" pairs.
 # cmake builds the libopus that the opus crate bundles; curl and promtool
-# (Debian's prometheus package) are for scripts/check-metrics.sh.
-requirements=(cmake:cmake curl:curl promtool:prometheus)
+# (Debian's prometheus package) are for scripts/check-metrics.sh; flite and
+# sox make the speech of the end-to-end transcription tests
+# (tests/e2e/make_speech.sh), and python3 runs those tests and the reference
+# transcription server (scripts/stt-venv.sh makes its venv).
+requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do

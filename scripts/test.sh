@@ -6,3 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo test --all-targets "$@"
+# Transcription end to end with a real engine (pocketsphinx in a venv under
+# target/): speech from flite, streamed through cochlea in real time.
+python=$(scripts/stt-venv.sh)
+"$python" -m unittest discover -s tests/e2e -p 'test_*.py'
+tests/e2e/run.sh
+# The official Deepgram SDK against /v1/listen (a venv under target/).
+scripts/deepgram-sdk-test.sh

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 use crate::sinks::recorder::{ChannelsSetting, RecorderSettings, SampleFormatSetting};
+use crate::sinks::transcriber::backend::BackendKind;
+use crate::sinks::transcriber::{TranscriptionConfig, DEFAULT_BACKEND};
 use crate::sinks::SINK_NAMES;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,7 @@ pub struct Config {
     pub tls_cert_path: Option<PathBuf>,
     pub tls_key_path: Option<PathBuf>,
     pub recorder: RecorderConfig,
+    pub transcription: TranscriptionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +152,7 @@ impl Default for Config {
             tls_cert_path: None,
             tls_key_path: None,
             recorder: RecorderConfig::default(),
+            transcription: TranscriptionConfig::default(),
         }
     }
 }
@@ -263,6 +267,61 @@ pub struct ServeArgs {
     pub recorder_sample_rate: Option<u32>,
     #[arg(long, env = "COCHLEA_RECORDER_CHANNELS", value_enum)]
     pub recorder_channels: Option<ChannelsSetting>,
+    /// Quick start: an OpenAI-compatible speech-to-text endpoint (or its
+    /// base URL) becomes the backend named `default`, used by every session
+    /// that does not say `transcribe=none`.
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_URL", value_name = "URL")]
+    pub transcribe_url: Option<String>,
+    /// `model` field for the `default` backend.
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_MODEL", value_name = "NAME")]
+    pub transcribe_model: Option<String>,
+    /// Bearer key for the `default` backend.
+    #[arg(
+        long,
+        env = "COCHLEA_TRANSCRIBE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub transcribe_api_key: Option<String>,
+    /// `language` field for the `default` backend (ISO-639-1).
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_LANGUAGE", value_name = "CODE")]
+    pub transcribe_language: Option<String>,
+    #[arg(
+        long,
+        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS",
+        value_name = "N"
+    )]
+    pub transcribe_max_concurrent_requests: Option<usize>,
+    #[arg(
+        long,
+        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS_PER_SESSION",
+        value_name = "N"
+    )]
+    pub transcribe_max_concurrent_requests_per_session: Option<usize>,
+    #[arg(
+        long,
+        env = "COCHLEA_TRANSCRIBE_MAX_PENDING_UTTERANCES",
+        value_name = "N"
+    )]
+    pub transcribe_max_pending_utterances: Option<usize>,
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub transcribe_request_timeout_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_MAX_RETRIES", value_name = "N")]
+    pub transcribe_max_retries: Option<u32>,
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_RETRY_BACKOFF_MS", value_name = "MS")]
+    pub transcribe_retry_backoff_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_TRANSCRIBE_STOP_WAIT_MS", value_name = "MS")]
+    pub transcribe_stop_wait_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_VAD_THRESHOLD", value_name = "0..1")]
+    pub vad_threshold: Option<f32>,
+    #[arg(long, env = "COCHLEA_VAD_PRE_ROLL_MS", value_name = "MS")]
+    pub vad_pre_roll_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_VAD_HANGOVER_MS", value_name = "MS")]
+    pub vad_hangover_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_VAD_MIN_SPEECH_MS", value_name = "MS")]
+    pub vad_min_speech_ms: Option<u64>,
+    #[arg(long, env = "COCHLEA_VAD_MAX_UTTERANCE_MS", value_name = "MS")]
+    pub vad_max_utterance_ms: Option<u64>,
 }
 
 impl Config {
@@ -357,6 +416,43 @@ impl Config {
         );
         set(&mut self.recorder.sample_rate, &args.recorder_sample_rate);
         set(&mut self.recorder.channels, &args.recorder_channels);
+        let t = &mut self.transcription;
+        set(
+            &mut t.max_concurrent_requests,
+            &args.transcribe_max_concurrent_requests,
+        );
+        set(
+            &mut t.max_concurrent_requests_per_session,
+            &args.transcribe_max_concurrent_requests_per_session,
+        );
+        set(
+            &mut t.max_pending_utterances,
+            &args.transcribe_max_pending_utterances,
+        );
+        set(
+            &mut t.request_timeout_ms,
+            &args.transcribe_request_timeout_ms,
+        );
+        set(&mut t.max_retries, &args.transcribe_max_retries);
+        set(&mut t.retry_backoff_ms, &args.transcribe_retry_backoff_ms);
+        set(&mut t.stop_wait_ms, &args.transcribe_stop_wait_ms);
+        set(&mut t.vad.threshold, &args.vad_threshold);
+        set(&mut t.vad.pre_roll_ms, &args.vad_pre_roll_ms);
+        set(&mut t.vad.hangover_ms, &args.vad_hangover_ms);
+        set(&mut t.vad.min_speech_ms, &args.vad_min_speech_ms);
+        set(&mut t.vad.max_utterance_ms, &args.vad_max_utterance_ms);
+        if let Some(url) = &args.transcribe_url {
+            // The quick-start flag defines (or repoints) the `default`
+            // backend; a file may have given it more settings.
+            let backend = t.backends.entry(DEFAULT_BACKEND.to_owned()).or_default();
+            backend.kind = BackendKind::Openai;
+            backend.url = url.clone();
+        }
+        if let Some(backend) = t.backends.get_mut(DEFAULT_BACKEND) {
+            set(&mut backend.model, &args.transcribe_model);
+            set(&mut backend.api_key, &args.transcribe_api_key);
+            set(&mut backend.language, &args.transcribe_language);
+        }
         if let Some(sinks) = &args.default_sinks {
             self.default_sinks = sinks
                 .iter()
@@ -434,6 +530,9 @@ impl Config {
                 "recorder.sample_rate must be 0 (the stream's) or from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, not {rate}"
             ));
         }
+        self.transcription
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if let Some(unknown) = self
             .default_sinks
             .iter()

@@ -28,11 +28,18 @@ pub mod names {
         "cochlea_jitter_concealed_sample_frames_total";
     pub const SESSION_ERRORS_TOTAL: &str = "cochlea_session_errors_total";
     pub const AUTH_FAILURES_TOTAL: &str = "cochlea_auth_failures_total";
+    pub const DIALECT_SESSIONS_TOTAL: &str = "cochlea_dialect_sessions_total";
+    pub const DIALECT_EVENTS_TOTAL: &str = "cochlea_dialect_events_total";
     pub const INGEST_LATENCY_SECONDS: &str = "cochlea_ingest_latency_seconds";
     pub const SINK_WRITE_SECONDS: &str = "cochlea_sink_write_seconds";
     pub const LIMIT_HITS_TOTAL: &str = "cochlea_limit_hits_total";
     pub const SINK_FAILURES_TOTAL: &str = "cochlea_sink_failures_total";
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
+    pub const TRANSCRIBE_UTTERANCES_TOTAL: &str = "cochlea_transcribe_utterances_total";
+    pub const TRANSCRIBE_UTTERANCES_SHED_TOTAL: &str = "cochlea_transcribe_utterances_shed_total";
+    pub const TRANSCRIBE_REQUESTS_TOTAL: &str = "cochlea_transcribe_requests_total";
+    pub const TRANSCRIBE_REQUEST_SECONDS: &str = "cochlea_transcribe_request_seconds";
+    pub const TRANSCRIBE_INFLIGHT_REQUESTS: &str = "cochlea_transcribe_inflight_requests";
 }
 
 /// Installs the global tracing subscriber. `RUST_LOG` filters (default `info`).
@@ -72,7 +79,14 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
         0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.007_5,
         0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0,
     ];
+    // Backend requests take from tens of milliseconds to many seconds.
+    let request_buckets = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(names::TRANSCRIBE_REQUEST_SECONDS.into()),
+            &request_buckets,
+        )
+        .map_err(|e| format!("cannot configure histogram buckets: {e}"))?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &buckets,
@@ -91,6 +105,7 @@ fn register_at_zero() {
     use names::*;
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
     metrics::gauge!(SESSIONS_PARKED).set(0.0);
+    metrics::gauge!(TRANSCRIBE_INFLIGHT_REQUESTS).set(0.0);
     for name in [
         SESSIONS_TOTAL,
         AUDIO_DUPLICATE_MESSAGES_TOTAL,
@@ -102,6 +117,8 @@ fn register_at_zero() {
         RESUMES_TOTAL,
         RESUMES_REJECTED_TOTAL,
         RECORDINGS_TOTAL,
+        TRANSCRIBE_UTTERANCES_TOTAL,
+        TRANSCRIBE_UTTERANCES_SHED_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -177,6 +194,14 @@ fn describe() {
         "Time a sink takes to take one block, by sink."
     );
     describe_counter!(
+        DIALECT_SESSIONS_TOTAL,
+        "Sessions opened on a dialect endpoint (twilio, vonage, audiofork, deepgram)."
+    );
+    describe_counter!(
+        DIALECT_EVENTS_TOTAL,
+        "Platform events on dialect endpoints (DTMF, marks, extra text), by dialect and event."
+    );
+    describe_counter!(
         AUTH_FAILURES_TOTAL,
         "Requests refused before the upgrade, by reason."
     );
@@ -185,4 +210,25 @@ fn describe() {
         "Limits reached, by limit (also counted in session errors when fatal)."
     );
     describe_counter!(RECORDINGS_TOTAL, "WAV recordings completed.");
+    describe_counter!(
+        TRANSCRIBE_UTTERANCES_TOTAL,
+        "Utterances cut by voice activity detection for transcription."
+    );
+    describe_counter!(
+        TRANSCRIBE_UTTERANCES_SHED_TOTAL,
+        "Utterances dropped unsent because a session's transcription backlog was full."
+    );
+    describe_counter!(
+        TRANSCRIBE_REQUESTS_TOTAL,
+        "Backend request attempts, by backend and outcome (ok, retried, failed)."
+    );
+    metrics::describe_histogram!(
+        TRANSCRIBE_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Duration of one backend request attempt, by backend."
+    );
+    metrics::describe_gauge!(
+        TRANSCRIBE_INFLIGHT_REQUESTS,
+        "Backend requests in flight, over all sessions."
+    );
 }

@@ -19,6 +19,9 @@ pub struct StartRequest {
     pub framing: Option<String>,
     /// `None`: the configured default sinks. `Some(vec![])`: no sinks.
     pub sinks: Option<Vec<String>>,
+    /// Transcription backend by name; `none` for no transcription; `None`:
+    /// the configured `default` backend, if any.
+    pub transcribe: Option<String>,
     pub metadata: Map<String, Value>,
 }
 
@@ -39,6 +42,7 @@ impl StartRequest {
                 "channels" => request.channels = Some(parse_channels(value)?),
                 "framing" => request.framing = Some(value.to_owned()),
                 "sinks" => request.sinks = Some(parse_sink_list(value)),
+                "transcribe" => request.transcribe = Some(parse_backend_name(value)?),
                 other => return Err(ProtocolError::UnknownParameter(other.to_owned())),
             }
         }
@@ -66,6 +70,9 @@ impl StartRequest {
         }
         if start.sinks.is_some() {
             self.sinks = start.sinks;
+        }
+        if start.transcribe.is_some() {
+            self.transcribe = start.transcribe;
         }
         self.metadata.extend(start.metadata);
         self
@@ -116,7 +123,27 @@ impl StartRequest {
     }
 }
 
-/// `sinks=record,transcribe`; an empty value or `none` selects no sink.
+/// A backend name as configured (letters, digits, `-`, `_`), or `none`.
+/// An empty value means `none`.
+fn parse_backend_name(text: &str) -> Result<String, ProtocolError> {
+    let name = text.trim();
+    if name.is_empty() {
+        return Ok("none".into());
+    }
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ProtocolError::InvalidMessage(format!(
+            "transcribe must name a backend (letters, digits, '-', '_') or be 'none', not '{}'",
+            name.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+/// `sinks=record`; an empty value or `none` selects no sink.
 fn parse_sink_list(text: &str) -> Vec<String> {
     normalize_sink_names(text.split(','))
 }
@@ -189,6 +216,7 @@ struct StartMessage {
     channels: Option<u64>,
     framing: Option<String>,
     sinks: Option<Vec<String>>,
+    transcribe: Option<String>,
     metadata: Option<Map<String, Value>>,
 }
 
@@ -239,6 +267,11 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 sinks: m
                     .sinks
                     .map(|names| normalize_sink_names(names.iter().map(String::as_str))),
+                transcribe: m
+                    .transcribe
+                    .as_deref()
+                    .map(parse_backend_name)
+                    .transpose()?,
                 metadata: m.metadata.unwrap_or_default(),
             }))
         }

@@ -125,6 +125,9 @@ pub struct StartedInfo {
     pub session_id: String,
     pub format: StreamFormat,
     pub sinks: Vec<String>,
+    /// The transcription backend in use, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcribe: Option<String>,
     pub metadata: Map<String, Value>,
     pub max_message_bytes: usize,
     pub idle_timeout_ms: u64,

@@ -16,7 +16,10 @@ pub use events::{
     ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, TranscribeErrorInfo,
     Transcript, VadEvent, VadEventKind, PROTOCOL_VERSION,
 };
-pub use format::{Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
+pub use format::{
+    parse_sample_rate, Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+};
 pub use seq::{SeqHeader, SEQ_HEADER_BYTES};
 
 /// Everything a client can get wrong at the protocol level.

@@ -9,6 +9,7 @@ use crate::pipeline::PipelineError;
 use crate::protocol::ProtocolError;
 use crate::sinks::SinkError;
 
+use super::dialect::DialectError;
 use super::resume::ResumeError;
 
 /// RFC 6455 §7.4.1 close codes used by cochlea.
@@ -60,6 +61,25 @@ pub enum SessionError {
     Resume(#[from] ResumeError),
     #[error(transparent)]
     Resample(#[from] ResampleError),
+    /// What only a dialect endpoint (`/twilio`, `/vonage`, `/audiofork`,
+    /// `/v1/listen`) can get wrong; its native-protocol errors become
+    /// `Protocol` (see the `From` below).
+    #[error(transparent)]
+    Dialect(DialectError),
+}
+
+impl From<DialectError> for SessionError {
+    fn from(e: DialectError) -> Self {
+        match e {
+            DialectError::Protocol(e) => SessionError::Protocol(e),
+            DialectError::KeyFull {
+                max_sessions_per_key,
+            } => SessionError::KeyFull {
+                max_sessions_per_key,
+            },
+            other => SessionError::Dialect(other),
+        }
+    }
 }
 
 impl From<PipelineError> for SessionError {
@@ -77,29 +97,18 @@ impl SessionError {
     pub fn codes(&self) -> (&'static str, u16) {
         use codes::*;
         match self {
-            SessionError::Protocol(e) => match e {
-                ProtocolError::MalformedJson(_) => ("malformed_json", INVALID_PAYLOAD),
-                ProtocolError::InvalidUtf8 => ("invalid_utf8", INVALID_PAYLOAD),
-                ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
-                ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
-                ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
-                ProtocolError::ResumeWithParameters(_) => ("invalid_message", PROTOCOL_ERROR),
-                ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
-                ProtocolError::UnsupportedSampleRate(_) => {
-                    ("unsupported_sample_rate", UNSUPPORTED_DATA)
+            SessionError::Protocol(e) => protocol_codes(e),
+            SessionError::Dialect(e) => match e {
+                DialectError::Protocol(e) => protocol_codes(e),
+                DialectError::BinaryNotAllowed { .. } => ("binary_not_allowed", UNSUPPORTED_DATA),
+                DialectError::UnsupportedMediaFormat { .. } => {
+                    ("unsupported_media_format", UNSUPPORTED_DATA)
                 }
-                ProtocolError::UnsupportedChannels(_) => ("unsupported_channels", UNSUPPORTED_DATA),
-                ProtocolError::UnsupportedFraming(_) => ("unsupported_framing", UNSUPPORTED_DATA),
-                ProtocolError::MissingSampleRate(_) => ("missing_sample_rate", PROTOCOL_ERROR),
-                ProtocolError::AudioBeforeStart => ("audio_before_start", PROTOCOL_ERROR),
-                ProtocolError::AlreadyStarted => ("already_started", PROTOCOL_ERROR),
-                ProtocolError::MessageTooBig { .. } => ("message_too_big", MESSAGE_TOO_BIG),
-                ProtocolError::WebSocket(_) => ("websocket_protocol", PROTOCOL_ERROR),
-                ProtocolError::SeqHeaderTruncated { .. } => {
-                    ("seq_header_truncated", PROTOCOL_ERROR)
-                }
-                ProtocolError::TimestampBackwards { .. } => ("timestamp_backwards", PROTOCOL_ERROR),
-                ProtocolError::GapTooLarge { .. } => ("gap_too_large", POLICY_VIOLATION),
+                DialectError::InvalidPayload { .. } => ("invalid_media_payload", INVALID_PAYLOAD),
+                DialectError::UnknownTrack { .. } => ("unknown_track", PROTOCOL_ERROR),
+                DialectError::UnknownMessageType { .. } => ("unknown_message_type", PROTOCOL_ERROR),
+                DialectError::Auth(e) => (e.code(), POLICY_VIOLATION),
+                DialectError::KeyFull { .. } => ("key_full", TRY_AGAIN_LATER),
             },
             SessionError::Codec(e) => match e {
                 CodecError::PartialFrame { .. } => ("partial_frame", INVALID_PAYLOAD),
@@ -114,6 +123,7 @@ impl SessionError {
             },
             SessionError::Sink(e) => match e {
                 SinkError::UnknownSink(_) => ("unknown_sink", UNSUPPORTED_DATA),
+                SinkError::UnknownBackend(_) => ("unknown_backend", UNSUPPORTED_DATA),
                 SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
                     ("sink_failed", INTERNAL_ERROR)
                 }
@@ -133,6 +143,31 @@ impl SessionError {
     /// Short text for the close frame (RFC 6455 allows 123 bytes).
     pub fn close_reason(&self) -> &'static str {
         self.codes().0
+    }
+}
+
+/// `(error code, close code)` of the native protocol's errors.
+fn protocol_codes(e: &ProtocolError) -> (&'static str, u16) {
+    use codes::*;
+    match e {
+        ProtocolError::MalformedJson(_) => ("malformed_json", INVALID_PAYLOAD),
+        ProtocolError::InvalidUtf8 => ("invalid_utf8", INVALID_PAYLOAD),
+        ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
+        ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
+        ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
+        ProtocolError::ResumeWithParameters(_) => ("invalid_message", PROTOCOL_ERROR),
+        ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
+        ProtocolError::UnsupportedSampleRate(_) => ("unsupported_sample_rate", UNSUPPORTED_DATA),
+        ProtocolError::UnsupportedChannels(_) => ("unsupported_channels", UNSUPPORTED_DATA),
+        ProtocolError::UnsupportedFraming(_) => ("unsupported_framing", UNSUPPORTED_DATA),
+        ProtocolError::MissingSampleRate(_) => ("missing_sample_rate", PROTOCOL_ERROR),
+        ProtocolError::AudioBeforeStart => ("audio_before_start", PROTOCOL_ERROR),
+        ProtocolError::AlreadyStarted => ("already_started", PROTOCOL_ERROR),
+        ProtocolError::MessageTooBig { .. } => ("message_too_big", MESSAGE_TOO_BIG),
+        ProtocolError::WebSocket(_) => ("websocket_protocol", PROTOCOL_ERROR),
+        ProtocolError::SeqHeaderTruncated { .. } => ("seq_header_truncated", PROTOCOL_ERROR),
+        ProtocolError::TimestampBackwards { .. } => ("timestamp_backwards", PROTOCOL_ERROR),
+        ProtocolError::GapTooLarge { .. } => ("gap_too_large", POLICY_VIOLATION),
     }
 }
 

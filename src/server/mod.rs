@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod close;
+pub mod dialect;
 mod registry;
 mod resume;
 pub mod session;
@@ -26,6 +27,7 @@ use crate::config::Config;
 use crate::protocol::{parse_connect, ConnectRequest, ProtocolError, StartRequest};
 use actix_web::http::header;
 use close::SessionError;
+use dialect::DialectKind;
 use registry::{Refusal, SessionRegistry};
 
 use crate::telemetry::names;
@@ -45,6 +47,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("transcription: {0}")]
+    Transcription(#[from] crate::sinks::transcriber::backend::BackendError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -70,6 +74,14 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         }
     })?;
 
+    let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
+        &config.transcription,
+    )?);
+    for name in transcription.backend_names() {
+        if let Some(backend) = transcription.backend(&name) {
+            tracing::info!(backend = %name, url = backend.url(), "transcription backend");
+        }
+    }
     let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let registry = SessionRegistry::new(config.max_sessions, config.max_sessions_per_key);
@@ -90,6 +102,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             config: config.clone(),
             shutdown: shutdown_rx,
             resumes: Arc::new(resume::ResumeRegistry::default()),
+            transcription,
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -104,6 +117,10 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         App::new()
             .app_data(state.clone())
             .route("/v1/stream", web::get().to(stream))
+            .route("/twilio", web::get().to(twilio))
+            .route("/vonage", web::get().to(vonage))
+            .route("/audiofork", web::get().to(audiofork))
+            .route("/v1/listen", web::get().to(deepgram))
             .route("/v1/tokens", web::post().to(mint_token))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
@@ -325,6 +342,139 @@ async fn stream(
                 };
                 actix_web::rt::spawn(session::refuse(id, ws, error));
             }
+        }
+    }
+    Ok(response)
+}
+
+async fn twilio(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    dialect_stream(req, body, state, DialectKind::Twilio).await
+}
+
+async fn vonage(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    dialect_stream(req, body, state, DialectKind::Vonage).await
+}
+
+async fn audiofork(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    dialect_stream(req, body, state, DialectKind::AudioFork).await
+}
+
+async fn deepgram(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    dialect_stream(req, body, state, DialectKind::Deepgram).await
+}
+
+/// A dialect endpoint: the same authentication, admission and limits as
+/// `/v1/stream`, with the credential read from where that platform can put
+/// it, and a session that speaks the platform's protocol.
+async fn dialect_stream(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    kind: DialectKind,
+) -> Result<HttpResponse, actix_web::Error> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ProtocolError::InvalidMessage(format!("query string: {e}")));
+    let query_token = pairs
+        .as_ref()
+        .ok()
+        .and_then(|p| p.iter().find(|(k, _)| k == "token").map(|(_, v)| v.clone()));
+    if let Err(error) = state.auth.check_origin(header(&req, header::ORIGIN)) {
+        return Ok(refuse_http(&error));
+    }
+    let presented = dialect::presented_credential(
+        kind,
+        header(&req, header::AUTHORIZATION),
+        query_token.as_deref(),
+        header(&req, header::SEC_WEBSOCKET_PROTOCOL),
+    );
+    // Twilio drops query strings and sets no headers: without a credential
+    // here, the stream must show one in its start message.
+    let deferred = presented.is_none() && kind == DialectKind::Twilio && state.auth.required();
+    let principal = if deferred {
+        None
+    } else {
+        match state
+            .auth
+            .check(presented.as_deref(), std::time::SystemTime::now())
+        {
+            Ok(principal) => principal,
+            Err(error) => return Ok(refuse_http(&error)),
+        }
+    };
+    let (response, ws, messages) =
+        actix_ws::handle_with_protocols(&req, body, kind.subprotocols())?;
+    let config = &state.env.config;
+    let messages = messages.max_frame_size(config.max_message_bytes);
+    let id = uuid::Uuid::now_v7().to_string();
+    metrics::counter!(names::DIALECT_SESSIONS_TOTAL, "dialect" => kind.name()).increment(1);
+    let deferred = deferred.then(|| dialect::DeferredAuth {
+        auth: state.auth.clone(),
+        registry: state.registry.clone(),
+    });
+    let prepared = match pairs {
+        Ok(pairs) => {
+            let rest: Vec<(String, String)> =
+                pairs.into_iter().filter(|(k, _)| k != "token").collect();
+            dialect::prepare(kind, &id, &rest, deferred)
+        }
+        Err(error) => dialect::Prepared {
+            query: Err(error),
+            ..dialect::prepare(kind, &id, &[], deferred)
+        },
+    };
+    let key_id = principal.as_ref().map(|p| p.key_id.as_str());
+    if session::is_shutting_down(&state.env.shutdown) {
+        actix_web::rt::spawn(dialect::refuse(
+            id,
+            ws,
+            prepared.dialect,
+            SessionError::ShuttingDown,
+        ));
+        return Ok(response);
+    }
+    match state.registry.try_admit(key_id) {
+        Ok(guard) => {
+            let limits = session::SessionLimits {
+                max_session_ms: principal.as_ref().and_then(|p| p.max_session_ms),
+            };
+            actix_web::rt::spawn(session::run_with_dialect(
+                id,
+                ws,
+                messages,
+                prepared.query,
+                state.env.clone(),
+                guard,
+                limits,
+                Some(prepared.dialect),
+            ));
+        }
+        Err(refusal) => {
+            let error = match refusal {
+                Refusal::ServerFull => SessionError::ServerFull {
+                    max_sessions: state.registry.max_sessions(),
+                },
+                Refusal::KeyFull => SessionError::KeyFull {
+                    max_sessions_per_key: state.registry.max_per_key(),
+                },
+            };
+            actix_web::rt::spawn(dialect::refuse(id, ws, prepared.dialect, error));
         }
     }
     Ok(response)

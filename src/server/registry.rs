@@ -25,6 +25,20 @@ pub struct SessionGuard {
     key_id: Option<String>,
 }
 
+/// A per-key count taken after admission ([`SessionRegistry::admit_key`]).
+pub struct KeyGuard {
+    registry: Arc<SessionRegistry>,
+    key_id: Option<String>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key_id {
+            self.registry.release_key(key);
+        }
+    }
+}
+
 /// Why a session was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -80,6 +94,38 @@ impl SessionRegistry {
         })
     }
 
+    /// Counts an already admitted session against its key once the key is
+    /// known only after the upgrade (a Twilio stream authenticates in its
+    /// `start` message). Dropping the guard releases the count.
+    pub fn admit_key(self: &Arc<Self>, key_id: &str) -> Result<KeyGuard, Refusal> {
+        if self.max_per_key == 0 {
+            return Ok(KeyGuard {
+                registry: Arc::clone(self),
+                key_id: None,
+            });
+        }
+        let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_key.entry(key_id.to_owned()).or_insert(0);
+        if *count >= self.max_per_key {
+            return Err(Refusal::KeyFull);
+        }
+        *count += 1;
+        Ok(KeyGuard {
+            registry: Arc::clone(self),
+            key_id: Some(key_id.to_owned()),
+        })
+    }
+
+    fn release_key(&self, key: &str) {
+        let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_key.get_mut(key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_key.remove(key);
+            }
+        }
+    }
+
     /// Waits until no session is left, or `timeout` passes; true if drained.
     pub async fn wait_drained(&self, timeout: Duration) -> bool {
         let wait = async {
@@ -100,17 +146,7 @@ impl SessionRegistry {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(key) = &self.key_id {
-            let mut per_key = self
-                .registry
-                .per_key
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = per_key.get_mut(key) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    per_key.remove(key);
-                }
-            }
+            self.registry.release_key(key);
         }
         metrics::gauge!(names::SESSIONS_ACTIVE).decrement(1.0);
         if self.registry.active.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::close::{codes, from_ws_error, SessionError};
+use super::dialect::{Dialect, Inbound};
 use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
@@ -25,7 +26,9 @@ use crate::protocol::{
     parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
     StartRequest, StartedInfo, StreamStats, PROTOCOL_VERSION,
 };
-use crate::sinks::{self, SinkCommand, SinkContext, SinkEvent};
+use crate::sinks::transcriber::backend::Backend;
+use crate::sinks::transcriber::{Transcriber, TranscriptionService};
+use crate::sinks::{self, SinkCommand, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
 
 /// Limits that come with the credential (a token may shorten the session).
@@ -40,6 +43,7 @@ pub struct SessionEnv {
     pub config: Arc<Config>,
     pub shutdown: watch::Receiver<bool>,
     pub resumes: Arc<ResumeRegistry>,
+    pub transcription: Arc<TranscriptionService>,
 }
 
 /// Runs a new, admitted session until it ends or is parked for resume.
@@ -52,10 +56,30 @@ pub async fn run(
     guard: SessionGuard,
     limits: SessionLimits,
 ) {
-    let span = tracing::info_span!("session", id = %id);
+    run_with_dialect(id, ws, messages, query, env, guard, limits, None).await
+}
+
+/// Runs a new, admitted session; with a dialect, the socket speaks another
+/// system's protocol ([`super::dialect`]) and the session's own stays inside.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with_dialect(
+    id: String,
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    query: Result<StartRequest, ProtocolError>,
+    env: SessionEnv,
+    guard: SessionGuard,
+    limits: SessionLimits,
+    dialect: Option<Box<dyn Dialect>>,
+) {
+    let span = tracing::info_span!("session", id = %id, dialect = tracing::field::Empty);
+    if let Some(dialect) = &dialect {
+        span.record("dialect", dialect.kind().name());
+    }
     async move {
         tracing::info!("session opened");
         let mut session = Session::new(id, ws, &env);
+        session.dialect = dialect;
         session.apply_limits(limits);
         let end = match query {
             Ok(query) => match session.open(query).await {
@@ -229,6 +253,7 @@ struct AudioCounters {
 /// Sinks waiting for a container's header to tell the stream's format.
 struct PendingSinks {
     names: Vec<String>,
+    transcribe: Option<Arc<Backend>>,
     metadata: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -282,6 +307,7 @@ pub struct Session {
     resumes: u32,
     generation: u64,
     resume_registry: Arc<ResumeRegistry>,
+    transcription: Arc<TranscriptionService>,
     /// What `started` said, to say it again on resume.
     started_info: Option<StartedInfo>,
     /// `max_session_duration_ms` (or the token's, if shorter) from connect.
@@ -291,6 +317,8 @@ pub struct Session {
     /// was warned that it sends too fast.
     first_audio_at: Option<Instant>,
     too_fast_since: Option<Instant>,
+    /// Another system's protocol on this socket; `None`: cochlea's own.
+    dialect: Option<Box<dyn Dialect>>,
 }
 
 impl Session {
@@ -301,11 +329,13 @@ impl Session {
             ws,
             config: config.clone(),
             resume_registry: env.resumes.clone(),
+            transcription: env.transcription.clone(),
             started_info: None,
             ends_at: None,
             session_limit_ms: 0,
             first_audio_at: None,
             too_fast_since: None,
+            dialect: None,
             query: StartRequest::default(),
             started_at: SystemTime::now(),
             active: None,
@@ -523,6 +553,17 @@ impl Session {
     }
 
     async fn send(&mut self, message: &ServerMessage) {
+        if let Some(dialect) = self.dialect.as_mut() {
+            let mut frames = Vec::new();
+            dialect.render(message, &mut frames);
+            for frame in frames {
+                if self.ws.text(frame).await.is_err() {
+                    tracing::debug!("client gone; message not sent");
+                    return;
+                }
+            }
+            return;
+        }
         if self.ws.text(message.to_json()).await.is_err() {
             tracing::debug!("client gone; message not sent");
         }
@@ -614,8 +655,8 @@ impl Session {
     async fn on_message(&mut self, message: Message) -> Result<Option<End>, SessionError> {
         let max_bytes = self.config.max_message_bytes;
         match message {
-            Message::Text(text) => self.on_text(&text).await,
-            Message::Binary(data) => self.on_audio(&data).await.map(|()| None),
+            Message::Text(text) => self.on_text_message(&text).await,
+            Message::Binary(data) => self.on_binary_message(&data).await,
             Message::Continuation(item) => {
                 let complete = match (item, self.partial.take()) {
                     (Item::FirstText(b), None) => {
@@ -651,12 +692,10 @@ impl Session {
                 }
                 match complete {
                     Some(Partial::Text(bytes)) => match std::str::from_utf8(&bytes) {
-                        Ok(text) => self.on_text(text).await,
+                        Ok(text) => self.on_text_message(text).await,
                         Err(_) => Err(ProtocolError::InvalidUtf8.into()),
                     },
-                    Some(Partial::Binary(bytes)) => {
-                        self.on_audio(&bytes.freeze()).await.map(|()| None)
-                    }
+                    Some(Partial::Binary(bytes)) => self.on_binary_message(&bytes.freeze()).await,
                     None => Ok(None),
                 }
             }
@@ -670,6 +709,65 @@ impl Session {
                 Ok(Some(End::ClientGone { close_frame: true }))
             }
         }
+    }
+
+    /// A complete text message: the native protocol's, or the dialect's.
+    async fn on_text_message(&mut self, text: &str) -> Result<Option<End>, SessionError> {
+        let Some(dialect) = self.dialect.as_mut() else {
+            return self.on_text(text).await;
+        };
+        let mut inputs = Vec::new();
+        dialect.on_text(text, &mut inputs)?;
+        self.on_inbound(inputs).await
+    }
+
+    /// A complete binary message: audio, or the dialect's.
+    async fn on_binary_message(&mut self, data: &Bytes) -> Result<Option<End>, SessionError> {
+        let Some(dialect) = self.dialect.as_mut() else {
+            return self.on_audio(data).await.map(|()| None);
+        };
+        let mut inputs = Vec::new();
+        dialect.on_binary(data, &mut inputs)?;
+        self.on_inbound(inputs).await
+    }
+
+    /// What a dialect made of a message, in the native session's terms.
+    async fn on_inbound(&mut self, inputs: Vec<Inbound>) -> Result<Option<End>, SessionError> {
+        for input in inputs {
+            match input {
+                Inbound::Start {
+                    request,
+                    max_session_ms,
+                } => {
+                    if self.active.is_some() {
+                        return Err(ProtocolError::AlreadyStarted.into());
+                    }
+                    if max_session_ms.is_some() {
+                        self.apply_limits(SessionLimits { max_session_ms });
+                    }
+                    self.last_activity = Instant::now();
+                    self.start(request).await?;
+                }
+                Inbound::Audio(data) => self.on_audio(&data).await?,
+                Inbound::Keepalive => self.last_activity = Instant::now(),
+                Inbound::Flush => {
+                    self.last_activity = Instant::now();
+                    self.flush().await;
+                }
+                Inbound::Stop => return Ok(Some(End::Stop)),
+                Inbound::Reply(text) => {
+                    let _ = self.ws.text(text).await;
+                }
+                Inbound::Event { name, detail } => {
+                    self.last_activity = Instant::now();
+                    let dialect = self.dialect.as_ref().map_or("native", |d| d.kind().name());
+                    tracing::info!(event = name, %detail, "dialect event");
+                    metrics::counter!(names::DIALECT_EVENTS_TOTAL, "dialect" => dialect, "event" => name)
+                        .increment(1);
+                }
+            }
+        }
+        Ok(None)
     }
 
     async fn on_text(&mut self, text: &str) -> Result<Option<End>, SessionError> {
@@ -706,8 +804,17 @@ impl Session {
             .clone()
             .unwrap_or_else(|| self.config.default_sinks.clone());
         sinks::check_names(&sink_names)?;
+        let transcribe = self
+            .transcription
+            .select(request.transcribe.as_deref())
+            .map_err(SinkError::UnknownBackend)?;
         let pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
-        if format.framing == Framing::Seq && self.config.resume_window_ms > 0 {
+        // A dialect's seq framing is the server's own (Twilio's interleaver):
+        // those platforms never resume.
+        if format.framing == Framing::Seq
+            && self.config.resume_window_ms > 0
+            && self.dialect.is_none()
+        {
             // 122 random bits: the only thing standing between a session id,
             // which appears in logs and file names, and taking the stream over.
             let token = uuid::Uuid::new_v4().simple().to_string();
@@ -733,6 +840,7 @@ impl Session {
             groups: Vec::new(),
             pending_sinks: Some(PendingSinks {
                 names: sink_names,
+                transcribe,
                 metadata: request.metadata,
             }),
             events_tx: Some(events_tx),
@@ -761,7 +869,18 @@ impl Session {
             metadata: pending.metadata.clone(),
             started_at: self.started_at,
         };
-        let built = sinks::build(&pending.names, &context, &self.config)?;
+        let Some(events_tx) = active.events_tx.take() else {
+            return Ok(());
+        };
+        let mut built = sinks::build(&pending.names, &context, &self.config)?;
+        if let Some(backend) = pending.transcribe.clone() {
+            built.push(Box::new(Transcriber::start(
+                &context,
+                &self.transcription,
+                backend,
+                events_tx.clone(),
+            )));
+        }
         let mut groups: Vec<SinkGroup> = Vec::new();
         for (index, sink) in built.iter().enumerate() {
             let wanted = sink.output_format();
@@ -774,9 +893,6 @@ impl Session {
             }
         }
         active.groups = groups;
-        let Some(events_tx) = active.events_tx.take() else {
-            return Ok(());
-        };
         active.sinks = built
             .into_iter()
             .enumerate()
@@ -813,6 +929,7 @@ impl Session {
                 }
                 names
             }),
+            transcribe: pending.transcribe.as_ref().map(|b| b.name.clone()),
             metadata: pending.metadata,
             max_message_bytes: self.config.max_message_bytes,
             idle_timeout_ms: self.config.idle_timeout_ms,
@@ -1023,6 +1140,18 @@ impl Session {
         let mut stats = Default::default();
         let mut media_frames = 0;
         let mut sample_rate = 1;
+        // Audio a dialect still holds (Twilio's track aligner) goes first.
+        let mut held = Vec::new();
+        if let Some(dialect) = self.dialect.as_mut() {
+            dialect.finish(&mut held);
+        }
+        for input in held {
+            if let Inbound::Audio(data) = input {
+                if let Err(error) = self.on_audio(&data).await {
+                    tracing::warn!(%error, "audio held by the dialect could not be used");
+                }
+            }
+        }
         // Audio still held for missing packets goes out, holes filled.
         if let Some(active) = self.active.as_mut() {
             let mut blocks = Vec::new();

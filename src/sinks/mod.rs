@@ -7,6 +7,7 @@
 //! [`SinkEvent`], and the session task, which owns the socket, writes it out.
 
 pub mod recorder;
+pub mod transcriber;
 
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
@@ -28,6 +29,9 @@ pub const SINK_NAMES: [&str; 1] = [recorder::NAME];
 pub enum SinkError {
     #[error("unknown sink '{0}'; available: record")]
     UnknownSink(String),
+    /// `transcribe=` named a backend that is not configured.
+    #[error("{0}")]
+    UnknownBackend(String),
     #[error("{sink}: {action} {path}: {source}")]
     Io {
         sink: &'static str,

@@ -6,14 +6,25 @@
 //! - `concurrency`: 200 sessions at once, each with its own recording
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
+//! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //! - `loadgen`:     `cochlea loadgen` against the server: every frame acknowledged
+//! - `dialect_*`:   /twilio, /vonage, /audiofork, /v1/listen replayed from the
+//!   platforms' documented messages; transcripts in each one's shapes
 //!
-//! Every server text message is validated against proto/schemas by the harness.
+//! Every server text message is validated against proto/schemas by the harness
+//! (the dialect endpoints' messages are the platforms' shapes: `dialect_client`
+//! reads them unvalidated, and each test checks the shape itself).
 
 mod bad_input;
 mod concurrency;
 mod crash;
+mod dialect_audiofork;
+mod dialect_client;
+mod dialect_deepgram;
+mod dialect_transcribe;
+mod dialect_twilio;
+mod dialect_vonage;
 mod formats;
 mod harness;
 mod lifecycle;
@@ -22,3 +33,5 @@ mod opus;
 mod resume;
 mod security;
 mod streaming;
+mod stt_stub;
+mod transcribe;
