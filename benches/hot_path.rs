@@ -11,6 +11,10 @@
 //! - the recorder's `write` of one 20 ms block to a WAV file (16 kHz mono s16,
 //!   and 48k Opus recorded at 16k after conversion).
 //!
+//! - the choice of WAV writer (`wav_writer_*`): the hand-written writer the
+//!   recorder used for a while, hound fed whole blocks (what it uses), and
+//!   hound one sample at a time.
+//!
 //! The jitter buffer alone is `benches/jitter.rs`.
 //!
 //! Run: `cargo bench --bench hot_path`.
@@ -27,7 +31,9 @@ use cochlea::pipeline::convert::{Converter, Layout, OutputFormat};
 use cochlea::pipeline::resample::Resampler;
 use cochlea::pipeline::{AudioBlock, BlockSamples, Pipeline};
 use cochlea::protocol::{Encoding, Framing, StreamFormat};
-use cochlea::sinks::recorder::{ChannelsSetting, Recorder, RecorderSettings, SampleFormatSetting};
+use cochlea::sinks::recorder::{
+    f32_to_i16, samples_to_i16, ChannelsSetting, Recorder, RecorderSettings, SampleFormatSetting,
+};
 use cochlea::sinks::{Sink, SinkContext};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
@@ -351,5 +357,261 @@ fn wav_write(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, pipeline_push, resample, wav_write);
+/// The recorder's own WAV writer of commits 3e114de and 9c6614c, kept here
+/// only to measure the choice of writer against (the recorder went back to
+/// hound): a byte buffer the block is converted straight into, written out
+/// at 16 KiB, the header patched with `pwrite` at each checkpoint.
+struct OwnWav {
+    file: std::fs::File,
+    buffer: Vec<u8>,
+    data_bytes: u64,
+}
+
+impl OwnWav {
+    fn create(path: &Path) -> OwnWav {
+        use std::io::Write;
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        // The same 44-byte header hound writes.
+        let mut header = std::io::Cursor::new(Vec::new());
+        drop(hound::WavWriter::new(&mut header, spec).expect("header"));
+        let mut file = std::fs::File::create(path).expect("create");
+        file.write_all(&header.into_inner()).expect("header");
+        OwnWav {
+            file,
+            buffer: Vec::new(),
+            data_bytes: 0,
+        }
+    }
+
+    fn write(&mut self, samples: &[f32]) {
+        use std::io::Write;
+        let bytes = samples.len() * 2;
+        if !self.buffer.is_empty() && self.buffer.len() + bytes > 16 * 1024 {
+            self.file.write_all(&self.buffer).expect("write");
+            self.buffer.clear();
+        }
+        if self.buffer.capacity() == 0 {
+            self.buffer.reserve_exact(16 * 1024);
+        }
+        let start = self.buffer.len();
+        self.buffer.resize(start + bytes, 0);
+        for (out, &s) in self.buffer[start..].chunks_exact_mut(2).zip(samples) {
+            out.copy_from_slice(&f32_to_i16(s).to_le_bytes());
+        }
+        self.data_bytes += bytes as u64;
+    }
+
+    fn checkpoint(&mut self) {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        self.file.write_all(&self.buffer).expect("write");
+        self.buffer.clear();
+        let riff = (self.data_bytes + 36) as u32;
+        self.file
+            .write_all_at(&riff.to_le_bytes(), 4)
+            .expect("pwrite");
+        let data = self.data_bytes as u32;
+        self.file
+            .write_all_at(&data.to_le_bytes(), 40)
+            .expect("pwrite");
+    }
+}
+
+/// The three ways of writing 16-bit WAV the recorder could use, per 20 ms
+/// block (320 samples at 16 kHz), a checkpoint (header rewritten) every 50
+/// blocks as at the default 1 s `flush_interval_ms`:
+///
+/// - `a_own_writer`: [`OwnWav`] above;
+/// - `b_hound_i16_writer`: hound's `WavWriter` over a 16 KiB `BufWriter`, the
+///   block converted by the same vectorized loop into a reused `Vec<i16>`,
+///   then `get_i16_writer(n)` + `write_sample_unchecked` + its `flush`
+///   (`b_hound_i16_writer_checked`: the same with the bounds-checked
+///   `write_sample`, what the recorder uses), `WavWriter::flush` to
+///   checkpoint;
+/// - `c_hound_naive`: `WavWriter::write_sample` per sample, `round` per sample.
+///
+/// Then the same after a 48k → 16k conversion of each 20 ms block (the
+/// conversion is identical in all three; it is what Opus streams recorded at
+/// 16 kHz pay per message).
+fn wav_writer_choice(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let speech: Vec<f32> = speech_16k()
+        .iter()
+        .map(|&s| f32::from(s) / 32768.0)
+        .collect();
+    let frames: Vec<&[f32]> = speech.chunks_exact(320).collect();
+    let audio_48k = speech_at(48_000);
+    let blocks_48k: Vec<AudioBlock> = audio_48k
+        .chunks_exact(960)
+        .enumerate()
+        .map(|(k, f)| AudioBlock {
+            start_frame: 960 * k as u64,
+            frames: 960,
+            channels: 1,
+            samples: BlockSamples::Audio(f.to_vec()),
+        })
+        .collect();
+    let to_16k = OutputFormat {
+        sample_rate: Some(16_000),
+        layout: Layout::Keep,
+    };
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    // A new file per 50,000 blocks (1,000 s of audio), outside the timing.
+    const ROTATE_EVERY: u64 = 50_000;
+    const CHECKPOINT_EVERY: u64 = 50;
+
+    #[derive(Clone, Copy)]
+    enum Way {
+        Own,
+        HoundI16,
+        HoundI16Checked,
+        HoundNaive,
+    }
+    enum Writer {
+        Own(OwnWav),
+        Hound(hound::WavWriter<std::io::BufWriter<std::fs::File>>),
+    }
+    let mut files = 0usize;
+    let mut open = |way: Way| {
+        files += 1;
+        let path = dir.path().join(format!("w{files}.wav"));
+        match way {
+            Way::Own => Writer::Own(OwnWav::create(&path)),
+            _ => {
+                let file = std::fs::File::create(&path).expect("create");
+                let buffered = std::io::BufWriter::with_capacity(16 * 1024, file);
+                Writer::Hound(hound::WavWriter::new(buffered, spec).expect("hound"))
+            }
+        }
+    };
+    let mut converted: Vec<i16> = Vec::new();
+    let mut write = |writer: &mut Writer, way: Way, block: &[f32], checkpoint: bool| {
+        match (writer, way) {
+            (Writer::Own(w), _) => {
+                w.write(block);
+                if checkpoint {
+                    w.checkpoint();
+                }
+            }
+            (Writer::Hound(w), way) => {
+                match way {
+                    Way::HoundI16 | Way::HoundI16Checked => {
+                        samples_to_i16(block, &mut converted);
+                        let mut s = w.get_i16_writer(converted.len() as u32);
+                        if matches!(way, Way::HoundI16) {
+                            for &x in &converted {
+                                // SAFETY: exactly `converted.len()` samples
+                                // were reserved by `get_i16_writer`.
+                                unsafe { s.write_sample_unchecked(x) };
+                            }
+                        } else {
+                            for &x in &converted {
+                                s.write_sample(x);
+                            }
+                        }
+                        s.flush().expect("flush");
+                    }
+                    _ => {
+                        for &x in block {
+                            let v = (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16;
+                            w.write_sample(v).expect("write");
+                        }
+                    }
+                }
+                if checkpoint {
+                    w.flush().expect("flush");
+                }
+            }
+        }
+    };
+    let ways = [
+        ("a_own_writer", Way::Own),
+        ("b_hound_i16_writer", Way::HoundI16),
+        ("b_hound_i16_writer_checked", Way::HoundI16Checked),
+        ("c_hound_naive", Way::HoundNaive),
+    ];
+
+    let mut group = c.benchmark_group("wav_writer_per_20ms_frame_s16_16k_mono");
+    for (name, way) in ways {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let batch = (iters - done).min(ROTATE_EVERY);
+                    let mut writer = open(way);
+                    let t0 = Instant::now();
+                    for k in 0..batch {
+                        let block = frames[(k as usize) % frames.len()];
+                        write(
+                            &mut writer,
+                            way,
+                            black_box(block),
+                            k % CHECKPOINT_EVERY == 49,
+                        );
+                    }
+                    elapsed += t0.elapsed();
+                    done += batch;
+                }
+                for entry in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                elapsed
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("wav_writer_per_20ms_frame_48k_to_16k_mono");
+    for (name, way) in ways {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut converter = Converter::new(48_000, 1, to_16k).expect("converter");
+                let mut out = Vec::new();
+                let mut elapsed = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let batch = (iters - done).min(ROTATE_EVERY);
+                    let mut writer = open(way);
+                    let t0 = Instant::now();
+                    for k in 0..batch {
+                        let block = &blocks_48k[(k as usize) % blocks_48k.len()];
+                        converter.convert(black_box(block), &mut out);
+                        for o in out.drain(..) {
+                            if let BlockSamples::Audio(samples) = &o.samples {
+                                write(&mut writer, way, samples, k % CHECKPOINT_EVERY == 49);
+                            }
+                        }
+                    }
+                    elapsed += t0.elapsed();
+                    done += batch;
+                }
+                for entry in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    pipeline_push,
+    resample,
+    wav_write,
+    wav_writer_choice
+);
 criterion_main!(benches);

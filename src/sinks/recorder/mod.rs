@@ -24,6 +24,7 @@ use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
 use sidecar::Sidecar;
 use wav::WavWriter;
+pub use wav::{f32_to_i16, samples_to_i16};
 
 pub const NAME: &str = "record";
 
@@ -123,6 +124,10 @@ fn io_error<'a>(
     }
 }
 
+fn wav_error(source: hound::Error) -> SinkError {
+    SinkError::Wav { sink: NAME, source }
+}
+
 pub struct Recorder {
     output: OutputFormat,
     /// The channel this file holds, when the stream is split per channel.
@@ -174,8 +179,7 @@ impl Recorder {
             .create_new(true)
             .open(&wav_path)
             .map_err(io_error("creating", &wav_path))?;
-        let wav = WavWriter::create(file, channels, sample_rate, format)
-            .map_err(io_error("writing the header of", &wav_path))?;
+        let wav = WavWriter::create(file, channels, sample_rate, format).map_err(wav_error)?;
 
         let sidecar = Sidecar::new(
             context,
@@ -205,16 +209,8 @@ impl Recorder {
         })
     }
 
-    fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError> {
-        self.wav
-            .write(samples)
-            .map_err(io_error("writing", &self.wav_path))
-    }
-
     fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.wav
-            .checkpoint()
-            .map_err(io_error("writing", &self.wav_path))?;
+        self.wav.checkpoint().map_err(wav_error)?;
         if self.fsync {
             self.wav
                 .file()
@@ -269,11 +265,11 @@ impl Sink for Recorder {
             });
         }
         match &block.samples {
-            BlockSamples::Audio(samples) => self.write_samples(samples)?,
+            BlockSamples::Audio(samples) => self.wav.write(samples).map_err(wav_error)?,
             BlockSamples::Silence => self
                 .wav
                 .write_silence(block.frames * usize::from(self.channels))
-                .map_err(io_error("writing", &self.wav_path))?,
+                .map_err(wav_error)?,
         }
         self.frames_written += block.frames as u64;
         self.dirty = true;
@@ -299,9 +295,9 @@ impl Sink for Recorder {
     }
 
     fn abort(self: Box<Self>, reason: &str) {
-        let mut this = *self;
+        let this = *self;
         // The header then covers every sample that reached the file.
-        if let Err(e) = this.wav.checkpoint() {
+        if let Err(e) = this.wav.finalize() {
             tracing::warn!(error = %e, "cannot finalize the WAV of a failed recording");
         }
         let mut sidecar = this.sidecar;
@@ -312,16 +308,11 @@ impl Sink for Recorder {
     }
 
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
-        let mut this = *self;
-        this.wav
-            .checkpoint()
-            .map_err(io_error("writing", &this.wav_path))?;
+        let this = *self;
+        let file = this.wav.finalize().map_err(wav_error)?;
         let path = &this.wav_path;
         if this.fsync {
-            this.wav
-                .file()
-                .sync_data()
-                .map_err(io_error("syncing", path))?;
+            file.sync_data().map_err(io_error("syncing", path))?;
         }
         let bytes = fs::metadata(path)
             .map_err(io_error("reading size of", path))?
