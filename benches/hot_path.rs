@@ -9,8 +9,7 @@
 //! - resampling 48k → 16k mono, one 20 ms block (`benches/resample.rs` has
 //!   per-second figures for other rate pairs);
 //! - the recorder's `write` of one 20 ms block to a WAV file (16 kHz mono s16,
-//!   and 48k Opus recorded at 16k after conversion).
-//!
+//!   and 48k Opus recorded at 16k after conversion);
 //! - the choice of WAV writer (`wav_writer_*`): the hand-written writer the
 //!   recorder used for a while, hound fed whole blocks (what it uses), and
 //!   hound one sample at a time.
