@@ -21,8 +21,11 @@ Scenarios:
         CPU <= 1.3x baseline, active session <= 256 KiB)
   opus  N x Opus decoded at 48 kHz, recorded at 16 kHz (recorder.sample_rate)
         (target: <= 1.5 ms CPU per stream-second)
-  idle  N idle sessions (started, recorded, no audio, a keepalive every 10 s)
-        (targets: < 2 % of a core, <= 64 KiB per session)
+  idle  N idle sessions (started, recorded, no audio, a keepalive every
+        --keepalive-ms, 10 s by default; above 25 s the server's idle timeout
+        is raised to 3x that, so a value past the run measures sessions
+        that send nothing at all) (targets: < 2 % of a core, <= 64 KiB per
+        session)
 
 Everything is bounded in time (each child has a deadline and is killed past
 it) and uses loopback only. Python 3.9+ standard library only.
@@ -182,7 +185,7 @@ class Child:
         return code
 
 
-def start_server(kind, tmp, scenario, max_sessions):
+def start_server(kind, tmp, scenario, max_sessions, keepalive_ms):
     """cochlea (recording into tmp) or the baseline sink; returns (child, addr)."""
     if kind == "cochlea":
         argv = [str(COCHLEA), "serve", "--listen", "127.0.0.1:0",
@@ -190,6 +193,8 @@ def start_server(kind, tmp, scenario, max_sessions):
                 "--max-sessions", str(max_sessions)]
         if scenario == "opus":
             argv += ["--recorder-sample-rate", "16000"]
+        if scenario == "idle" and keepalive_ms > 25_000:
+            argv += ["--idle-timeout-ms", str(3 * keepalive_ms)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("COCHLEA_")}
         pattern = r"cochlea listening on http://(\S+)"
     else:
@@ -204,7 +209,7 @@ def start_server(kind, tmp, scenario, max_sessions):
     return child, m.group(1)
 
 
-def loadgen_argv(addr, scenario, streams, duration_s, ramp_s):
+def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms):
     argv = [str(COCHLEA), "loadgen", "--url", f"ws://{addr}/v1/stream",
             "--connections", str(streams), "--duration-s", f"{duration_s:g}",
             "--ramp-s", f"{ramp_s:g}", "--sinks", "record"]
@@ -215,18 +220,18 @@ def loadgen_argv(addr, scenario, streams, duration_s, ramp_s):
         argv += ["--encoding", "opus", "--sample-rate", "48000",
                  "--input", str(FIXTURE)]
     else:
-        argv += ["--idle", "--keepalive-ms", "10000"]
+        argv += ["--idle", "--keepalive-ms", str(keepalive_ms)]
     return argv
 
 
-def measure(kind, scenario, streams, duration_s, ramp_s, tmp):
+def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms):
     """One load against one server; returns the figures of the window."""
-    server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100)
+    server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100, keepalive_ms)
     pid = server.proc.pid
     try:
         time.sleep(1.0)
         rss_before = status_kib(pid, "VmRSS")
-        argv = loadgen_argv(addr, scenario, streams, duration_s, ramp_s)
+        argv = loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms)
         log(f"{scenario} against {kind}: {' '.join(Path(a).name if '/' in a else a for a in argv[1:])}")
         t_start = time.monotonic()
         gen = Child(argv, tmp / f"loadgen-{kind}.log")
@@ -291,7 +296,7 @@ def scenario_runs(args, scenario, tmp_root):
     for kind in kinds:
         tmp = Path(tempfile.mkdtemp(prefix=f"loadbench-{scenario}-{kind}-", dir=tmp_root))
         try:
-            results[kind] = measure(kind, scenario, streams, duration, ramp, tmp)
+            results[kind] = measure(kind, scenario, streams, duration, ramp, tmp, args.keepalive_ms)
         finally:
             if args.keep:
                 log(f"kept {tmp}")
@@ -386,6 +391,8 @@ def main():
     p.add_argument("--ramp-s", type=float, default=10, help="stream start spread (default 10)")
     p.add_argument("--idle-ramp-s", type=float, default=10)
     p.add_argument("--idle-window-s", type=float, default=20)
+    p.add_argument("--keepalive-ms", type=int, default=10_000,
+                   help="idle sessions' keepalive interval (default 10000)")
     p.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     p.add_argument("--keep", action="store_true", help="keep temporary directories and logs")
     p.add_argument("--json", type=Path, help="also write all figures to this file")
