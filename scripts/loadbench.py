@@ -209,10 +209,10 @@ def start_server(kind, tmp, scenario, max_sessions, keepalive_ms):
     return child, m.group(1)
 
 
-def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms):
+def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms, sinks):
     argv = [str(COCHLEA), "loadgen", "--url", f"ws://{addr}/v1/stream",
             "--connections", str(streams), "--duration-s", f"{duration_s:g}",
-            "--ramp-s", f"{ramp_s:g}", "--sinks", "record"]
+            "--ramp-s", f"{ramp_s:g}", "--sinks", sinks]
     if scenario == "pcm":
         argv += ["--encoding", "pcm_s16le", "--sample-rate", "16000",
                  "--input", str(FIXTURE)]
@@ -224,14 +224,14 @@ def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms):
     return argv
 
 
-def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms):
+def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sinks):
     """One load against one server; returns the figures of the window."""
     server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100, keepalive_ms)
     pid = server.proc.pid
     try:
         time.sleep(1.0)
         rss_before = status_kib(pid, "VmRSS")
-        argv = loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms)
+        argv = loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms, sinks)
         log(f"{scenario} against {kind}: {' '.join(Path(a).name if '/' in a else a for a in argv[1:])}")
         t_start = time.monotonic()
         gen = Child(argv, tmp / f"loadgen-{kind}.log")
@@ -296,7 +296,8 @@ def scenario_runs(args, scenario, tmp_root):
     for kind in kinds:
         tmp = Path(tempfile.mkdtemp(prefix=f"loadbench-{scenario}-{kind}-", dir=tmp_root))
         try:
-            results[kind] = measure(kind, scenario, streams, duration, ramp, tmp, args.keepalive_ms)
+            results[kind] = measure(kind, scenario, streams, duration, ramp, tmp,
+                                    args.keepalive_ms, args.sinks)
         finally:
             if args.keep:
                 log(f"kept {tmp}")
@@ -391,6 +392,9 @@ def main():
     p.add_argument("--ramp-s", type=float, default=10, help="stream start spread (default 10)")
     p.add_argument("--idle-ramp-s", type=float, default=10)
     p.add_argument("--idle-window-s", type=float, default=20)
+    p.add_argument("--sinks", default="record",
+                   help="the streams' sinks query value (default record; none: the "
+                        "server's cost without recording, the targets assume record)")
     p.add_argument("--keepalive-ms", type=int, default=10_000,
                    help="idle sessions' keepalive interval (default 10000)")
     p.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
