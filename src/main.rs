@@ -37,6 +37,9 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Load a server (loopback only) with N concurrent real-time streams and
+    /// report frames sent, acknowledged and lost, and send lateness.
+    Loadgen(Box<cochlea::loadgen::LoadgenArgs>),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Loadgen(args) => match cochlea::loadgen::run(&args) {
+            // Exit 1 when a stream failed or a frame went unacknowledged,
+            // so scripts and tests can tell a clean run at a glance.
+            Ok(report) if report.clean() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("cochlea loadgen: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -69,6 +82,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     cochlea::telemetry::init_logging(config.log_format);
+    raise_open_files_limit(&config);
     let prometheus = match cochlea::telemetry::init_metrics() {
         Ok(handle) => handle,
         Err(e) => {
@@ -84,5 +98,30 @@ fn serve(args: ServeArgs) -> ExitCode {
             eprintln!("cochlea: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Each recorded session holds two descriptors (socket, WAV file), more
+/// with more sinks: raise the soft limit as far as allowed.
+fn raise_open_files_limit(config: &Config) {
+    match cochlea::rlimit::raise_nofile_limit() {
+        Ok(limit) => {
+            tracing::info!(
+                soft_before = limit.soft_before,
+                soft = limit.soft,
+                hard = limit.hard,
+                "open files limit (RLIMIT_NOFILE)"
+            );
+            let wanted = (config.max_sessions as u64).saturating_mul(2) + 64;
+            if limit.soft < wanted {
+                tracing::warn!(
+                    soft = limit.soft,
+                    max_sessions = config.max_sessions,
+                    wanted,
+                    "open files limit is below 2 per session: sessions may fail to open recordings"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
 }

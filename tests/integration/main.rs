@@ -12,6 +12,7 @@
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
 //! - `snippets`:    the Python and Node sample clients
 //! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
+//! - `loadgen`:     `cochlea loadgen` against the server: every frame acknowledged
 //! - `dialect_*`:   /twilio, /vonage, /audiofork, /v1/listen replayed from the
 //!   platforms' documented messages; transcripts in each one's shapes
 //!
@@ -32,6 +33,7 @@ mod dialect_vonage;
 mod formats;
 mod harness;
 mod lifecycle;
+mod loadgen;
 mod opus;
 mod page;
 mod resume;

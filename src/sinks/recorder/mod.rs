@@ -8,9 +8,10 @@
 //! `"complete": false` and replaced atomically at the end.
 
 mod sidecar;
+mod wav;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +23,8 @@ use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
 use sidecar::Sidecar;
+use wav::WavWriter;
+pub use wav::{f32_to_i16, samples_to_i16};
 
 pub const NAME: &str = "record";
 
@@ -104,30 +107,32 @@ impl WavFormat {
 }
 
 /// The RIFF size fields are 32-bit: a WAV file cannot hold more data bytes
-/// than this (hound's header is at most 68 bytes).
+/// than this (the header is at most 68 bytes).
 const MAX_WAV_DATA_BYTES: u64 = u32::MAX as u64 - 68;
 
-/// Silence is written in slices of this many samples, to bound the buffer.
-const SILENCE_CHUNK_SAMPLES: usize = 4096;
-
 /// Builds the mapper from an IO error on `path` to a [`SinkError`].
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SinkError {
-    let path = path.to_path_buf();
+/// The path is copied only if there is an error: this runs once per block.
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SinkError + 'a {
     move |source| SinkError::Io {
         sink: NAME,
         action,
-        path,
+        path: path.to_path_buf(),
         source,
     }
+}
+
+fn wav_error(source: hound::Error) -> SinkError {
+    SinkError::Wav { sink: NAME, source }
 }
 
 pub struct Recorder {
     output: OutputFormat,
     /// The channel this file holds, when the stream is split per channel.
     channel: Option<u16>,
-    writer: hound::WavWriter<BufWriter<File>>,
-    /// A second handle on the same file, for `sync_data`.
-    file: File,
+    wav: WavWriter,
     wav_path: PathBuf,
     sidecar: Sidecar,
     sidecar_path: PathBuf,
@@ -169,28 +174,12 @@ impl Recorder {
             }
             _ => WavFormat::S16,
         };
-        let spec = hound::WavSpec {
-            channels,
-            sample_rate,
-            bits_per_sample: match format {
-                WavFormat::S16 => 16,
-                WavFormat::F32 => 32,
-            },
-            sample_format: match format {
-                WavFormat::S16 => hound::SampleFormat::Int,
-                WavFormat::F32 => hound::SampleFormat::Float,
-            },
-        };
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&wav_path)
             .map_err(io_error("creating", &wav_path))?;
-        let sync_handle = file
-            .try_clone()
-            .map_err(io_error("duplicating handle of", &wav_path))?;
-        let writer = hound::WavWriter::new(BufWriter::with_capacity(16 * 1024, file), spec)
-            .map_err(|source| SinkError::Wav { sink: NAME, source })?;
+        let wav = WavWriter::create(file, channels, sample_rate, format).map_err(wav_error)?;
 
         let sidecar = Sidecar::new(
             context,
@@ -205,8 +194,7 @@ impl Recorder {
         Ok(Self {
             output,
             channel,
-            writer,
-            file: sync_handle,
+            wav,
             wav_path,
             sidecar,
             sidecar_path,
@@ -221,37 +209,11 @@ impl Recorder {
         })
     }
 
-    fn wav_error(source: hound::Error) -> SinkError {
-        SinkError::Wav { sink: NAME, source }
-    }
-
-    fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError> {
-        match self.format {
-            WavFormat::S16 => {
-                let count = u32::try_from(samples.len()).map_err(|_| SinkError::Failed {
-                    sink: NAME,
-                    message: "block too large".into(),
-                })?;
-                let mut w = self.writer.get_i16_writer(count);
-                for &s in samples {
-                    // Exact for samples that came from 16-bit or G.711 input.
-                    w.write_sample((s * 32768.0).round().clamp(-32768.0, 32767.0) as i16);
-                }
-                w.flush().map_err(Self::wav_error)
-            }
-            WavFormat::F32 => {
-                for &s in samples {
-                    self.writer.write_sample(s).map_err(Self::wav_error)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
     fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.writer.flush().map_err(Self::wav_error)?;
+        self.wav.checkpoint().map_err(wav_error)?;
         if self.fsync {
-            self.file
+            self.wav
+                .file()
                 .sync_data()
                 .map_err(io_error("syncing", &self.wav_path))?;
         }
@@ -303,16 +265,11 @@ impl Sink for Recorder {
             });
         }
         match &block.samples {
-            BlockSamples::Audio(samples) => self.write_samples(samples)?,
-            BlockSamples::Silence => {
-                let zeros = [0.0f32; SILENCE_CHUNK_SAMPLES];
-                let mut left = block.frames * usize::from(self.channels);
-                while left > 0 {
-                    let n = left.min(SILENCE_CHUNK_SAMPLES);
-                    self.write_samples(&zeros[..n])?;
-                    left -= n;
-                }
-            }
+            BlockSamples::Audio(samples) => self.wav.write(samples).map_err(wav_error)?,
+            BlockSamples::Silence => self
+                .wav
+                .write_silence(block.frames * usize::from(self.channels))
+                .map_err(wav_error)?,
         }
         self.frames_written += block.frames as u64;
         self.dirty = true;
@@ -340,7 +297,7 @@ impl Sink for Recorder {
     fn abort(self: Box<Self>, reason: &str) {
         let this = *self;
         // The header then covers every sample that reached the file.
-        if let Err(e) = this.writer.finalize() {
+        if let Err(e) = this.wav.finalize() {
             tracing::warn!(error = %e, "cannot finalize the WAV of a failed recording");
         }
         let mut sidecar = this.sidecar;
@@ -352,10 +309,10 @@ impl Sink for Recorder {
 
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
-        this.writer.finalize().map_err(Self::wav_error)?;
+        let file = this.wav.finalize().map_err(wav_error)?;
         let path = &this.wav_path;
         if this.fsync {
-            this.file.sync_data().map_err(io_error("syncing", path))?;
+            file.sync_data().map_err(io_error("syncing", path))?;
         }
         let bytes = fs::metadata(path)
             .map_err(io_error("reading size of", path))?
