@@ -425,14 +425,7 @@ async fn a_cut_connection_is_resumed_into_one_exact_recording() {
     let proxy = CuttingProxy::start(server.addr, 100_000).await;
     let url = format!("ws://{}/v1/stream", proxy.addr);
     let file = sample("speaker-16k.wav").display().to_string();
-    let child = stream_command(&url, &["--speed", "4", "--json", &file])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let output = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let output = run_stream_off_runtime(&url, &["--speed", "4", "--json", &file]).await;
     let stderr = text(&output.stderr);
     eprintln!("cochlea stream said:\n{stderr}");
     assert!(
@@ -467,14 +460,7 @@ async fn a_cut_connection_without_resume_is_a_clear_failure() {
     let proxy = CuttingProxy::start(server.addr, 100_000).await;
     let url = format!("ws://{}/v1/stream", proxy.addr);
     let file = sample("speaker-16k.wav").display().to_string();
-    let child = stream_command(&url, &["--speed", "max", &file])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let output = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let output = run_stream_off_runtime(&url, &["--speed", "max", &file]).await;
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -504,4 +490,17 @@ async fn a_server_error_at_start_is_reported_with_its_code() {
         stderr.contains("failed: server error ") && stderr.contains("(close 10"),
         "{stderr}"
     );
+}
+
+/// Runs `cochlea stream` to completion (at most 60 s) on a blocking thread,
+/// so the test's runtime keeps serving the proxy it streams through.
+async fn run_stream_off_runtime(url: &str, args: &[&str]) -> std::process::Output {
+    let child = stream_command(url, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(60)))
+        .await
+        .unwrap()
 }
