@@ -954,8 +954,10 @@ impl Session {
                 sample_rate: Some(asked.rate(format.sample_rate)),
                 ..asked
             };
+            // Decoding below a sink's rate would mean resampling up: worse
+            // audio, still correctly labelled.
             debug_assert!(
-                block_rate == format.sample_rate || wanted.rate(block_rate) <= block_rate,
+                block_rate == format.sample_rate || asked.rate(format.sample_rate) <= block_rate,
                 "{} wants {:?} but Opus is decoded at {block_rate} Hz: sinks::wanted_rates is out of date",
                 sink.name(),
                 wanted.sample_rate,

@@ -111,7 +111,7 @@ pub fn check_names(names: &[String]) -> Result<(), SinkError> {
 /// own), before the sinks exist: a container's Opus decoder is made from its
 /// header, before the sinks can be (the recorder needs the channel count),
 /// and its rate is chosen from these. Must agree with the sinks'
-/// `output_format`; the session checks that it does once they are built.
+/// `output_format` (the session checks, in debug builds, once they are built).
 pub fn wanted_rates(names: &[String], config: &Config, transcribe: bool) -> Vec<Option<u32>> {
     let mut rates = Vec::new();
     if names.iter().any(|n| n == recorder::NAME) {
