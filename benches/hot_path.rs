@@ -5,7 +5,9 @@
 //!   Opus (48 kHz and 16 kHz decode rates; `benches/decode.rs` compares
 //!   against libopus called directly);
 //! - `Pipeline::push` of one `framing=seq` message (header, jitter buffer,
-//!   decode), PCM and Opus: what the session does per message before the sinks;
+//!   decode), PCM and Opus: what the session does per message before the sinks
+//!   (Opus at 48 kHz as for sinks keeping 48 kHz, and as for sinks all at
+//!   16 kHz, when it is decoded straight at 16 kHz);
 //! - resampling 48k → 16k mono, one 20 ms block (`benches/resample.rs` has
 //!   per-second figures for other rate pairs);
 //! - the recorder's `write` of one 20 ms block to a WAV file (16 kHz mono s16,
@@ -170,21 +172,34 @@ fn pipeline_push(c: &mut Criterion) {
         .collect();
     let packets = opus_packets();
     let mut group = c.benchmark_group("pipeline_push_per_20ms_message");
-    for (name, fmt, payloads, frames_per_message) in [
+    // The last field: the one rate every sink wants, if not the stream's.
+    for (name, fmt, payloads, frames_per_message, sinks_rate_hz) in [
         (
             "pcm_s16le_16k_seq",
             format(Encoding::PcmS16le, 16_000, Framing::Seq),
             &pcm,
             320u64,
+            None,
         ),
         (
             "opus_48k_seq",
             format(Encoding::Opus, 48_000, Framing::Seq),
             &packets,
             960,
+            None,
+        ),
+        (
+            "opus_48k_seq_for_16k_sinks",
+            format(Encoding::Opus, 48_000, Framing::Seq),
+            &packets,
+            960,
+            Some(16_000),
         ),
     ] {
         let mut pipeline = Pipeline::new(fmt, 10_000).expect("pipeline");
+        if let Some(rate) = sinks_rate_hz {
+            pipeline.decode_for_sinks(&[Some(rate)]).expect("decoder");
+        }
         let mut blocks = Vec::with_capacity(2);
         let mut seq = 0u32;
         let start = Instant::now();

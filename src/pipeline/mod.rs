@@ -22,6 +22,10 @@ use crate::codec::{frame_decoder_for, CodecError, Decoder};
 use crate::protocol::{Encoding, Framing, ProtocolError, SeqHeader, StreamFormat};
 
 /// A run of sample frames at a known media position, shared by every sink.
+///
+/// Blocks from a [`Pipeline`] are at its [`Pipeline::block_rate`], which for
+/// Opus may be below the stream's declared rate; positions and lengths are
+/// counted at that rate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AudioBlock {
     /// Media position of the first sample frame since the stream started.
@@ -58,7 +62,8 @@ pub enum PipelineError {
     Demux(#[from] DemuxError),
 }
 
-/// Running totals, reported in `closed` and as metrics.
+/// Running totals, reported in `closed` and as metrics. Frame counts are at
+/// the stream's declared rate, whatever rate Opus is decoded at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PipelineStats {
     pub audio_messages: u64,
@@ -110,7 +115,15 @@ pub struct Pipeline {
     format: StreamFormat,
     format_known: bool,
     source: Source,
-    /// Media position where the next audio is expected.
+    /// Rate of the samples in the blocks handed out: the stream's own, or for
+    /// Opus a lower rate libopus decodes at directly (see
+    /// [`Pipeline::decode_for_sinks`]). It divides the stream's rate.
+    block_rate_hz: u32,
+    /// Stream frames per block frame (`format.sample_rate / block_rate_hz`,
+    /// a whole number): everything but the blocks themselves (timestamps,
+    /// jitter buffer, gaps, statistics, `media_frames`) counts stream frames.
+    stream_frames_per_block_frame: u64,
+    /// Media position where the next audio is expected, in stream frames.
     next_frame: u64,
     max_gap_ms: u64,
     stats: PipelineStats,
@@ -119,7 +132,8 @@ pub struct Pipeline {
     /// `framing=seq`: puts messages in order and decides when a hole is
     /// given up on. Holds each message's audio payload.
     jitter: Option<JitterBuffer<Vec<u8>>>,
-    /// An Opus hole released by the jitter buffer, concealed once the packet
+    /// An Opus hole (start and length in stream frames) released by the
+    /// jitter buffer, concealed once the packet
     /// after it is decoded (so in-band FEC can fill its end).
     pending_gap: Option<(u64, u64)>,
 }
@@ -160,6 +174,8 @@ impl Pipeline {
             format,
             format_known,
             source,
+            block_rate_hz: format.sample_rate,
+            stream_frames_per_block_frame: 1,
             next_frame: 0,
             max_gap_ms,
             stats: PipelineStats::default(),
@@ -175,6 +191,46 @@ impl Pipeline {
             ),
             pending_gap: None,
         })
+    }
+
+    /// Decodes Opus at the lowest rate that serves sinks wanting
+    /// `sink_rates_hz` (`None`: the stream's own rate), instead of at the
+    /// stream's rate: see [`crate::codec::opus::decode_rate_for`]. Other
+    /// encodings are left as they are. Only before the first audio: once
+    /// audio has been decoded, nothing changes.
+    pub fn decode_for_sinks(&mut self, sink_rates_hz: &[Option<u32>]) -> Result<(), PipelineError> {
+        if self.stats.audio_messages > 0 {
+            return Ok(());
+        }
+        let stream_rate_hz = self.format.sample_rate;
+        let decode_rate_hz = crate::codec::opus::decode_rate_for(stream_rate_hz, sink_rates_hz);
+        match &mut self.source {
+            Source::Frames(_) => return Ok(()),
+            Source::Packets(decoder) => {
+                *decoder = OpusDecoder::new(decode_rate_hz, self.format.channels)?;
+            }
+            // The decoder is made from the header, at `block_rate_hz`.
+            Source::Container(_) => {}
+        }
+        self.block_rate_hz = decode_rate_hz;
+        self.stream_frames_per_block_frame = u64::from(stream_rate_hz / decode_rate_hz);
+        Ok(())
+    }
+
+    /// Rate of the samples in the blocks this pipeline hands out.
+    pub fn block_rate(&self) -> u32 {
+        self.block_rate_hz
+    }
+
+    /// Block frames (at [`Pipeline::block_rate`]) to stream frames.
+    fn to_stream_frames(&self, block_frames: usize) -> u64 {
+        block_frames as u64 * self.stream_frames_per_block_frame
+    }
+
+    /// A media position in stream frames, at the block rate (rounded down:
+    /// a timestamp between two block frames belongs to the earlier one).
+    fn to_block_position(&self, stream_frame: u64) -> u64 {
+        stream_frame / self.stream_frames_per_block_frame
     }
 
     /// The effective format, once known (containers: after their header).
@@ -324,7 +380,8 @@ impl Pipeline {
     /// Sample frames a payload holds, checked before it is buffered.
     fn frames_of(&self, payload: &[u8]) -> Result<u64, PipelineError> {
         match &self.source {
-            Source::Packets(decoder) => Ok(decoder.nominal_frames(payload) as u64),
+            // Timestamps count stream frames; the decoder counts its own.
+            Source::Packets(decoder) => Ok(self.to_stream_frames(decoder.nominal_frames(payload))),
             _ => {
                 let frame_bytes = self.format.bytes_per_frame().unwrap_or(1);
                 if !payload.len().is_multiple_of(frame_bytes) {
@@ -362,18 +419,26 @@ impl Pipeline {
                 timestamp, payload, ..
             } => {
                 if let Some((gap_start, gap_frames)) = self.pending_gap.take() {
+                    // The gap in block frames: from where its start falls to
+                    // where its end falls, so that successive blocks stay
+                    // contiguous whatever the timestamps' alignment.
+                    let block_start = self.to_block_position(gap_start);
+                    let block_frames =
+                        (self.to_block_position(gap_start + gap_frames) - block_start) as usize;
                     if let Source::Packets(decoder) = &mut self.source {
                         // A gap in Opus is concealed (PLC, then FEC from this
                         // packet) rather than left silent.
                         let mut concealed = Vec::new();
-                        decoder.conceal(gap_frames as usize, Some(&payload), &mut concealed);
+                        decoder.conceal(block_frames, Some(&payload), &mut concealed);
                         self.stats.concealed_frames += gap_frames;
-                        out.push(AudioBlock {
-                            start_frame: gap_start,
-                            frames: gap_frames as usize,
-                            channels: self.format.channels,
-                            samples: BlockSamples::Audio(concealed),
-                        });
+                        if block_frames > 0 {
+                            out.push(AudioBlock {
+                                start_frame: block_start,
+                                frames: block_frames,
+                                channels: self.format.channels,
+                                samples: BlockSamples::Audio(concealed),
+                            });
+                        }
                     }
                 }
                 // Validated when it was buffered, so this cannot fail; Opus
@@ -383,7 +448,7 @@ impl Pipeline {
         }
     }
 
-    /// Decodes one payload placed at `start_frame`.
+    /// Decodes one payload placed at `start_frame` (in stream frames).
     fn decode_at(
         &mut self,
         start_frame: u64,
@@ -391,26 +456,35 @@ impl Pipeline {
         out: &mut Vec<AudioBlock>,
     ) -> Result<(), PipelineError> {
         let mut samples = Vec::new();
-        let frames = match &mut self.source {
-            Source::Frames(decoder) => decoder.decode(payload, &mut samples)?,
+        let (block_frames, damage) = match &mut self.source {
+            Source::Frames(decoder) => (decoder.decode(payload, &mut samples)?, None),
             Source::Packets(decoder) => match decoder.decode(payload, &mut samples) {
-                Ok(frames) => frames,
-                Err((frames, damage)) => {
-                    note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
-                }
+                Ok(frames) => (frames, None),
+                Err((frames, damage)) => (frames, Some(damage)),
             },
-            Source::Container(_) => 0,
+            Source::Container(_) => (0, None),
         };
-        if frames > 0 {
+        // Opus durations are multiples of 2.5 ms, whole at every Opus rate,
+        // so this is exact.
+        let stream_frames = self.to_stream_frames(block_frames);
+        if let Some(damage) = damage {
+            note_damage(
+                &mut self.stats,
+                &mut self.last_damage,
+                stream_frames,
+                &damage,
+            );
+        }
+        if block_frames > 0 {
             out.push(AudioBlock {
-                start_frame,
-                frames,
+                start_frame: self.to_block_position(start_frame),
+                frames: block_frames,
                 channels: self.format.channels,
                 samples: BlockSamples::Audio(samples),
             });
         }
-        self.next_frame = start_frame + frames as u64;
-        self.stats.decoded_frames += frames as u64;
+        self.next_frame = start_frame + stream_frames;
+        self.stats.decoded_frames += stream_frames;
         Ok(())
     }
 
@@ -433,12 +507,13 @@ impl Pipeline {
                         continue;
                     }
                     let channels = u16::from(head.channels);
-                    let mut decoder = OpusDecoder::new(self.format.sample_rate, channels)?;
+                    let mut decoder = OpusDecoder::new(self.block_rate_hz, channels)?;
                     decoder.set_gain_q8(head.output_gain_q8)?;
                     container.decoder = Some(decoder);
                     container.pre_skip_48k = u64::from(head.pre_skip);
+                    // Dropped from the decoder's output: at its rate.
                     container.skip_frames = (u64::from(head.pre_skip)
-                        * u64::from(self.format.sample_rate)
+                        * u64::from(self.block_rate_hz)
                         / 48_000) as usize;
                     self.format.channels = channels;
                     self.format_known = true;
@@ -450,36 +525,48 @@ impl Pipeline {
                         );
                     };
                     self.scratch.clear();
+                    // Frames here are the decoder's (block frames); a
+                    // container's media position is a whole number of them.
+                    let stream_frames_per_block_frame = self.stream_frames_per_block_frame;
                     let frames = match decoder.decode(&data, &mut self.scratch) {
                         Ok(frames) => frames,
                         Err((frames, damage)) => {
-                            note_damage(&mut self.stats, &mut self.last_damage, frames, &damage)
+                            let stream_frames = frames as u64 * stream_frames_per_block_frame;
+                            note_damage(
+                                &mut self.stats,
+                                &mut self.last_damage,
+                                stream_frames,
+                                &damage,
+                            );
+                            frames
                         }
                     };
                     let channels = usize::from(self.format.channels);
                     let skip = container.skip_frames.min(frames);
                     container.skip_frames -= skip;
                     let mut keep = frames - skip;
+                    let block_position = self.next_frame / stream_frames_per_block_frame;
                     if let Some(granule) = end_granule {
                         // RFC 7845 §4.5: the final granule says where the
                         // stream really ends; the rest of the packet is padding.
-                        let total = granule.saturating_sub(container.pre_skip_48k)
-                            * u64::from(self.format.sample_rate)
+                        let total_block_frames = granule.saturating_sub(container.pre_skip_48k)
+                            * u64::from(self.block_rate_hz)
                             / 48_000;
-                        let allowed = total.saturating_sub(self.next_frame) as usize;
+                        let allowed = total_block_frames.saturating_sub(block_position) as usize;
                         keep = keep.min(allowed);
                     }
                     if keep > 0 {
                         let samples =
                             self.scratch[skip * channels..(skip + keep) * channels].to_vec();
                         out.push(AudioBlock {
-                            start_frame: self.next_frame,
+                            start_frame: block_position,
                             frames: keep,
                             channels: self.format.channels,
                             samples: BlockSamples::Audio(samples),
                         });
-                        self.next_frame += keep as u64;
-                        self.stats.decoded_frames += keep as u64;
+                        let stream_frames = keep as u64 * stream_frames_per_block_frame;
+                        self.next_frame += stream_frames;
+                        self.stats.decoded_frames += stream_frames;
                     }
                 }
                 DemuxEvent::Damaged { reason, .. } => {
@@ -501,17 +588,17 @@ impl PipelineStats {
     }
 }
 
-/// Counts a packet that was concealed instead of decoded; returns its frames.
+/// Counts a packet that was concealed instead of decoded, for its duration
+/// in stream frames.
 fn note_damage(
     stats: &mut PipelineStats,
     last_damage: &mut Option<String>,
-    frames: usize,
+    stream_frames: u64,
     damage: &CodecError,
-) -> usize {
+) {
     stats.damaged_packets += 1;
-    stats.concealed_frames += frames as u64;
+    stats.concealed_frames += stream_frames;
     *last_damage = Some(damage.to_string());
-    frames
 }
 
 #[cfg(test)]
@@ -533,6 +620,62 @@ mod tests {
         let mut m = SeqHeader { seq, timestamp }.encode().to_vec();
         m.extend(std::iter::repeat_n(0x11u8, frames * 2));
         m
+    }
+
+    fn opus_packets_20ms_48k(packets: usize) -> Vec<Vec<u8>> {
+        let mut encoder =
+            opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
+        (0..packets)
+            .map(|p| {
+                let pcm: Vec<f32> = (0..960)
+                    .map(|i| ((p * 960 + i) as f32 * 0.05).sin() * 0.3)
+                    .collect();
+                encoder.encode_vec_float(&pcm, 4000).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn opus_decoded_at_the_sinks_rate_keeps_the_stream_timeline() {
+        let opus_48k = StreamFormat {
+            encoding: Encoding::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            framing: Framing::Seq,
+        };
+        let mut p = Pipeline::new(opus_48k, 1000).unwrap();
+        assert_eq!(p.block_rate(), 48_000);
+        // A sink at the stream's own rate keeps 48 kHz.
+        p.decode_for_sinks(&[Some(16_000), None]).unwrap();
+        assert_eq!(p.block_rate(), 48_000);
+        p.decode_for_sinks(&[Some(16_000)]).unwrap();
+        assert_eq!(p.block_rate(), 16_000);
+
+        let packets = opus_packets_20ms_48k(3);
+        let message = |seq: u32, timestamp: u64| {
+            let mut m = SeqHeader { seq, timestamp }.encode().to_vec();
+            m.extend_from_slice(&packets[seq as usize]);
+            m
+        };
+        let mut out = Vec::new();
+        p.push(&message(0, 0), Instant::now(), &mut out).unwrap();
+        // seq 1 lost; seq 2 placed 30 stream frames late, so the gap (990
+        // frames at 48 kHz) is not a whole number of 16 kHz frames.
+        p.push(&message(2, 1950), Instant::now(), &mut out).unwrap();
+        p.finish(&mut out);
+        let blocks: Vec<(u64, usize)> = out.iter().map(|b| (b.start_frame, b.frames)).collect();
+        // 16 kHz blocks, contiguous: the gap from 960/3 to 1950/3 (rounded
+        // down), then the packet, ending where (1950 + 960) / 3 does.
+        assert_eq!(blocks, [(0, 320), (320, 330), (650, 320)]);
+        let stats = p.stats();
+        assert_eq!(stats.decoded_frames, 2 * 960);
+        assert_eq!(stats.gap_frames, 990);
+        assert_eq!(stats.concealed_frames, 990);
+        assert_eq!(p.media_frames(), 1950 + 960);
+
+        // Audio has been decoded: the rate no longer changes.
+        p.decode_for_sinks(&[None]).unwrap();
+        assert_eq!(p.block_rate(), 16_000);
     }
 
     #[test]

@@ -73,7 +73,9 @@ impl Encoding {
 
     /// Telephony codecs have one obvious rate; PCM has none, and guessing one
     /// is the classic source of chipmunk audio, so PCM must say its rate. For
-    /// Opus the rate is the decode rate, 48 kHz unless asked otherwise.
+    /// Opus the rate is one libopus decodes at, 48 kHz unless asked
+    /// otherwise; it is the unit of timestamps and durations, while the
+    /// server may decode at a lower rate when no sink needs this one.
     pub fn default_sample_rate(self) -> Option<u32> {
         match self {
             Encoding::Mulaw | Encoding::Alaw => Some(8_000),

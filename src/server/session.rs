@@ -20,7 +20,7 @@ use super::dialect::{Dialect, Inbound};
 use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
-use crate::pipeline::convert::Converter;
+use crate::pipeline::convert::{Converter, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples, Pipeline, SharedBlock};
 use crate::protocol::{
     parse_client_message, ClientMessage, ClosedSummary, Framing, ProtocolError, ServerMessage,
@@ -863,7 +863,14 @@ impl Session {
             .transcription
             .select(request.transcribe.as_deref())
             .map_err(SinkError::UnknownBackend)?;
-        let pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
+        let mut pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
+        // Opus is decoded straight at the rate the sinks need, when that is
+        // lower than the stream's: cheaper than decoding and resampling.
+        pipeline.decode_for_sinks(&sinks::wanted_rates(
+            &sink_names,
+            &self.config,
+            transcribe.is_some(),
+        ))?;
         // A dialect's seq framing is the server's own (Twilio's interleaver):
         // those platforms never resume.
         if format.framing == Framing::Seq
@@ -936,13 +943,29 @@ impl Session {
                 events_tx.clone(),
             )));
         }
+        // The blocks come at the pipeline's block rate, which for Opus may
+        // be below the stream's; a sink's "the stream's own rate" still means
+        // the declared one, so it is resolved before the converter is made.
+        let block_rate = active.pipeline.block_rate();
         let mut groups: Vec<SinkGroup> = Vec::new();
         for (index, sink) in built.iter().enumerate() {
-            let wanted = sink.output_format();
+            let asked = sink.output_format();
+            let wanted = OutputFormat {
+                sample_rate: Some(asked.rate(format.sample_rate)),
+                ..asked
+            };
+            // Decoding below a sink's rate would mean resampling up: worse
+            // audio, still correctly labelled.
+            debug_assert!(
+                block_rate == format.sample_rate || asked.rate(format.sample_rate) <= block_rate,
+                "{} wants {:?} but Opus is decoded at {block_rate} Hz: sinks::wanted_rates is out of date",
+                sink.name(),
+                wanted.sample_rate,
+            );
             match groups.iter_mut().find(|g| g.converter.format() == wanted) {
                 Some(group) => group.members.push(index),
                 None => groups.push(SinkGroup {
-                    converter: Converter::new(format.sample_rate, format.channels, wanted)?,
+                    converter: Converter::new(block_rate, format.channels, wanted)?,
                     members: vec![index],
                 }),
             }

@@ -107,6 +107,22 @@ pub fn check_names(names: &[String]) -> Result<(), SinkError> {
     }
 }
 
+/// The sample rate each sink of a session will want (`None`: the stream's
+/// own), before the sinks exist: a container's Opus decoder is made from its
+/// header, before the sinks can be (the recorder needs the channel count),
+/// and its rate is chosen from these. Must agree with the sinks'
+/// `output_format` (the session checks, in debug builds, once they are built).
+pub fn wanted_rates(names: &[String], config: &Config, transcribe: bool) -> Vec<Option<u32>> {
+    let mut rates = Vec::new();
+    if names.iter().any(|n| n == recorder::NAME) {
+        rates.push(config.recorder_settings().sample_rate);
+    }
+    if transcribe {
+        rates.push(Some(transcriber::SAMPLE_RATE));
+    }
+    rates
+}
+
 /// Builds the named sinks for one session.
 pub fn build(
     names: &[String],

@@ -300,3 +300,111 @@ async fn wrong_or_broken_containers_close_with_their_codes() {
     client.stop().await;
     assert_server_still_serves(&server).await;
 }
+
+/// libopus on its own: `packets` decoded one after the other at `rate_hz`,
+/// mono, converted to 16-bit as the recorder converts
+/// (`(s * 32768).round().clamp(..)`).
+fn libopus_decode_i16(packets: &[Vec<u8>], rate_hz: u32) -> Vec<i16> {
+    let mut decoder = opus::Decoder::new(rate_hz, opus::Channels::Mono).unwrap();
+    let mut buffer = vec![0f32; rate_hz as usize * 120 / 1000];
+    let mut samples = Vec::new();
+    for packet in packets {
+        let frames = decoder.decode_float(packet, &mut buffer, false).unwrap();
+        samples.extend(
+            buffer[..frames]
+                .iter()
+                .map(|s| (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16),
+        );
+    }
+    samples
+}
+
+/// Sends 20 ms Opus packets declared at 48 kHz, `seq` timestamps at 48 kHz;
+/// packets in `lost` are never sent.
+async fn stream_packets_48k(server: &Server, packets: &[Vec<u8>], lost: &[usize]) -> Transcript {
+    let mut client = Client::connect(server, "encoding=opus&sample_rate=48000&framing=seq").await;
+    assert_eq!(
+        client.expect("started").await["format"]["sample_rate"],
+        48000
+    );
+    for (i, packet) in packets.iter().enumerate() {
+        if !lost.contains(&i) {
+            client
+                .send_binary(seq_message(i as u32, i as u64 * 960, packet))
+                .await;
+        }
+    }
+    client.stop().await
+}
+
+/// Recorded at 16 kHz, a 48 kHz Opus stream is decoded by libopus straight
+/// at 16 kHz: the recording is, sample for sample, what libopus gives at
+/// 16 kHz (after 48 kHz decoding and resampling it could not be), while
+/// everything counted in the stream's frames stays at 48 kHz.
+#[tokio::test]
+async fn opus_at_48k_recorded_at_16k_is_decoded_at_16k() {
+    let server = Server::start_with(&["--recorder-sample-rate", "16000"], &[]);
+    let packets = ogg_packets_independently(&fixture("speech-opusenc.opus"));
+    let transcript = stream_packets_48k(&server, &packets, &[]).await;
+    assert_eq!(transcript.close_code(), 1000, "{:#?}", transcript.messages);
+    let wav = recorded(&transcript);
+    assert_eq!((wav.spec.sample_rate, wav.spec.channels), (16000, 1));
+    let direct = libopus_decode_i16(&packets, 16_000);
+    assert_eq!(direct.len(), packets.len() * 320);
+    assert!(wav.samples == direct, "not libopus's own 16 kHz decode");
+    let recording = transcript.one("recording");
+    assert_eq!(recording["sample_rate"], 16000);
+    assert_eq!(recording["sample_frames"], packets.len() * 320);
+    let duration = recording["duration_seconds"].as_f64().unwrap();
+    assert!(
+        (duration - packets.len() as f64 * 0.02).abs() < 1e-9,
+        "{duration}"
+    );
+    // The session's own media time is in the stream's 48 kHz frames.
+    let closed = transcript.one("closed");
+    assert_eq!(closed["sample_frames"], packets.len() * 960);
+    let media = closed["duration_seconds"].as_f64().unwrap();
+    assert!(
+        (media - packets.len() as f64 * 0.02).abs() < 1e-9,
+        "{media}"
+    );
+    let stats = transcript.of_type("stats");
+    let media = stats.last().unwrap()["media_seconds"].as_f64().unwrap();
+    assert!(
+        (media - packets.len() as f64 * 0.02).abs() < 1e-9,
+        "{media}"
+    );
+
+    // Three packets lost: the gap is counted in 48 kHz frames, concealed at
+    // 16 kHz, and the recording keeps its length.
+    let transcript = stream_packets_48k(&server, &packets, &[60, 61, 62]).await;
+    assert_eq!(transcript.close_code(), 1000, "{:#?}", transcript.messages);
+    let closed = transcript.one("closed");
+    assert_eq!(closed["gap_frames"], 3 * 960);
+    assert_eq!(closed["concealed_frames"], 3 * 960);
+    let stats = transcript.of_type("stats");
+    assert_eq!(stats.last().unwrap()["packets_lost"], 3);
+    assert_eq!(stats.last().unwrap()["concealed_frames"], 3 * 960);
+    let wav = recorded(&transcript);
+    assert_eq!(wav.samples.len(), packets.len() * 320);
+    // Before the gap, still libopus's 16 kHz decode exactly.
+    assert_eq!(wav.samples[..60 * 320], direct[..60 * 320]);
+    let (correlation, _) = aligned_correlation(&wav.samples, &direct, 480);
+    assert!(correlation > 0.9, "correlation {correlation}");
+}
+
+/// With the recorder keeping the stream's own 48 kHz, Opus is still decoded
+/// at 48 kHz, and the recording is libopus's 48 kHz decode.
+#[tokio::test]
+async fn opus_at_48k_recorded_at_48k_is_decoded_at_48k() {
+    let server = Server::start();
+    let packets = ogg_packets_independently(&fixture("speech-opusenc.opus"));
+    let transcript = stream_packets_48k(&server, &packets, &[]).await;
+    assert_eq!(transcript.close_code(), 1000, "{:#?}", transcript.messages);
+    let wav = recorded(&transcript);
+    assert_eq!(wav.spec.sample_rate, 48000);
+    assert_eq!(transcript.one("recording")["sample_rate"], 48000);
+    let direct = libopus_decode_i16(&packets, 48_000);
+    assert_eq!(direct.len(), packets.len() * 960);
+    assert!(wav.samples == direct, "not libopus's own 48 kHz decode");
+}
