@@ -79,6 +79,27 @@ fn opus_packets() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// What the 16 kHz sinks ask for (the recorder at 16 kHz, the transcriber):
+/// 16 kHz, channels kept.
+const OUTPUT_16K: OutputFormat = OutputFormat {
+    sample_rate: Some(16_000),
+    layout: Layout::Keep,
+};
+
+/// 48 kHz mono audio as the pipeline hands it on: 20 ms blocks, in order.
+fn mono_blocks_20ms_48k(audio: &[f32]) -> Vec<AudioBlock> {
+    audio
+        .chunks_exact(960)
+        .enumerate()
+        .map(|(k, f)| AudioBlock {
+            start_frame: 960 * k as u64,
+            frames: 960,
+            channels: 1,
+            samples: BlockSamples::Audio(f.to_vec()),
+        })
+        .collect()
+}
+
 fn format(encoding: Encoding, sample_rate: u32, framing: Framing) -> StreamFormat {
     StreamFormat {
         encoding,
@@ -320,20 +341,8 @@ fn wav_write(c: &mut Criterion) {
     // Opus decoded at 48 kHz and recorded at 16 kHz: the conversion the
     // session runs once per message, then the recorder's write.
     let audio = speech_at(48_000);
-    let opus_blocks: Vec<AudioBlock> = audio
-        .chunks_exact(960)
-        .enumerate()
-        .map(|(k, f)| AudioBlock {
-            start_frame: 960 * k as u64,
-            frames: 960,
-            channels: 1,
-            samples: BlockSamples::Audio(f.to_vec()),
-        })
-        .collect();
-    let to_16k = OutputFormat {
-        sample_rate: Some(16_000),
-        layout: Layout::Keep,
-    };
+    let opus_blocks = mono_blocks_20ms_48k(&audio);
+    let to_16k = OUTPUT_16K;
     let mut group = c.benchmark_group("convert_and_wav_write_per_20ms_frame");
     group.bench_function("48k_to_16k_s16_mono", |b| {
         b.iter_custom(|iters| {
@@ -460,20 +469,8 @@ fn wav_writer_choice(c: &mut Criterion) {
         .collect();
     let frames: Vec<&[f32]> = speech.chunks_exact(320).collect();
     let audio_48k = speech_at(48_000);
-    let blocks_48k: Vec<AudioBlock> = audio_48k
-        .chunks_exact(960)
-        .enumerate()
-        .map(|(k, f)| AudioBlock {
-            start_frame: 960 * k as u64,
-            frames: 960,
-            channels: 1,
-            samples: BlockSamples::Audio(f.to_vec()),
-        })
-        .collect();
-    let to_16k = OutputFormat {
-        sample_rate: Some(16_000),
-        layout: Layout::Keep,
-    };
+    let blocks_48k = mono_blocks_20ms_48k(&audio_48k);
+    let to_16k = OUTPUT_16K;
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 16_000,

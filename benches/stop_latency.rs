@@ -7,9 +7,9 @@
 //!
 //! Run: `cargo bench --bench stop_latency` (prints median, p90 and max).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -23,29 +23,9 @@ fn main() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("cochlea-stop-latency-{}", std::process::id()));
-    let mut server = Command::new(env!("CARGO_BIN_EXE_cochlea"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--recordings-dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let stdout = server.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("cochlea listening on http://")
-                .map(str::to_owned)
-        })
-        .expect("server address");
+    let (mut server, addr) = support::start_server(&dir, &[]);
 
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
-    let samples: Vec<i16> = hound::WavReader::open(fixture)
-        .expect("fixture")
-        .samples::<i16>()
-        .collect::<Result<_, _>>()
-        .expect("samples");
+    let samples = support::speech_16k();
     let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
 
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -16,9 +16,9 @@
 //!
 //! Run: `cargo bench --bench transcribe_latency`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
+
+mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -43,31 +43,17 @@ fn main() {
     let backend_url = runtime.block_on(start_backend());
 
     let dir = std::env::temp_dir().join(format!("cochlea-stt-latency-{}", std::process::id()));
-    let mut server = Command::new(env!("CARGO_BIN_EXE_cochlea"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--recordings-dir"])
-        .arg(&dir)
-        .args(["--transcribe-url", &backend_url])
-        .args(["--vad-hangover-ms", &HANGOVER_MS.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let stdout = server.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("cochlea listening on http://")
-                .map(str::to_owned)
-        })
-        .expect("server address");
+    let (mut server, addr) = support::start_server(
+        &dir,
+        &[
+            "--transcribe-url",
+            &backend_url,
+            "--vad-hangover-ms",
+            &HANGOVER_MS.to_string(),
+        ],
+    );
 
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
-    let speech: Vec<i16> = hound::WavReader::open(fixture)
-        .expect("fixture")
-        .samples::<i16>()
-        .collect::<Result<_, _>>()
-        .expect("samples");
+    let speech = support::speech_16k();
     let mut samples = vec![0i16; 8_000];
     samples.extend_from_slice(&speech);
     samples.extend(std::iter::repeat_n(0i16, 24_000));
