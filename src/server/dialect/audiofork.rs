@@ -15,7 +15,7 @@
 use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{excerpt, start_request, Dialect, DialectError, DialectKind, Inbound, Prepared};
+use super::{excerpt, l16_start, Dialect, DialectError, DialectKind, Inbound, Prepared};
 use crate::protocol::{ProtocolError, ServerMessage, StartRequest};
 
 const NAME: &str = "audiofork";
@@ -135,21 +135,9 @@ impl AudioFork {
                 "sampling_rate": self.sample_rate,
             }),
         );
-        let request = start_request(
-            &[
-                ("encoding", "pcm_s16le".into()),
-                ("sample_rate", self.sample_rate.to_string()),
-                ("channels", self.mix.channels().to_string()),
-                ("framing", "raw".into()),
-            ],
-            &self.chosen,
-            map,
-        )?;
+        let start = l16_start(self.sample_rate, self.mix.channels(), &self.chosen, map)?;
         self.started = true;
-        out.push(Inbound::Start {
-            request,
-            max_session_ms: None,
-        });
+        out.push(start);
         Ok(())
     }
 }

@@ -305,6 +305,30 @@ fn start_request(
     Ok(request)
 }
 
+/// The start of a dialect whose binary messages are raw 16-bit
+/// little-endian PCM (Vonage, mod_audio_fork).
+fn l16_start(
+    sample_rate_hz: u32,
+    channels: u16,
+    chosen: &[(String, String)],
+    metadata: Map<String, Value>,
+) -> Result<Inbound, ProtocolError> {
+    let request = start_request(
+        &[
+            ("encoding", "pcm_s16le".into()),
+            ("sample_rate", sample_rate_hz.to_string()),
+            ("channels", channels.to_string()),
+            ("framing", "raw".into()),
+        ],
+        chosen,
+        metadata,
+    )?;
+    Ok(Inbound::Start {
+        request,
+        max_session_ms: None,
+    })
+}
+
 /// Splits a dialect query into the native stream parameters it may carry
 /// and an error for anything else.
 fn only_stream_parameters(

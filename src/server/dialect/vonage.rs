@@ -13,8 +13,8 @@ use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
-    excerpt, json_object, only_stream_parameters, start_request, string_field, Dialect,
-    DialectError, DialectKind, Inbound, Prepared,
+    excerpt, json_object, l16_start, only_stream_parameters, string_field, Dialect, DialectError,
+    DialectKind, Inbound, Prepared,
 };
 use crate::protocol::{parse_sample_rate, ProtocolError, ServerMessage, StartRequest};
 
@@ -81,21 +81,9 @@ impl Vonage {
             .filter(|(k, _)| k != "event" && k != "content-type")
             .collect();
         metadata.insert("dialect".into(), json!({ "name": NAME }));
-        let request = start_request(
-            &[
-                ("encoding", "pcm_s16le".into()),
-                ("sample_rate", rate.to_string()),
-                ("channels", "1".into()),
-                ("framing", "raw".into()),
-            ],
-            &self.chosen,
-            metadata,
-        )?;
+        let start = l16_start(rate, 1, &self.chosen, metadata)?;
         self.started = true;
-        out.push(Inbound::Start {
-            request,
-            max_session_ms: None,
-        });
+        out.push(start);
         Ok(())
     }
 }
