@@ -30,5 +30,6 @@ pub mod pipeline;
 pub mod protocol;
 pub mod rlimit;
 pub mod server;
+pub mod session;
 pub mod sinks;
 pub mod telemetry;

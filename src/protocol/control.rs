@@ -162,7 +162,13 @@ fn normalize_sink_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String>
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConnectRequest {
     New(StartRequest),
-    Resume { session_id: String, token: String },
+    /// `request`: stream parameters the connection repeated (its old URL);
+    /// they must match the session's.
+    Resume {
+        session_id: String,
+        token: String,
+        request: StartRequest,
+    },
 }
 
 /// Reads the query string of a connection.
@@ -180,12 +186,12 @@ where
         }
         return StartRequest::from_query(pairs).map(ConnectRequest::New);
     };
-    if let Some((other, _)) = pairs
-        .iter()
-        .find(|(k, _)| *k != "resume" && *k != "resume_token")
-    {
-        return Err(ProtocolError::ResumeWithParameters((*other).to_owned()));
-    }
+    let request = StartRequest::from_query(
+        pairs
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "resume" && *k != "resume_token"),
+    )?;
     let token = pairs
         .iter()
         .find(|(k, _)| *k == "resume_token")
@@ -194,6 +200,7 @@ where
     Ok(ConnectRequest::Resume {
         session_id: session_id.to_owned(),
         token,
+        request,
     })
 }
 

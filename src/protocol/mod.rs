@@ -38,8 +38,6 @@ pub enum ProtocolError {
     UnknownMessageType(String),
     #[error("unknown query parameter '{0}'")]
     UnknownParameter(String),
-    #[error("a resume carries only resume and resume_token, not '{0}': the stream's format is the session's")]
-    ResumeWithParameters(String),
     #[error("unsupported encoding '{0}'; supported: pcm_s16le, pcm_f32le, mulaw, alaw, opus, ogg_opus, webm_opus")]
     UnsupportedEncoding(String),
     #[error("unsupported sample_rate '{0}'; expected an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}")]

@@ -122,7 +122,7 @@ impl SessionError {
                 DemuxError::Malformed(_) => ("malformed_container", INVALID_PAYLOAD),
             },
             SessionError::Sink(e) => match e {
-                SinkError::UnknownSink(_) => ("unknown_sink", UNSUPPORTED_DATA),
+                SinkError::UnknownSink { .. } => ("unknown_sink", UNSUPPORTED_DATA),
                 SinkError::UnknownBackend(_) => ("unknown_backend", UNSUPPORTED_DATA),
                 SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
                     ("sink_failed", INTERNAL_ERROR)
@@ -155,7 +155,6 @@ fn protocol_codes(e: &ProtocolError) -> (&'static str, u16) {
         ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
         ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
         ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
-        ProtocolError::ResumeWithParameters(_) => ("invalid_message", PROTOCOL_ERROR),
         ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
         ProtocolError::UnsupportedSampleRate(_) => ("unsupported_sample_rate", UNSUPPORTED_DATA),
         ProtocolError::UnsupportedChannels(_) => ("unsupported_channels", UNSUPPORTED_DATA),

@@ -103,7 +103,10 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             config: config.clone(),
             shutdown: shutdown_rx,
             resumes: Arc::new(resume::ResumeRegistry::default()),
-            transcription,
+            sinks: Arc::new(crate::sinks::registry::Registry::new(
+                &config,
+                transcription,
+            )),
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -312,12 +315,20 @@ async fn stream(
             id,
             ws,
             messages,
+            Box::new(dialect::native::Native),
             SessionError::ShuttingDown,
         ));
-    } else if let Ok(ConnectRequest::Resume { session_id, token }) = connect {
+    } else if let Ok(ConnectRequest::Resume {
+        session_id,
+        token,
+        request,
+    }) = connect
+    {
         // A resumed session already holds its admission slot.
         let env = state.env.clone();
-        actix_web::rt::spawn(session::resume(ws, messages, session_id, token, env));
+        actix_web::rt::spawn(session::resume(
+            ws, messages, session_id, token, request, env,
+        ));
     } else {
         match state.registry.try_admit(key_id) {
             Ok(guard) => {
@@ -336,6 +347,7 @@ async fn stream(
                     state.env.clone(),
                     guard,
                     limits,
+                    Box::new(dialect::native::Native),
                 ));
             }
             Err(refusal) => {
@@ -347,7 +359,13 @@ async fn stream(
                         max_sessions_per_key: state.registry.max_per_key(),
                     },
                 };
-                actix_web::rt::spawn(session::refuse(id, ws, messages, error));
+                actix_web::rt::spawn(session::refuse(
+                    id,
+                    ws,
+                    messages,
+                    Box::new(dialect::native::Native),
+                    error,
+                ));
             }
         }
     }
@@ -448,9 +466,10 @@ async fn dialect_stream(
     };
     let key_id = principal.as_ref().map(|p| p.key_id.as_str());
     if session::is_shutting_down(&state.env.shutdown) {
-        actix_web::rt::spawn(dialect::refuse(
+        actix_web::rt::spawn(session::refuse(
             id,
             ws,
+            messages,
             prepared.dialect,
             SessionError::ShuttingDown,
         ));
@@ -461,7 +480,7 @@ async fn dialect_stream(
             let limits = session::SessionLimits {
                 max_session_ms: principal.as_ref().and_then(|p| p.max_session_ms),
             };
-            actix_web::rt::spawn(session::run_with_dialect(
+            actix_web::rt::spawn(session::run(
                 id,
                 ws,
                 messages,
@@ -469,7 +488,7 @@ async fn dialect_stream(
                 state.env.clone(),
                 guard,
                 limits,
-                Some(prepared.dialect),
+                prepared.dialect,
             ));
         }
         Err(refusal) => {
@@ -481,7 +500,7 @@ async fn dialect_stream(
                     max_sessions_per_key: state.registry.max_per_key(),
                 },
             };
-            actix_web::rt::spawn(dialect::refuse(id, ws, prepared.dialect, error));
+            actix_web::rt::spawn(session::refuse(id, ws, messages, prepared.dialect, error));
         }
     }
     Ok(response)

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use super::auth::constant_time_eq;
 use super::registry::SessionGuard;
-use super::session::Session;
+use super::session::Suspended;
+use crate::protocol::StartRequest;
 
 /// Why a resume was refused (close code 1008 in every case).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,11 +27,14 @@ pub enum ResumeError {
     WrongToken(String),
     #[error("session {0} is still attached to another connection that did not let go")]
     Busy(String),
+    /// The resuming connection repeated a stream parameter with another value.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// A session waiting for its client, with the slot it holds.
 pub struct Parked {
-    pub session: Box<Session>,
+    pub session: Box<Suspended>,
     pub guard: SessionGuard,
     /// Each park has its own generation, so a stale expiry timer cannot end
     /// a session that was resumed and parked again since.
@@ -112,6 +116,7 @@ impl ResumeRegistry {
         &self,
         id: &str,
         token: &str,
+        request: &StartRequest,
         wait: std::time::Duration,
     ) -> Result<(Parked, Arc<Notify>), ResumeError> {
         let deadline = Instant::now() + wait;
@@ -123,6 +128,14 @@ impl ResumeRegistry {
                 };
                 if !constant_time_eq(entry.token.as_bytes(), token.as_bytes()) {
                     return Err(ResumeError::WrongToken(id.to_owned()));
+                }
+                if let State::Parked(parked) = &entry.state {
+                    // Checked before the session changes hands: a refused
+                    // resume leaves it parked as it was.
+                    parked
+                        .session
+                        .check_resume_request(request)
+                        .map_err(|e| ResumeError::Conflict(e.to_string()))?;
                 }
                 match std::mem::replace(&mut entry.state, State::Releasing) {
                     State::Parked(parked) => {

@@ -19,25 +19,24 @@
 
 pub mod audiofork;
 pub mod deepgram;
+pub mod native;
 pub mod twilio;
 pub mod vonage;
 
 use std::sync::Arc;
 
 use actix_web::web::Bytes;
-use actix_ws::{CloseCode, CloseReason};
 use serde_json::{Map, Value};
-use tracing::Instrument;
 
 use super::auth::{Auth, AuthError};
-use super::close::SessionError;
 use super::registry::{KeyGuard, Refusal, SessionRegistry};
 use crate::protocol::{ProtocolError, ServerMessage, StartRequest};
-use crate::telemetry::names;
 
 /// Which protocol an endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialectKind {
+    /// cochlea's own protocol (`/v1/stream`).
+    Native,
     Twilio,
     Vonage,
     AudioFork,
@@ -47,6 +46,7 @@ pub enum DialectKind {
 impl DialectKind {
     pub fn name(self) -> &'static str {
         match self {
+            DialectKind::Native => "native",
             DialectKind::Twilio => "twilio",
             DialectKind::Vonage => "vonage",
             DialectKind::AudioFork => "audiofork",
@@ -61,6 +61,7 @@ impl DialectKind {
             DialectKind::AudioFork => &[audiofork::SUBPROTOCOL, "audiostream.drachtio.org"],
             // Browsers send `token, <key>`: the server must select `token`.
             DialectKind::Deepgram => &["token", "bearer"],
+            DialectKind::Native => &[super::auth::SUBPROTOCOL],
             DialectKind::Twilio | DialectKind::Vonage => &[],
         }
     }
@@ -144,6 +145,11 @@ pub trait Dialect: Send {
 
     /// Zero or more text frames for one session message.
     fn render(&mut self, message: &ServerMessage, out: &mut Vec<String>);
+
+    /// Whether a dropped connection may resume the session (`framing=seq`).
+    fn resumable(&self) -> bool {
+        false
+    }
 }
 
 /// A credential that must come after the upgrade (Twilio strips query
@@ -190,48 +196,15 @@ pub fn prepare(
     deferred_auth: Option<DeferredAuth>,
 ) -> Prepared {
     match kind {
+        DialectKind::Native => Prepared {
+            dialect: Box::new(native::Native),
+            query: StartRequest::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        },
         DialectKind::Twilio => twilio::prepare(session_id, pairs, deferred_auth),
         DialectKind::Vonage => vonage::prepare(pairs),
         DialectKind::AudioFork => audiofork::prepare(session_id, pairs),
         DialectKind::Deepgram => deepgram::prepare(session_id, pairs),
     }
-}
-
-/// Refuses an upgraded dialect connection that cannot be served (server
-/// full, shutting down): the error in the platform's shape, if it has one,
-/// then the close frame with the error code as its reason.
-pub async fn refuse(
-    id: String,
-    mut ws: actix_ws::Session,
-    mut dialect: Box<dyn Dialect>,
-    error: SessionError,
-) {
-    let span = tracing::info_span!("session", id = %id, dialect = dialect.kind().name());
-    async move {
-        let (code, close_code) = error.codes();
-        tracing::warn!(%error, "session refused");
-        metrics::counter!(names::SESSIONS_REJECTED_TOTAL, "reason" => code).increment(1);
-        let mut frames = Vec::new();
-        dialect.render(
-            &ServerMessage::Error {
-                code,
-                message: error.to_string(),
-                fatal: true,
-            },
-            &mut frames,
-        );
-        for frame in frames {
-            let _ = ws.text(frame).await;
-        }
-        let _ = ws
-            .close(Some(CloseReason {
-                code: CloseCode::from(close_code),
-                description: Some(code.to_owned()),
-            }))
-            .await;
-    }
-    .instrument(span)
-    .await
 }
 
 /// The credential of a dialect request, from what that platform can send:

@@ -145,6 +145,7 @@ pub struct Recorder {
     last_flush: Instant,
     flush_interval: Duration,
     fsync: bool,
+    write_seconds: metrics::Histogram,
 }
 
 impl Recorder {
@@ -206,6 +207,7 @@ impl Recorder {
             last_flush: Instant::now(),
             flush_interval: settings.flush_interval,
             fsync: settings.fsync,
+            write_seconds: metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME),
         })
     }
 
@@ -264,6 +266,7 @@ impl Sink for Recorder {
                 ),
             });
         }
+        let started = Instant::now();
         match &block.samples {
             BlockSamples::Audio(samples) => self.wav.write(samples).map_err(wav_error)?,
             BlockSamples::Silence => self
@@ -271,6 +274,7 @@ impl Sink for Recorder {
                 .write_silence(block.frames * usize::from(self.channels))
                 .map_err(wav_error)?,
         }
+        self.write_seconds.record(started.elapsed().as_secs_f64());
         self.frames_written += block.frames as u64;
         self.dirty = true;
         if now.saturating_duration_since(self.last_flush) >= self.flush_interval {
