@@ -750,7 +750,7 @@ impl SessionCore {
         // Even when the push failed, what it completed before goes out.
         self.dispatch(now)?;
         self.audio_since_stats = true;
-        self.send_due_reports(now);
+        self.send_due_reports(now)?;
         pushed?;
         self.check_rate(now)
     }
@@ -982,7 +982,7 @@ impl SessionCore {
             self.dispatch(now)?;
             self.sink_deadlines(now)?;
         }
-        self.send_due_reports(now);
+        self.send_due_reports(now)?;
         Ok(None)
     }
 
@@ -1010,9 +1010,10 @@ impl SessionCore {
 
     /// Sends an ack and stats if they are due; also runs on the message path,
     /// so a streaming session needs no timer wake-ups for them.
-    fn send_due_reports(&mut self, now: Instant) {
+    fn send_due_reports(&mut self, now: Instant) -> Result<(), SessionError> {
         if let Some(seq) = self.handed_seq {
             if self.acked_seq != Some(seq) && now >= self.last_ack_at + self.ack_interval() {
+                self.commit_sinks(now)?;
                 self.acked_seq = Some(seq);
                 self.last_ack_at = now;
                 self.send(&ServerMessage::Ack { seq });
@@ -1028,6 +1029,27 @@ impl SessionCore {
             if let Some(stats) = self.stream_stats() {
                 self.send(&ServerMessage::Stats(stats));
             }
+        }
+        Ok(())
+    }
+
+    /// Makes what the sinks were given durable, before an ack says so.
+    fn commit_sinks(&mut self, now: Instant) -> Result<(), SessionError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let mut failed = None;
+        for (index, slot) in active.sinks.iter_mut().enumerate() {
+            if let Some(sink) = slot.sink.as_mut() {
+                if let Err(error) = sink.commit(now) {
+                    failed = Some((index, error));
+                    break;
+                }
+            }
+        }
+        match failed {
+            Some((index, error)) => Err(self.sink_failed(index, error)),
+            None => Ok(()),
         }
     }
 
@@ -1137,7 +1159,7 @@ impl SessionCore {
         }
         // A last ack, so a client that is still there knows all arrived.
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
-            if self.acked_seq != Some(seq) {
+            if self.acked_seq != Some(seq) && self.commit_sinks(now).is_ok() {
                 self.acked_seq = Some(seq);
                 self.send(&ServerMessage::Ack { seq });
             }

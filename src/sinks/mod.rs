@@ -79,6 +79,14 @@ pub trait Sink: Send + 'static {
     /// Commits everything received so far (the client sent `flush`).
     fn flush(&mut self, now: Instant) -> Result<(), SinkError>;
 
+    /// Makes everything written so far durable as far as a process crash
+    /// goes (handed to the OS, and readable as such: a recorder's header
+    /// covers it). Called before every `ack`, so that an acknowledged `seq`
+    /// survives a crash of the server (PROTOCOL.md, "What an ack means").
+    fn commit(&mut self, _now: Instant) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     /// When the sink next wants [`Sink::on_deadline`] called, if ever. A sink
     /// with nothing pending returns `None`, so idle sessions arm no timer.
     fn next_deadline(&self) -> Option<Instant> {

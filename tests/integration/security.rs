@@ -349,3 +349,33 @@ async fn wss_with_a_self_signed_certificate() {
     let plain = format!("ws://127.0.0.1:{}/v1/stream", server.addr.port());
     assert!(tokio_tungstenite::connect_async(plain).await.is_err());
 }
+
+/// Issue 15, item 4: the session's length limit is a deadline of its own.
+/// It used to fire only when another timer did (the stats tick, or with
+/// stats off, the 30 s idle timeout); with stats off and a long idle
+/// timeout, a 1 s cap now ends the session long before either.
+#[tokio::test]
+async fn the_session_length_limit_fires_on_time_with_no_other_timer() {
+    let server = Server::start_with(
+        &[
+            "--max-session-duration-ms",
+            "1000",
+            "--stats-interval-ms",
+            "0",
+            "--idle-timeout-ms",
+            "60000",
+        ],
+        &[],
+    );
+    let mut client = Client::connect(&server, "encoding=mulaw").await;
+    client.expect("started").await;
+    client.send_binary(vec![0xFF; 800]).await;
+    let started = std::time::Instant::now();
+    let transcript = client.finish().await;
+    transcript.assert_error("max_duration_reached", 1008);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the 1 s limit fired after {:?}",
+        started.elapsed()
+    );
+}
