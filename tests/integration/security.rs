@@ -367,7 +367,8 @@ async fn the_session_length_limit_fires_on_time_with_no_other_timer() {
         ],
         &[],
     );
-    let mut client = Client::connect(&server, "encoding=mulaw").await;
+    // No sinks: no recorder checkpoint timer to wake the session either.
+    let mut client = Client::connect(&server, "encoding=mulaw&sinks=none").await;
     client.expect("started").await;
     client.send_binary(vec![0xFF; 800]).await;
     let started = std::time::Instant::now();
