@@ -145,3 +145,101 @@ impl TranscriptionConfig {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(change: impl FnOnce(&mut TranscriptionConfig)) -> String {
+        let mut config = TranscriptionConfig::default();
+        change(&mut config);
+        config.validate().unwrap_err()
+    }
+
+    fn with_backend(name: &str, url: &str) -> impl FnOnce(&mut TranscriptionConfig) {
+        let (name, url) = (name.to_owned(), url.to_owned());
+        move |config| {
+            config.backends.insert(
+                name,
+                BackendConfig {
+                    url,
+                    ..BackendConfig::default()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        TranscriptionConfig::default().validate().unwrap();
+        let mut config = TranscriptionConfig::default();
+        with_backend("stt-1_b", "http://127.0.0.1:1")(&mut config);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_of_zero_are_refused_naming_the_key() {
+        for (change, key) in [
+            (
+                (|c: &mut TranscriptionConfig| c.max_concurrent_requests = 0)
+                    as fn(&mut TranscriptionConfig),
+                "max_concurrent_requests",
+            ),
+            (
+                |c| c.max_concurrent_requests_per_session = 0,
+                "max_concurrent_requests_per_session",
+            ),
+            (|c| c.max_pending_utterances = 0, "max_pending_utterances"),
+            (|c| c.request_timeout_ms = 0, "request_timeout_ms"),
+        ] {
+            let err = refused(change);
+            assert!(err.contains(key) && err.contains("at least 1"), "{err}");
+        }
+    }
+
+    #[test]
+    fn detector_settings_out_of_range_are_refused_with_the_value() {
+        for threshold in [0.0, 1.0, -0.5, f32::NAN] {
+            let err = refused(|c| c.vad.threshold = threshold);
+            assert!(err.contains("vad.threshold"), "{err}");
+        }
+        let err = refused(|c| c.vad.max_utterance_ms = 999);
+        assert_eq!(
+            err,
+            "transcription.vad.max_utterance_ms must be from 1000 to 120000, not 999"
+        );
+        assert!(refused(|c| c.vad.max_utterance_ms = 120_001).contains("120001"));
+        assert!(refused(|c| c.vad.hangover_ms = 0).contains("hangover_ms"));
+        assert!(refused(|c| c.vad.hangover_ms = 10_001).contains("10001"));
+        assert!(refused(|c| c.vad.pre_roll_ms = 2_001).contains("pre_roll_ms"));
+        assert!(refused(|c| c.vad.min_speech_ms = 2_001).contains("min_speech_ms"));
+        // The edges are accepted.
+        let mut config = TranscriptionConfig::default();
+        config.vad.max_utterance_ms = 120_000;
+        config.vad.hangover_ms = 10_000;
+        config.vad.pre_roll_ms = 2_000;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn backend_names_and_backend_settings_are_checked() {
+        for name in ["", "none", "a b", "stt/1", "é"] {
+            let err = refused(with_backend(name, "http://127.0.0.1:1"));
+            assert!(err.contains("must be letters, digits"), "{name}: {err}");
+        }
+        let err = refused(with_backend("stt", "ftp://127.0.0.1/"));
+        assert!(err.contains("'stt'") && err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn segmenter_settings_follow_the_vad_config_in_detector_frames() {
+        let mut config = TranscriptionConfig::default();
+        config.vad.pre_roll_ms = 320;
+        config.vad.hangover_ms = 400;
+        let settings = config.segmenter_settings();
+        // 16 ms frames of 256 samples at 16 kHz.
+        assert_eq!(settings.frame_samples, EARSHOT_FRAME_SAMPLES);
+        assert_eq!(settings.pre_roll_frames, 20);
+        assert_eq!(settings.hangover_frames, 25);
+    }
+}

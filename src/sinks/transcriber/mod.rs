@@ -1,6 +1,15 @@
 //! The transcription sink: voice activity → utterances → a speech-to-text
 //! backend → `transcript` messages, per channel.
 //!
+//! A session that transcribes gets this sink beside the recorder. It takes the
+//! stream at 16 kHz with its channels kept, finds each channel's utterances
+//! with a small neural voice detector, announces them to the client as `vad`
+//! events, sends each utterance to the session's backend as one HTTP request,
+//! and returns the text as `transcript` messages in utterance order. A slow or
+//! failing backend costs transcripts (reported as `transcribe_failed` and
+//! `transcribe_shed` errors), never audio: the recorder and the socket do not
+//! wait for it.
+//!
 //! The audio path only runs the detector and copies samples: everything that
 //! waits on the network happens in two tasks the sink starts.
 //!
@@ -15,6 +24,20 @@
 //! The session learns that the sink is done when its event channel closes;
 //! the tasks hold clones of that sender, so `closed` waits for the last
 //! transcript, and `stop_wait_ms` bounds that wait.
+//!
+//! Where each part lives:
+//!
+//! | file          | job                                                        |
+//! |---------------|------------------------------------------------------------|
+//! | `config.rs`   | `[transcription]` settings and their validation            |
+//! | `service.rs`  | what sessions share: backends, HTTP client, global limit   |
+//! | `detector.rs` | the speech detector (earshot)                              |
+//! | `segment.rs`  | speech decisions → utterances (pure, clock-free)           |
+//! | `sink.rs`     | the sink: segmenters, `vad` events, feeding the queue      |
+//! | `queue.rs`    | the bounded queue of utterances, shedding the oldest       |
+//! | `sender.rs`   | the sender task and each request's timeout and retries     |
+//! | `backend.rs`  | one HTTP request per utterance: OpenAI-style or webhook    |
+//! | `order.rs`    | results back in utterance order, gaps reported             |
 
 pub mod backend;
 mod config;

@@ -24,18 +24,29 @@ impl Utterance {
     }
 }
 
-/// Utterances waiting for a request slot.
+/// Utterances waiting for a request slot: filled by the sink on the audio
+/// path, drained by the sender task.
 pub(super) struct Queue {
-    pub(super) state: Mutex<QueueState>,
-    pub(super) changed: Notify,
+    state: Mutex<QueueState>,
+    changed: Notify,
 }
 
-pub(super) struct QueueState {
-    pub(super) pending: VecDeque<Utterance>,
-    pub(super) closed: bool,
+struct QueueState {
+    pending: VecDeque<Utterance>,
+    closed: bool,
 }
 
 impl Queue {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                pending: VecDeque::new(),
+                closed: false,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
         // A panic while holding this lock leaves plain data behind; keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -82,14 +93,109 @@ impl Queue {
     pub(super) fn is_closed(&self) -> bool {
         self.lock().closed
     }
+
+    /// Completes once the queue is closed.
+    pub(super) async fn wait_closed(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
-pub(super) async fn wait_closed(queue: &Queue) {
-    loop {
-        let notified = queue.changed.notified();
-        if queue.is_closed() {
-            return;
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn utterance(id: u64) -> Utterance {
+        Utterance {
+            id,
+            channel: 0,
+            start: 0,
+            samples: Vec::new(),
         }
-        notified.await;
+    }
+
+    fn ids(utterances: &[Utterance]) -> Vec<u64> {
+        utterances.iter().map(|u| u.id).collect()
+    }
+
+    #[test]
+    fn utterance_times_are_seconds_of_16_khz_samples() {
+        let utterance = Utterance {
+            id: 0,
+            channel: 1,
+            start: 24_000,
+            samples: vec![0; 8_000],
+        };
+        assert_eq!(utterance.start_seconds(), 1.5);
+        assert_eq!(utterance.end_seconds(), 2.0);
+    }
+
+    #[test]
+    fn a_full_queue_sheds_its_oldest_and_keeps_the_newest() {
+        let queue = Queue::new();
+        for id in 0..3 {
+            assert!(queue.push(utterance(id), 3).is_empty());
+        }
+        assert_eq!(ids(&queue.push(utterance(3), 3)), [0]);
+        assert_eq!(ids(&queue.push(utterance(4), 3)), [1]);
+        // A smaller capacity sheds several at once, oldest first.
+        assert_eq!(ids(&queue.push(utterance(5), 1)), [2, 3, 4]);
+        assert_eq!(queue.pop().map(|u| u.id), Some(5));
+        assert!(queue.pop().is_none());
+    }
+
+    #[test]
+    fn utterances_leave_in_the_order_they_came() {
+        let queue = Queue::new();
+        for id in 0..4 {
+            queue.push(utterance(id), 16);
+        }
+        let popped: Vec<u64> = std::iter::from_fn(|| queue.pop()).map(|u| u.id).collect();
+        assert_eq!(popped, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn waiting_for_work_ends_with_work_or_when_closed_and_empty() {
+        let queue = Queue::new();
+        // Open and empty: nothing to do yet.
+        assert_eq!(queue.wait_for_work().now_or_never(), None);
+        assert_eq!(queue.wait_closed().now_or_never(), None);
+        queue.push(utterance(0), 16);
+        assert_eq!(queue.wait_for_work().now_or_never(), Some(true));
+        // Closing keeps what is queued: the sender still gets it.
+        queue.close();
+        assert!(queue.is_closed());
+        assert_eq!(queue.wait_for_work().now_or_never(), Some(true));
+        assert_eq!(queue.wait_closed().now_or_never(), Some(()));
+        assert_eq!(queue.pop().map(|u| u.id), Some(0));
+        assert_eq!(queue.wait_for_work().now_or_never(), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sender_wakes_on_a_push_and_on_close() {
+        let queue = std::sync::Arc::new(Queue::new());
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.wait_for_work().await }
+        });
+        tokio::task::yield_now().await;
+        queue.push(utterance(0), 16);
+        assert!(waiter.await.unwrap());
+        queue.pop();
+
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { (queue.wait_for_work().await, queue.wait_closed().await) }
+        });
+        tokio::task::yield_now().await;
+        queue.close();
+        assert_eq!(waiter.await.unwrap(), (false, ()));
     }
 }

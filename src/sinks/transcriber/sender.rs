@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::backend::{Backend, UtteranceRequest};
 use super::order::Outcome;
-use super::queue::{wait_closed, Queue, Utterance};
+use super::queue::{Queue, Utterance};
 use super::TranscriptionService;
 use crate::protocol::{ServerMessage, TranscribeErrorInfo, Transcript};
 use crate::telemetry::names;
@@ -74,7 +74,7 @@ impl Sender {
                     // starts, so wake up to notice.
                     tokio::select! {
                         permits = permits => permits,
-                        () = wait_closed(&self.queue) => continue,
+                        () = self.queue.wait_closed() => continue,
                     }
                 }
             };
@@ -195,8 +195,10 @@ impl Request {
             metadata: &self.metadata,
         };
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let mut backoff = Duration::from_millis(config.retry_backoff_ms);
-        let mut attempt = 0;
+        let mut retries = Retries::new(
+            config.max_retries,
+            Duration::from_millis(config.retry_backoff_ms),
+        );
         loop {
             let started = Instant::now();
             let outcome = self
@@ -213,7 +215,9 @@ impl Request {
                 }
                 Err(error) => error,
             };
-            let retry = error.is_retryable() && attempt < config.max_retries;
+            let attempt = retries.failed_attempts();
+            let wait = retries.after_failure(error.is_retryable());
+            let retry = wait.is_some();
             let outcome = if retry { "retried" } else { "failed" };
             metrics::counter!(names::TRANSCRIBE_REQUESTS_TOTAL, "backend" => backend_label.clone(), "outcome" => outcome).increment(1);
             tracing::warn!(
@@ -223,18 +227,51 @@ impl Request {
                 retry,
                 "transcription request failed"
             );
-            if !retry {
-                let attempts = attempt + 1;
+            let Some(wait) = wait else {
+                let attempts = retries.failed_attempts();
                 return Err(format!(
                     "backend '{}' failed after {attempts} attempt{}: {error}",
                     self.backend.name,
                     if attempts == 1 { "" } else { "s" }
                 ));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
-            attempt += 1;
+            };
+            tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// When a failed request is tried again: after a failure that may recover,
+/// while retries remain, with a backoff that doubles each time.
+struct Retries {
+    max_retries: u32,
+    failed_attempts: u32,
+    next_backoff: Duration,
+}
+
+impl Retries {
+    fn new(max_retries: u32, first_backoff: Duration) -> Self {
+        Self {
+            max_retries,
+            failed_attempts: 0,
+            next_backoff: first_backoff,
+        }
+    }
+
+    fn failed_attempts(&self) -> u32 {
+        self.failed_attempts
+    }
+
+    /// Counts a failed attempt; returns how long to wait before the next
+    /// one, or `None` when this failure is final.
+    fn after_failure(&mut self, retryable: bool) -> Option<Duration> {
+        let retry = retryable && self.failed_attempts < self.max_retries;
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        if !retry {
+            return None;
+        }
+        let wait = self.next_backoff;
+        self.next_backoff = self.next_backoff.saturating_mul(2);
+        Some(wait)
     }
 }
 
@@ -251,4 +288,106 @@ async fn stop_deadline(mut deadline: watch::Receiver<Option<tokio::time::Instant
         }
     };
     tokio::time::sleep_until(at).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_doubling_until_they_run_out() {
+        let mut retries = Retries::new(2, Duration::from_millis(250));
+        assert_eq!(
+            retries.after_failure(true),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retries.after_failure(true),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(retries.after_failure(true), None);
+        assert_eq!(retries.failed_attempts(), 3);
+    }
+
+    #[test]
+    fn a_failure_that_will_not_recover_is_final_at_once() {
+        let mut retries = Retries::new(2, Duration::from_millis(250));
+        assert_eq!(retries.after_failure(false), None);
+        assert_eq!(retries.failed_attempts(), 1);
+        // After a retry too.
+        let mut retries = Retries::new(5, Duration::from_millis(10));
+        assert!(retries.after_failure(true).is_some());
+        assert_eq!(retries.after_failure(false), None);
+        assert_eq!(retries.failed_attempts(), 2);
+        // No retries configured: the first failure is the last.
+        let mut retries = Retries::new(0, Duration::from_millis(10));
+        assert_eq!(retries.after_failure(true), None);
+    }
+
+    #[test]
+    fn a_huge_backoff_saturates_instead_of_overflowing() {
+        let mut retries = Retries::new(u32::MAX, Duration::MAX / 2 + Duration::from_secs(1));
+        assert!(retries.after_failure(true).is_some());
+        assert_eq!(retries.after_failure(true), Some(Duration::MAX));
+        assert_eq!(retries.after_failure(true), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn a_failure_names_the_utterance_its_channel_and_media_times() {
+        let utterance = Utterance {
+            id: 4,
+            channel: 1,
+            start: 16_000,
+            samples: vec![0; 8_000],
+        };
+        let ServerMessage::TranscribeError(error) =
+            failed_message(&utterance, "HTTP 503: busy".into())
+        else {
+            panic!("a transcription error");
+        };
+        assert_eq!(error.code, "transcribe_failed");
+        assert_eq!(
+            error.message,
+            "utterance 4 (channel 1, 1.00-1.50 s): HTTP 503: busy"
+        );
+        assert!(!error.fatal);
+        assert_eq!(
+            (error.channel, error.utterance_id, error.start, error.end),
+            (1, Some(4), Some(1.0), Some(1.5))
+        );
+        assert_eq!(error.dropped, None);
+    }
+
+    /// Whether `stop_deadline` completes within `ms` milliseconds.
+    async fn stops_within(
+        deadline: watch::Receiver<Option<tokio::time::Instant>>,
+        ms: u64,
+    ) -> bool {
+        tokio::time::timeout(Duration::from_millis(ms), stop_deadline(deadline))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn requests_are_cut_only_after_a_stop_and_its_wait() {
+        // The session runs: no deadline.
+        let (sender, receiver) = watch::channel(None);
+        assert!(!stops_within(receiver.clone(), 50).await);
+        // Stopped: the wait ends at the deadline, not before.
+        sender.send_replace(Some(
+            tokio::time::Instant::now() + Duration::from_millis(300),
+        ));
+        assert!(!stops_within(receiver.clone(), 50).await);
+        assert!(stops_within(receiver.clone(), 1_000).await);
+        // The sender task ends after setting it: later requests still see it.
+        drop(sender);
+        assert!(stops_within(receiver, 50).await);
+    }
+
+    #[tokio::test]
+    async fn without_a_stop_a_gone_sender_task_never_cuts_a_request() {
+        let (sender, receiver) = watch::channel(None);
+        drop(sender);
+        assert!(!stops_within(receiver, 100).await);
+    }
 }

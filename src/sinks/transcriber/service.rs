@@ -65,3 +65,62 @@ impl TranscriptionService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::transcriber::backend::BackendConfig;
+
+    fn service(names: &[&str]) -> TranscriptionService {
+        let mut config = TranscriptionConfig::default();
+        for name in names {
+            config.backends.insert(
+                (*name).to_owned(),
+                BackendConfig {
+                    url: "http://127.0.0.1:1".into(),
+                    ..BackendConfig::default()
+                },
+            );
+        }
+        TranscriptionService::new(&config).unwrap()
+    }
+
+    fn selected(service: &TranscriptionService, requested: Option<&str>) -> Option<String> {
+        service
+            .select(requested)
+            .unwrap()
+            .map(|backend| backend.name.clone())
+    }
+
+    #[test]
+    fn sessions_that_do_not_choose_get_the_default_backend_or_none() {
+        let with_default = service(&["default", "fast"]);
+        assert_eq!(selected(&with_default, None).as_deref(), Some("default"));
+        let without_default = service(&["fast"]);
+        assert_eq!(selected(&without_default, None), None);
+    }
+
+    #[test]
+    fn a_session_picks_a_backend_by_name_or_opts_out_with_none() {
+        let service = service(&["default", "fast"]);
+        assert_eq!(selected(&service, Some("fast")).as_deref(), Some("fast"));
+        assert_eq!(selected(&service, Some("none")), None);
+        assert_eq!(service.backend_names(), ["default", "fast"]);
+    }
+
+    #[test]
+    fn an_unknown_backend_is_refused_with_the_names_available() {
+        let err = service(&["default", "fast"])
+            .select(Some("slow"))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "unknown transcription backend 'slow'; available: default, fast"
+        );
+        let err = service(&[]).select(Some("slow")).unwrap_err();
+        assert_eq!(
+            err,
+            "unknown transcription backend 'slow': none is configured"
+        );
+    }
+}

@@ -1,17 +1,16 @@
 //! The sink itself: the audio path runs only the detector and copies
 //! samples; it starts the sender and orderer tasks that do the waiting.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 
 use super::backend::Backend;
 use super::detector::Earshot;
 use super::order::{order, Outcome};
-use super::queue::{Queue, QueueState, Utterance};
+use super::queue::{Queue, Utterance};
 use super::segment::{Segment, Segmenter};
 use super::sender::Sender;
 use super::{TranscriptionService, NAME, SAMPLE_RATE};
@@ -49,13 +48,7 @@ impl Transcriber {
         let config = &service.config;
         let settings = config.segmenter_settings();
         let channels = usize::from(context.format.channels);
-        let queue = Arc::new(Queue {
-            state: Mutex::new(QueueState {
-                pending: VecDeque::new(),
-                closed: false,
-            }),
-            changed: Notify::new(),
-        });
+        let queue = Arc::new(Queue::new());
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("transcribe", backend = %backend.name);
         tokio::spawn(order(outcomes_rx, events.clone()).instrument(span.clone()));
