@@ -614,3 +614,96 @@ async fn https_backends_are_verified_against_the_configured_ca() {
         }
     }
 }
+
+/// Issue 15 item 8: the configured URL's query (Azure's `api-version`, a key
+/// passed as a parameter) reaches the backend intact, after the path that an
+/// OpenAI base URL gets.
+#[tokio::test]
+async fn a_backend_url_keeps_its_query_when_the_endpoint_path_is_added() {
+    let stub = Stub::start(|_, _| Reply::text("query kept")).await;
+    let (samples, _) = speech_stream(1, 0.6);
+    for (given, requested) in [
+        (
+            "/v1/audio/transcriptions?api-version=2024-06-01&api_key=k3y-in-the-query",
+            "/v1/audio/transcriptions?api-version=2024-06-01&api_key=k3y-in-the-query",
+        ),
+        (
+            "/v1?api-version=2024-06-01",
+            "/v1/audio/transcriptions?api-version=2024-06-01",
+        ),
+        (
+            "?api-version=2024-06-01",
+            "/v1/audio/transcriptions?api-version=2024-06-01",
+        ),
+    ] {
+        let before = stub.requests().len();
+        let url = format!("{}{given}", stub.url);
+        let server = Server::start_with(&["--transcribe-url", &url], &[]);
+        let client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+        let t = client.stop().await;
+        assert_closed_last(&t);
+        let texts = transcripts(&t);
+        assert!(!texts.is_empty(), "{given}: {:#?}", t.messages);
+        assert!(texts.iter().all(|m| m["text"] == "query kept"));
+        let requests = stub.requests();
+        assert_eq!(requests.len() - before, texts.len());
+        for request in &requests[before..] {
+            assert_eq!(request.path, requested, "configured as {url}");
+        }
+    }
+}
+
+/// Issue 15 item 8: a failing backend is reported to the client and logged
+/// without the URL's credentials or query, whether the failure names the
+/// URL (a refused connection) or the backend echoes the request target (as
+/// Express's default 404 page does).
+#[tokio::test]
+async fn backend_failures_reach_clients_and_logs_without_the_url_s_secrets() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let echo =
+        Stub::start(|_, request| Reply::status(404, &format!("Cannot POST {}", request.path)))
+            .await;
+    let echo_port = echo.url.rsplit(':').next().unwrap().to_owned();
+    let secrets = ["pa55word-in-the-url", "k3y-in-the-query"];
+    let (samples, _) = speech_stream(1, 0.6);
+    for (host_port, failure) in [
+        (format!("127.0.0.1:{closed_port}"), "request failed"),
+        (
+            format!("localhost:{echo_port}"),
+            "HTTP 404: Cannot POST /v1/audio/transcriptions",
+        ),
+    ] {
+        let url = format!(
+            "http://user:{}@{host_port}/v1/audio/transcriptions?api-version=2024-06-01&api_key={}",
+            secrets[0], secrets[1]
+        );
+        let server = Server::start_with(
+            &["--transcribe-url", &url, "--transcribe-max-retries", "0"],
+            &[],
+        );
+        let client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+        let t = client.stop().await;
+        assert_closed_last(&t);
+        let failed = errors(&t, "transcribe_failed");
+        assert!(!failed.is_empty(), "{:#?}", t.messages);
+        for error in &failed {
+            let message = error["message"].as_str().unwrap();
+            // Still says what went wrong.
+            assert!(message.contains(failure), "{message}");
+            for secret in secrets {
+                assert!(!message.contains(secret), "{secret} echoed: {message}");
+            }
+            assert!(!message.contains("api_key"), "query echoed: {message}");
+        }
+        if std::env::var_os("COCHLEA_TEST_LOGS").is_none() {
+            let log = server.log();
+            assert!(log.contains("transcription request failed"), "{log}");
+            for secret in secrets {
+                assert!(!log.contains(secret), "{secret} logged:\n{log}");
+            }
+        }
+    }
+}

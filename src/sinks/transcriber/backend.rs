@@ -12,6 +12,7 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use base64::Engine;
+use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -122,11 +123,16 @@ pub struct UtteranceRequest<'a> {
 }
 
 /// A configured backend, ready to send requests.
-#[derive(Debug)]
 pub struct Backend {
     pub name: String,
     kind: BackendKind,
-    url: reqwest::Url,
+    url: Url,
+    /// `url` as logs may show it (see [`redacted_url`]).
+    shown_url: String,
+    /// What a reply or an error must not carry to a client or a log: the
+    /// URL's user name, password and query values, the API key and the
+    /// configured header values (see [`Backend::scrub`]).
+    secrets: Vec<String>,
     api_key: Option<String>,
     model: String,
     language: String,
@@ -141,15 +147,83 @@ pub struct Backend {
 /// `openai` URLs: a full `.../audio/transcriptions` endpoint is used as is;
 /// a base ending in `/v1` gets `/audio/transcriptions`; anything else gets
 /// `/v1/audio/transcriptions`. So the base URL an OpenAI SDK takes, the bare
-/// server address, and the endpoint all work.
-pub fn openai_endpoint(url: &str) -> String {
-    let trimmed = url.trim_end_matches('/');
-    if trimmed.ends_with("/audio/transcriptions") {
-        trimmed.to_owned()
-    } else if trimmed.ends_with("/v1") {
-        format!("{trimmed}/audio/transcriptions")
+/// server address, and the endpoint all work. Only the path changes: the
+/// query (a key, Azure's `api-version`) stays the query.
+pub fn openai_endpoint(mut url: Url) -> Url {
+    let path = url.path().trim_end_matches('/').to_owned();
+    let path = if path.ends_with("/audio/transcriptions") {
+        path
+    } else if path.ends_with("/v1") {
+        format!("{path}/audio/transcriptions")
     } else {
-        format!("{trimmed}/v1/audio/transcriptions")
+        format!("{path}/v1/audio/transcriptions")
+    };
+    url.set_path(&path);
+    url
+}
+
+/// A URL as a log may show it: without user name and password, and with
+/// the query, where keys and signatures travel, replaced by a marker.
+pub fn redacted_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    // Only URLs that cannot have credentials refuse these; they have none.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut text = String::from(shown);
+    if url.query().is_some() {
+        text.push_str("?[redacted]");
+    }
+    text
+}
+
+/// Shorter strings are left alone when scrubbing: they are no credential,
+/// and replacing, say, every `1` would make messages unreadable.
+const MIN_SECRET_CHARS: usize = 8;
+const REDACTED: &str = "[redacted]";
+
+/// The parts of a backend's settings that must not reach a client or a log.
+fn secrets_of(
+    url: &Url,
+    api_key: Option<&str>,
+    headers: &reqwest::header::HeaderMap,
+) -> Vec<String> {
+    let mut secrets: Vec<String> = Vec::new();
+    secrets.push(url.username().to_owned());
+    if let Some(password) = url.password() {
+        secrets.push(password.to_owned());
+    }
+    if let Some(query) = url.query() {
+        // Raw, as a request line echoes it, and decoded, as a JSON reply may.
+        secrets.push(query.to_owned());
+        for pair in query.split('&') {
+            secrets.push(pair.split_once('=').map_or(pair, |(_, v)| v).to_owned());
+        }
+        secrets.extend(url.query_pairs().map(|(_, value)| value.into_owned()));
+    }
+    secrets.extend(api_key.map(str::to_owned));
+    secrets.extend(
+        headers
+            .values()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
+    secrets.retain(|s| s.chars().count() >= MIN_SECRET_CHARS);
+    secrets.sort_unstable();
+    secrets.dedup();
+    // Longest first, so a secret containing another is removed whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.shown_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -162,18 +236,18 @@ impl Backend {
         if config.url.is_empty() {
             return Err(fail("url is required".into()));
         }
-        let url_text = match config.kind {
-            BackendKind::Openai => openai_endpoint(&config.url),
-            BackendKind::Webhook => config.url.clone(),
-        };
-        let url = reqwest::Url::parse(&url_text)
-            .map_err(|e| fail(format!("url '{url_text}' is not a URL: {e}")))?;
+        // The URL is not repeated in these errors: it may hold a key.
+        let url = Url::parse(&config.url).map_err(|e| fail(format!("url is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(fail(format!(
                 "url must be http:// or https://, not {}",
                 url.scheme()
             )));
         }
+        let url = match config.kind {
+            BackendKind::Openai => openai_endpoint(url),
+            BackendKind::Webhook => url,
+        };
         let api_key = if !config.api_key_env.is_empty() {
             match std::env::var(&config.api_key_env) {
                 Ok(key) if !key.is_empty() => Some(key),
@@ -227,6 +301,8 @@ impl Backend {
         Ok(Self {
             name: name.to_owned(),
             kind: config.kind,
+            shown_url: redacted_url(&url),
+            secrets: secrets_of(&url, api_key.as_deref(), &headers),
             url,
             api_key,
             model: config.model.clone(),
@@ -239,13 +315,47 @@ impl Backend {
         })
     }
 
-    /// Where requests go (for logs; no credentials in it).
+    /// Where requests go, for logs: no credentials or query in it.
     pub fn url(&self) -> &str {
-        self.url.as_str()
+        &self.shown_url
     }
 
-    /// One attempt: sends the utterance, returns its text.
+    /// One attempt: sends the utterance, returns its text. Errors carry no
+    /// secret of the backend's settings: they reach clients and logs.
     pub async fn transcribe(
+        &self,
+        client: &reqwest::Client,
+        utterance: &UtteranceRequest<'_>,
+        timeout: Duration,
+    ) -> Result<String, BackendError> {
+        self.attempt(client, utterance, timeout)
+            .await
+            .map_err(|error| self.scrub(error))
+    }
+
+    /// Removes the backend's secrets from an error's text. A backend may echo
+    /// the request target (Express's default 404 page does) and so the query.
+    fn scrub(&self, error: BackendError) -> BackendError {
+        let clean = |mut text: String| {
+            for secret in &self.secrets {
+                if text.contains(secret.as_str()) {
+                    text = text.replace(secret.as_str(), REDACTED);
+                }
+            }
+            text
+        };
+        match error {
+            BackendError::Status { status, body } => BackendError::Status {
+                status,
+                body: clean(body),
+            },
+            BackendError::Transport(message) => BackendError::Transport(clean(message)),
+            BackendError::BadReply(message) => BackendError::BadReply(clean(message)),
+            other => other,
+        }
+    }
+
+    async fn attempt(
         &self,
         client: &reqwest::Client,
         utterance: &UtteranceRequest<'_>,
@@ -354,6 +464,8 @@ pub fn client_builder() -> reqwest::ClientBuilder {
 }
 
 fn classify(error: reqwest::Error, timeout: Duration) -> BackendError {
+    // reqwest names the URL, query included, in its message.
+    let error = error.without_url();
     if error.is_timeout() {
         BackendError::Timeout(timeout.as_millis() as u64)
     } else {
@@ -424,8 +536,116 @@ mod tests {
                 "http://h/inference/v1/audio/transcriptions",
             ),
         ] {
-            assert_eq!(openai_endpoint(given), expected);
+            let url = Url::parse(given).unwrap();
+            assert_eq!(openai_endpoint(url).as_str(), expected);
         }
+    }
+
+    /// Issue 15 item 8: the query (a key, Azure's `api-version`) stays the
+    /// query; the path goes before it.
+    #[test]
+    fn endpoints_keep_the_query_of_the_url() {
+        for (given, expected) in [
+            (
+                "http://h/v1/audio/transcriptions?api_key=SECRET",
+                "http://h/v1/audio/transcriptions?api_key=SECRET",
+            ),
+            (
+                "https://r.openai.azure.com/openai/deployments/w/audio/transcriptions?api-version=2024-06-01",
+                "https://r.openai.azure.com/openai/deployments/w/audio/transcriptions?api-version=2024-06-01",
+            ),
+            (
+                "http://h/v1?api-version=2024-06-01",
+                "http://h/v1/audio/transcriptions?api-version=2024-06-01",
+            ),
+            (
+                "http://h:8000/?api-version=1&x=%2F",
+                "http://h:8000/v1/audio/transcriptions?api-version=1&x=%2F",
+            ),
+            (
+                "http://user:pw@h/base/?q=1",
+                "http://user:pw@h/base/v1/audio/transcriptions?q=1",
+            ),
+        ] {
+            let url = Url::parse(given).unwrap();
+            assert_eq!(openai_endpoint(url).as_str(), expected);
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query() {
+        for (given, shown) in [
+            (
+                "http://user:pa55word@h:8000/v1/audio/transcriptions?api_key=SECRET#x",
+                "http://h:8000/v1/audio/transcriptions?[redacted]",
+            ),
+            ("https://token@h/hook", "https://h/hook"),
+            ("http://[::1]:9/a?", "http://[::1]:9/a?[redacted]"),
+            ("http://h/plain", "http://h/plain"),
+        ] {
+            assert_eq!(redacted_url(&Url::parse(given).unwrap()), shown);
+        }
+        let config = BackendConfig {
+            url: "http://user:pa55word@h/v1?api-version=2024-06-01&api_key=SECRET".into(),
+            api_key: "bearer-key-1234".into(),
+            ..BackendConfig::default()
+        };
+        let backend = Backend::new("stt", &config).unwrap();
+        assert_eq!(backend.url(), "http://h/v1/audio/transcriptions?[redacted]");
+        let debug = format!("{backend:?}");
+        for secret in ["pa55word", "SECRET", "bearer-key-1234"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+    }
+
+    #[test]
+    fn errors_are_scrubbed_of_the_backend_s_secrets() {
+        let mut headers = BTreeMap::new();
+        headers.insert("api-key".to_owned(), "azure-header-key".to_owned());
+        headers.insert("x-short".to_owned(), "1".to_owned());
+        let config = BackendConfig {
+            url: "http://tok3n-user:pa55word-x@h/v1/audio/transcriptions?api-version=2024-06-01&sig=a%2Fb%2Bsignature".into(),
+            api_key: "bearer-key-1234".into(),
+            headers,
+            ..BackendConfig::default()
+        };
+        let backend = Backend::new("stt", &config).unwrap();
+        let echo =
+            "Cannot POST /v1/audio/transcriptions?api-version=2024-06-01&sig=a%2Fb%2Bsignature";
+        let BackendError::Status { status, body } = backend.scrub(BackendError::Status {
+            status: 404,
+            body: echo.into(),
+        }) else {
+            panic!("still a status error");
+        };
+        assert_eq!(status, 404);
+        assert_eq!(body, "Cannot POST /v1/audio/transcriptions?[redacted]");
+        // Each value alone, raw or decoded, and every other kind of secret.
+        let reply = "bad sig a/b+signature (raw a%2Fb%2Bsignature) for tok3n-user:pa55word-x \
+                     with bearer-key-1234 and azure-header-key, version 2024-06-01, 1 try";
+        let scrubbed = backend
+            .scrub(BackendError::BadReply(reply.into()))
+            .to_string();
+        assert_eq!(
+            scrubbed,
+            "unusable reply: bad sig [redacted] (raw [redacted]) for [redacted]:[redacted] \
+             with [redacted] and [redacted], version [redacted], 1 try"
+        );
+        let transport = backend
+            .scrub(BackendError::Transport("refused: pa55word-x".into()))
+            .to_string();
+        assert_eq!(transport, "request failed: refused: [redacted]");
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_not_repeated_in_the_error() {
+        let config = BackendConfig {
+            url: "http://h:99999/v1?api_key=SECRET".into(),
+            ..BackendConfig::default()
+        };
+        let err = Backend::new("stt", &config).unwrap_err().to_string();
+        assert!(err.contains("'stt'") && err.contains("not a URL"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
     }
 
     #[test]

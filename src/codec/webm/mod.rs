@@ -14,6 +14,12 @@
 //! such an element ends where an element appears that cannot be its child
 //! (RFC 8794 §6.2), e.g. the next Cluster ends the previous one.
 
+mod ebml;
+mod lacing;
+
+// The element IDs and the readers are used all through the state machine.
+use self::ebml::*;
+use self::lacing::*;
 use super::container::{DemuxError, DemuxEvent, Demuxer, OpusHead};
 
 /// Largest element whose contents we buffer. Opus packets are at most a few
@@ -22,9 +28,6 @@ const MAX_ELEMENT: u64 = 1 << 20;
 /// Nesting cap. The elements we descend into nest at most 3 deep, so this
 /// only guards the invariant.
 const MAX_DEPTH: usize = 16;
-/// Longest ID and size VINT we accept (EBMLMaxIDLength / EBMLMaxSizeLength).
-const MAX_ID_LEN: usize = 4;
-const MAX_SIZE_LEN: usize = 8;
 /// CodecID strings kept for the "no Opus track" message, and how many.
 const MAX_CODEC_NAME: usize = 64;
 const MAX_CODECS_LISTED: usize = 8;
@@ -33,55 +36,6 @@ const MAX_CODECS_LISTED: usize = 8;
 const MAX_PRIVATE_KEPT: usize = 64;
 /// A buffer grown beyond this by one big element is released afterwards.
 const BUF_KEEP_CAPACITY: usize = 64 * 1024;
-
-// Element IDs, with their VINT marker bits as they appear in the stream.
-const EBML: u32 = 0x1A45_DFA3;
-const DOC_TYPE: u32 = 0x4282;
-const SEGMENT: u32 = 0x1853_8067;
-const SEEK_HEAD: u32 = 0x114D_9B74;
-const INFO: u32 = 0x1549_A966;
-const TRACKS: u32 = 0x1654_AE6B;
-const TRACK_ENTRY: u32 = 0xAE;
-const TRACK_NUMBER: u32 = 0xD7;
-const TRACK_TYPE: u32 = 0x83;
-const CODEC_ID: u32 = 0x86;
-const CODEC_PRIVATE: u32 = 0x63A2;
-const CODEC_DELAY: u32 = 0x56AA;
-const AUDIO: u32 = 0xE1;
-const CHANNELS: u32 = 0x9F;
-const SAMPLING_FREQUENCY: u32 = 0xB5;
-const CLUSTER: u32 = 0x1F43_B675;
-const SIMPLE_BLOCK: u32 = 0xA3;
-const BLOCK_GROUP: u32 = 0xA0;
-const BLOCK: u32 = 0xA1;
-const CUES: u32 = 0x1C53_BB6B;
-const CHAPTERS: u32 = 0x1043_A770;
-const TAGS: u32 = 0x1254_C367;
-const ATTACHMENTS: u32 = 0x1941_A469;
-
-/// Segment children: any of these ends an unknown-size Cluster.
-const SEGMENT_CHILDREN: [u32; 8] = [
-    SEEK_HEAD,
-    INFO,
-    TRACKS,
-    CLUSTER,
-    CUES,
-    CHAPTERS,
-    TAGS,
-    ATTACHMENTS,
-];
-
-/// Matroska TrackType for audio.
-const TRACK_TYPE_AUDIO: u64 = 2;
-
-// Block flags: the lacing bits and their values.
-const LACING_MASK: u8 = 0x06;
-const LACING_NONE: u8 = 0x00;
-const LACING_XIPH: u8 = 0x02;
-const LACING_FIXED: u8 = 0x04;
-const LACING_EBML: u8 = 0x06;
-
-const EBML_MAGIC: [u8; 4] = [0x1A, 0x45, 0xDF, 0xA3];
 
 fn malformed(msg: impl Into<String>) -> DemuxError {
     DemuxError::Malformed(msg.into())
@@ -611,16 +565,6 @@ impl Demuxer for WebmDemuxer {
     }
 }
 
-/// Whether element `id` ends an unknown-size `master` (RFC 8794 §6.2): it is
-/// a sibling or an ancestor-level element. Unknown IDs count as children.
-fn ends_unknown_size(master: u32, id: u32) -> bool {
-    match master {
-        SEGMENT => matches!(id, EBML | SEGMENT),
-        CLUSTER => matches!(id, EBML | SEGMENT) || SEGMENT_CHILDREN.contains(&id),
-        _ => false,
-    }
-}
-
 /// An OpusHead for a track without CodecPrivate, from its Matroska fields.
 fn synthesize_head(
     channels: Option<u64>,
@@ -647,110 +591,6 @@ fn synthesize_head(
         output_gain_q8: 0,
         mapping_family: 0,
     })
-}
-
-/// Splits a block's payload into frames per its lacing (Matroska §10.3).
-fn delace(lacing: u8, payload: &[u8]) -> Result<Vec<&[u8]>, DemuxError> {
-    if lacing == LACING_NONE {
-        return Ok(vec![payload]);
-    }
-    let bad = |what: &str| malformed(format!("bad block lacing: {what}"));
-    let (&count, mut rest) = payload.split_first().ok_or_else(|| bad("no frame count"))?;
-    let frames = usize::from(count) + 1;
-    // Sizes of all frames but the last, which takes what remains.
-    let mut sizes: Vec<u64> = Vec::with_capacity(frames);
-    match lacing {
-        LACING_XIPH => {
-            for _ in 1..frames {
-                let mut size = 0u64;
-                loop {
-                    let (&b, r) = rest
-                        .split_first()
-                        .ok_or_else(|| bad("truncated Xiph sizes"))?;
-                    rest = r;
-                    size += u64::from(b);
-                    if b != 255 {
-                        break;
-                    }
-                }
-                sizes.push(size);
-            }
-        }
-        LACING_EBML => {
-            if frames > 1 {
-                let (first, len) = read_vint(rest).ok_or_else(|| bad("truncated EBML sizes"))?;
-                rest = &rest[len..];
-                sizes.push(first);
-                let mut prev = i128::from(first);
-                // Later sizes are signed differences from the previous one.
-                for _ in 2..frames {
-                    let (raw, len) = read_vint(rest).ok_or_else(|| bad("truncated EBML sizes"))?;
-                    rest = &rest[len..];
-                    let bias = (1i128 << (7 * len - 1)) - 1;
-                    prev += i128::from(raw) - bias;
-                    let size = u64::try_from(prev).map_err(|_| bad("negative frame size"))?;
-                    sizes.push(size);
-                }
-            }
-        }
-        LACING_FIXED => {
-            if rest.len() % frames != 0 {
-                return Err(bad("data does not split into equal frames"));
-            }
-            let size = (rest.len() / frames) as u64;
-            sizes.resize(frames - 1, size);
-        }
-        // Callers mask the flags to two bits; this only avoids a panic path.
-        _ => return Err(bad("unknown lacing")),
-    }
-    sizes
-        .iter()
-        .try_fold(0u64, |acc, &s| acc.checked_add(s))
-        .filter(|&total| total <= rest.len() as u64)
-        .ok_or_else(|| bad("frame sizes exceed the block"))?;
-    let mut out = Vec::with_capacity(frames);
-    for size in sizes {
-        // The sizes sum to at most rest.len(), so each split is in range.
-        let (frame, r) = rest.split_at(size as usize);
-        out.push(frame);
-        rest = r;
-    }
-    out.push(rest);
-    Ok(out)
-}
-
-/// Length of a VINT from its first byte (leading zeros + 1), None if > 8.
-fn vint_len(first: u8) -> Option<usize> {
-    let len = first.leading_zeros() as usize + 1;
-    (len <= MAX_SIZE_LEN).then_some(len)
-}
-
-/// Reads a VINT, marker removed: (value, length). None if truncated/invalid.
-fn read_vint(data: &[u8]) -> Option<(u64, usize)> {
-    let len = vint_len(*data.first()?)?;
-    let bytes = data.get(..len)?;
-    let first = u64::from(bytes[0]) & (0xFF >> len);
-    let value = bytes[1..].iter().fold(first, |v, &b| v << 8 | u64::from(b));
-    Some((value, len))
-}
-
-/// A big-endian unsigned integer of 0-8 bytes (the length is checked earlier).
-fn read_uint(data: &[u8]) -> u64 {
-    data.iter().fold(0u64, |v, &b| v << 8 | u64::from(b))
-}
-
-fn read_float(data: &[u8]) -> Result<f64, DemuxError> {
-    match data.len() {
-        0 => Ok(0.0),
-        4 => Ok(f64::from(f32::from_bits(read_uint(data) as u32))),
-        8 => Ok(f64::from_bits(read_uint(data))),
-        n => Err(malformed(format!("float element of {n} bytes"))),
-    }
-}
-
-fn trim_nul(data: &[u8]) -> &[u8] {
-    let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    &data[..end]
 }
 
 #[cfg(test)]

@@ -1,0 +1,386 @@
+//! The orderer: results back in utterance order, per channel.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tokio::sync::mpsc;
+
+use crate::protocol::{ServerMessage, TranscribeErrorInfo};
+use crate::sinks::SinkEvent;
+
+/// What the orderer learns, from the sink and the request tasks.
+pub(super) enum Outcome {
+    /// A new utterance exists (sent before it is queued, so order is known).
+    Created { id: u64, channel: u16 },
+    /// Dropped from the queue unsent.
+    Shed { id: u64, channel: u16 },
+    /// The request finished: a transcript or an error message.
+    Done {
+        id: u64,
+        channel: u16,
+        message: ServerMessage,
+    },
+}
+
+/// What the orderer holds for one utterance.
+enum Slot {
+    Waiting,
+    Shed,
+    Ready(ServerMessage),
+}
+
+/// Puts results back in utterance order per channel, whatever order the
+/// backend answers in. Pure: the task below feeds it and sends what it
+/// releases. Shed utterances are reported as one count per run of them
+/// that leaves together.
+#[derive(Default)]
+pub(super) struct Orderer {
+    /// Per channel, the utterances not yet reported, oldest first.
+    channels: BTreeMap<u16, VecDeque<(u64, Slot)>>,
+}
+
+impl Orderer {
+    /// Takes one outcome and appends to `due` the messages it releases: the
+    /// results at the front of the channel's line up to the first utterance
+    /// still waiting. Outcomes for utterances never created are ignored.
+    pub(super) fn handle(&mut self, outcome: Outcome, due: &mut Vec<ServerMessage>) {
+        let (channel, id, slot) = match outcome {
+            Outcome::Created { id, channel } => {
+                self.channels
+                    .entry(channel)
+                    .or_default()
+                    .push_back((id, Slot::Waiting));
+                return;
+            }
+            Outcome::Shed { id, channel } => (channel, id, Slot::Shed),
+            Outcome::Done {
+                id,
+                channel,
+                message,
+            } => (channel, id, Slot::Ready(message)),
+        };
+        let Some(pending) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        if let Some(entry) = pending.iter_mut().find(|(i, _)| *i == id) {
+            entry.1 = slot;
+        }
+        let mut shed = 0u64;
+        while let Some((_, front)) = pending.front() {
+            match front {
+                Slot::Waiting => break,
+                Slot::Shed => {
+                    shed += 1;
+                    pending.pop_front();
+                }
+                Slot::Ready(_) => {
+                    if shed > 0 {
+                        due.push(shed_message(channel, shed));
+                        shed = 0;
+                    }
+                    if let Some((_, Slot::Ready(message))) = pending.pop_front() {
+                        due.push(message);
+                    }
+                }
+            }
+        }
+        if shed > 0 {
+            due.push(shed_message(channel, shed));
+        }
+    }
+}
+
+/// The orderer task: runs until every holder of the outcome sender (the
+/// sink, the sender task, the request tasks) is gone, so the session's
+/// event channel closes only after the last result.
+pub(super) async fn order(
+    mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+    events: mpsc::UnboundedSender<SinkEvent>,
+) {
+    let mut orderer = Orderer::default();
+    let mut due = Vec::new();
+    while let Some(outcome) = outcomes.recv().await {
+        orderer.handle(outcome, &mut due);
+        for message in due.drain(..) {
+            let _ = events.send(SinkEvent::Message(message));
+        }
+    }
+}
+
+fn shed_message(channel: u16, dropped: u64) -> ServerMessage {
+    ServerMessage::TranscribeError(TranscribeErrorInfo {
+        code: "transcribe_shed",
+        message: format!(
+            "the transcription backend is not keeping up: {dropped} utterance{} of channel {channel} dropped unsent",
+            if dropped == 1 { "" } else { "s" }
+        ),
+        fatal: false,
+        channel,
+        utterance_id: None,
+        start: None,
+        end: None,
+        dropped: Some(dropped),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Transcript;
+
+    fn transcript(id: u64, channel: u16) -> ServerMessage {
+        ServerMessage::Transcript(Transcript {
+            utterance_id: id,
+            channel,
+            start: 0.0,
+            end: 1.0,
+            text: format!("text {id}"),
+            is_final: true,
+            backend: "default".into(),
+            backend_ms: 5,
+        })
+    }
+
+    fn failed(id: u64, channel: u16) -> ServerMessage {
+        ServerMessage::TranscribeError(TranscribeErrorInfo {
+            code: "transcribe_failed",
+            message: format!("utterance {id}: HTTP 500"),
+            fatal: false,
+            channel,
+            utterance_id: Some(id),
+            start: Some(0.0),
+            end: Some(1.0),
+            dropped: None,
+        })
+    }
+
+    fn created(id: u64, channel: u16) -> Outcome {
+        Outcome::Created { id, channel }
+    }
+
+    fn shed(id: u64, channel: u16) -> Outcome {
+        Outcome::Shed { id, channel }
+    }
+
+    fn done(id: u64, channel: u16, message: ServerMessage) -> Outcome {
+        Outcome::Done {
+            id,
+            channel,
+            message,
+        }
+    }
+
+    /// A message in a short form the tests compare: `text 3@0`,
+    /// `failed 1@0`, `shed 2@1`.
+    fn describe(message: &ServerMessage) -> String {
+        match message {
+            ServerMessage::Transcript(t) => format!("{}@{}", t.text, t.channel),
+            ServerMessage::TranscribeError(e) if e.code == "transcribe_failed" => {
+                format!("failed {}@{}", e.utterance_id.unwrap(), e.channel)
+            }
+            ServerMessage::TranscribeError(e) if e.code == "transcribe_shed" => {
+                format!("shed {}@{}", e.dropped.unwrap(), e.channel)
+            }
+            _ => panic!("the orderer sends only transcripts and transcription errors"),
+        }
+    }
+
+    /// Feeds outcomes one by one; returns what each released.
+    fn run(orderer: &mut Orderer, outcomes: Vec<Outcome>) -> Vec<Vec<String>> {
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                let mut due = Vec::new();
+                orderer.handle(outcome, &mut due);
+                due.iter().map(describe).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn results_wait_for_every_earlier_utterance_of_their_channel() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                created(0, 0),
+                created(1, 0),
+                created(2, 0),
+                done(2, 0, transcript(2, 0)),
+                done(1, 0, transcript(1, 0)),
+                done(0, 0, transcript(0, 0)),
+            ],
+        );
+        let nothing: Vec<String> = Vec::new();
+        assert_eq!(released[..5], vec![nothing; 5]);
+        assert_eq!(released[5], ["text 0@0", "text 1@0", "text 2@0"]);
+    }
+
+    #[test]
+    fn a_result_at_the_front_leaves_at_once_and_frees_those_behind_it() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                created(0, 0),
+                created(1, 0),
+                created(2, 0),
+                done(0, 0, transcript(0, 0)),
+                done(2, 0, transcript(2, 0)),
+                done(1, 0, transcript(1, 0)),
+            ],
+        );
+        assert_eq!(released[3], ["text 0@0"]);
+        assert!(released[4].is_empty());
+        assert_eq!(released[5], ["text 1@0", "text 2@0"]);
+    }
+
+    #[test]
+    fn a_failure_takes_its_utterance_s_place_in_the_order() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                created(0, 0),
+                created(1, 0),
+                created(2, 0),
+                done(1, 0, failed(1, 0)),
+                done(2, 0, transcript(2, 0)),
+                done(0, 0, transcript(0, 0)),
+            ],
+        );
+        assert!(released[3].is_empty() && released[4].is_empty());
+        assert_eq!(released[5], ["text 0@0", "failed 1@0", "text 2@0"]);
+    }
+
+    #[test]
+    fn shed_utterances_leave_a_gap_reported_once_per_run_with_its_count() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                created(0, 0),
+                created(1, 0),
+                created(2, 0),
+                created(3, 0),
+                created(4, 0),
+                shed(1, 0),
+                shed(2, 0),
+                done(4, 0, transcript(4, 0)),
+                done(0, 0, transcript(0, 0)),
+                shed(3, 0),
+            ],
+        );
+        // Sheds behind a waiting utterance say nothing yet.
+        assert!(released[5..8].iter().all(Vec::is_empty), "{released:?}");
+        // The two in a row are one report, in their place.
+        assert_eq!(released[8], ["text 0@0", "shed 2@0"]);
+        // A shed at the front is reported at once, then what it held back.
+        assert_eq!(released[9], ["shed 1@0", "text 4@0"]);
+    }
+
+    #[test]
+    fn a_shed_report_says_how_many_and_of_which_channel() {
+        let mut orderer = Orderer::default();
+        let mut due = Vec::new();
+        for outcome in [
+            created(0, 3),
+            created(1, 3),
+            created(2, 3),
+            shed(1, 3),
+            shed(2, 3),
+            shed(0, 3),
+        ] {
+            orderer.handle(outcome, &mut due);
+        }
+        assert_eq!(due.len(), 1);
+        let ServerMessage::TranscribeError(error) = &due[0] else {
+            panic!("a transcription error");
+        };
+        assert_eq!(error.code, "transcribe_shed");
+        assert_eq!((error.channel, error.dropped), (3, Some(3)));
+        assert!(!error.fatal);
+        assert_eq!(error.utterance_id, None);
+        assert_eq!(
+            error.message,
+            "the transcription backend is not keeping up: 3 utterances of channel 3 dropped unsent"
+        );
+        let mut due = Vec::new();
+        orderer.handle(created(3, 3), &mut due);
+        orderer.handle(shed(3, 3), &mut due);
+        let ServerMessage::TranscribeError(error) = &due[0] else {
+            panic!("a transcription error");
+        };
+        assert!(
+            error.message.contains(": 1 utterance of channel 3"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn channels_do_not_wait_for_each_other() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                created(0, 0),
+                created(1, 1),
+                created(2, 0),
+                done(1, 1, transcript(1, 1)),
+                done(2, 0, transcript(2, 0)),
+                done(0, 0, transcript(0, 0)),
+            ],
+        );
+        assert_eq!(released[3], ["text 1@1"]);
+        assert!(released[4].is_empty());
+        assert_eq!(released[5], ["text 0@0", "text 2@0"]);
+    }
+
+    #[test]
+    fn outcomes_for_unknown_utterances_are_ignored() {
+        let mut orderer = Orderer::default();
+        let released = run(
+            &mut orderer,
+            vec![
+                // A channel with no utterance, and an id never created.
+                done(7, 5, transcript(7, 5)),
+                shed(8, 5),
+                created(0, 0),
+                done(9, 0, transcript(9, 0)),
+                shed(10, 0),
+                done(0, 0, transcript(0, 0)),
+                // Already reported: a second result is not sent again.
+                done(0, 0, transcript(0, 0)),
+            ],
+        );
+        assert!(released[..5].iter().all(Vec::is_empty), "{released:?}");
+        assert_eq!(released[5], ["text 0@0"]);
+        assert!(released[6].is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_task_sends_released_results_and_ends_when_its_senders_are_gone() {
+        let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        for outcome in [
+            created(0, 0),
+            created(1, 0),
+            done(1, 0, transcript(1, 0)),
+            done(0, 0, transcript(0, 0)),
+        ] {
+            outcomes.send(outcome).unwrap();
+        }
+        drop(outcomes);
+        // Completes: the last sender is gone.
+        order(outcomes_rx, events).await;
+        let mut sent = Vec::new();
+        while let Some(event) = events_rx.recv().await {
+            let SinkEvent::Message(message) = event else {
+                panic!("the orderer sends only messages");
+            };
+            sent.push(describe(&message));
+        }
+        // recv() returned None: the task dropped the events sender too.
+        assert_eq!(sent, ["text 0@0", "text 1@0"]);
+    }
+}
