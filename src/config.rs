@@ -1,15 +1,27 @@
 //! Configuration, in layers: defaults < TOML file (`--config`) < environment
 //! (`COCHLEA_*`) < command-line flags.
 //!
+//! Each key is declared once, as a field of [`Config`] or of a section
+//! struct ([`RecorderConfig`], [`TranscriptionConfig`] and its `vad`). The
+//! field is the TOML key (serde), and its `#[arg]` attribute gives, beside
+//! it, the flag (`--kebab-key`, with the section's prefix for a nested key),
+//! the environment variable (`COCHLEA_` and the flag in capitals) and the
+//! default; its doc comment is the `--help` text. `Default` is read from
+//! those attributes ([`defaults_from_attributes`]). Environment and flags
+//! are one clap layer, in which the flag wins. A unit test holds every flag
+//! and variable to that naming.
+//!
+//! A key that only a file can set (a map of named tables such as
+//! `transcription.backends`) is a field with `#[arg(skip)]`.
+//!
 //! The file is deserialized with unknown keys denied, so a typo is an error
-//! that names the key. Environment and flags are one clap layer: every flag
-//! has an environment variable, and clap lets the flag win. Units are in the
-//! names (`_ms`, `_bytes`).
+//! that names the key. Units are in the names (`_ms`, `_bytes`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
@@ -42,239 +54,348 @@ pub enum LogFormat {
 }
 
 /// The effective configuration of `cochlea serve`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address and port to listen on.
+    #[arg(
+        long,
+        env = "COCHLEA_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// Directory for WAV recordings and their JSON sidecars.
+    #[arg(
+        long,
+        env = "COCHLEA_RECORDINGS_DIR",
+        value_name = "DIR",
+        default_value = "./recordings"
+    )]
     pub recordings_dir: PathBuf,
     /// HTTP worker threads; 0 means one per CPU core.
+    #[arg(long, env = "COCHLEA_WORKERS", value_name = "N", default_value_t = 0)]
     pub workers: usize,
     /// Concurrent sessions before new ones are refused with close code 1013.
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_SESSIONS",
+        value_name = "N",
+        default_value_t = 5000
+    )]
     pub max_sessions: usize,
     /// Largest WebSocket message accepted (after continuation frames are joined).
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        default_value_t = 64 * 1024
+    )]
     pub max_message_bytes: usize,
     /// A session with neither audio nor keepalive for this long is closed.
+    #[arg(
+        long,
+        env = "COCHLEA_IDLE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
     pub idle_timeout_ms: u64,
     /// Close code for an idle session: 1000 (normal) or 1001 (going away).
+    #[arg(
+        long,
+        env = "COCHLEA_IDLE_CLOSE_CODE",
+        value_name = "1000|1001",
+        default_value_t = 1000
+    )]
     pub idle_close_code: u16,
     /// On SIGINT/SIGTERM, how long sessions get to finish their sinks.
+    #[arg(
+        long,
+        env = "COCHLEA_SHUTDOWN_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
     pub shutdown_timeout_ms: u64,
     /// Largest timestamp gap one `framing=seq` message may open (filled with silence).
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_GAP_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
     pub max_gap_ms: u64,
     /// Blocks queued per sink before the session waits for it.
+    #[arg(
+        long,
+        env = "COCHLEA_SINK_QUEUE_BLOCKS",
+        value_name = "N",
+        default_value_t = 64
+    )]
     pub sink_queue_blocks: usize,
     /// How long a dropped `framing=seq` session waits to be resumed; 0 disables resume.
+    #[arg(
+        long,
+        env = "COCHLEA_RESUME_WINDOW_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
     pub resume_window_ms: u64,
     /// `framing=seq`: longest time between acks while there is something to ack.
+    #[arg(
+        long,
+        env = "COCHLEA_ACK_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 250
+    )]
     pub ack_interval_ms: u64,
     /// Period of `stats` messages while audio flows; 0 disables them.
+    #[arg(
+        long,
+        env = "COCHLEA_STATS_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
     pub stats_interval_ms: u64,
-    /// Sinks for sessions that do not name any.
-    pub default_sinks: Vec<String>,
-    pub log_format: LogFormat,
-    /// API keys; while empty, authentication is off.
-    pub api_keys: Vec<String>,
-    /// Secret for signing session tokens; empty: a random one per process.
-    pub token_secret: String,
-    /// Browser origins allowed to connect (e.g. `https://app.example`); empty: any.
-    pub allowed_origins: Vec<String>,
-    /// Listen beyond loopback without API keys (refused unless set).
-    pub allow_unauthenticated: bool,
-    /// Concurrent sessions per API key (1013 beyond); 0: no per-key limit.
-    pub max_sessions_per_key: usize,
-    /// Longest a session may last, in wall time; 0: unlimited.
-    pub max_session_duration_ms: u64,
-    /// Media time a client may send per wall second beyond the burst; 0: unlimited.
-    pub max_realtime_factor: f64,
-    /// Media a client may send ahead of the real-time allowance.
-    pub realtime_burst_ms: u64,
-    /// Audio bytes queued for one sink before the session waits for it.
-    pub max_pending_bytes_per_sink: usize,
-    /// How long a session waits for a sink over its pending limit before
-    /// giving up with `sink_overloaded`.
-    pub sink_stall_timeout_ms: u64,
-    /// Time a client has to send its whole HTTP request (upgrade included);
-    /// slower ones get 408 and are disconnected.
-    pub request_timeout_ms: u64,
-    /// PEM certificate chain and private key: serve `wss://` directly.
-    pub tls_cert_path: Option<PathBuf>,
-    pub tls_key_path: Option<PathBuf>,
-    pub recorder: RecorderConfig,
-    pub transcription: TranscriptionConfig,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RecorderConfig {
-    /// Longest time written audio may stay outside the WAV header.
-    pub flush_interval_ms: u64,
-    /// Also fsync at each header update (power-loss safety; costs disk syncs).
-    pub fsync: bool,
-    /// `auto` (f32 for pcm_f32le, else s16), `s16` or `f32`.
-    pub sample_format: SampleFormatSetting,
-    /// Rate of the recordings in Hz; 0 keeps the stream's.
-    pub sample_rate: u32,
-    /// `keep`, `mono`, or `split` (one mono file per channel).
-    pub channels: ChannelsSetting,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            recordings_dir: PathBuf::from("./recordings"),
-            workers: 0,
-            max_sessions: 5000,
-            max_message_bytes: 64 * 1024,
-            idle_timeout_ms: 30_000,
-            idle_close_code: 1000,
-            shutdown_timeout_ms: 10_000,
-            max_gap_ms: 10_000,
-            sink_queue_blocks: 64,
-            resume_window_ms: 30_000,
-            ack_interval_ms: 250,
-            stats_interval_ms: 5_000,
-            default_sinks: vec!["record".into()],
-            log_format: LogFormat::Text,
-            api_keys: Vec::new(),
-            token_secret: String::new(),
-            allowed_origins: Vec::new(),
-            allow_unauthenticated: false,
-            max_sessions_per_key: 0,
-            max_session_duration_ms: 0,
-            max_realtime_factor: 0.0,
-            realtime_burst_ms: 10_000,
-            max_pending_bytes_per_sink: 4 * 1024 * 1024,
-            sink_stall_timeout_ms: 10_000,
-            request_timeout_ms: 5_000,
-            tls_cert_path: None,
-            tls_key_path: None,
-            recorder: RecorderConfig::default(),
-            transcription: TranscriptionConfig::default(),
-        }
-    }
-}
-
-impl Default for RecorderConfig {
-    fn default() -> Self {
-        Self {
-            flush_interval_ms: 1000,
-            fsync: false,
-            sample_format: SampleFormatSetting::Auto,
-            sample_rate: 0,
-            channels: ChannelsSetting::Keep,
-        }
-    }
-}
-
-/// Flags of `cochlea serve`; each one can also come from its environment variable.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "COCHLEA_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long)]
-    pub print_config: bool,
-    #[arg(long, env = "COCHLEA_LISTEN", value_name = "ADDR:PORT")]
-    pub listen: Option<SocketAddr>,
-    #[arg(long, env = "COCHLEA_RECORDINGS_DIR", value_name = "DIR")]
-    pub recordings_dir: Option<PathBuf>,
-    #[arg(long, env = "COCHLEA_WORKERS", value_name = "N")]
-    pub workers: Option<usize>,
-    #[arg(long, env = "COCHLEA_MAX_SESSIONS", value_name = "N")]
-    pub max_sessions: Option<usize>,
-    #[arg(long, env = "COCHLEA_MAX_MESSAGE_BYTES", value_name = "BYTES")]
-    pub max_message_bytes: Option<usize>,
-    #[arg(long, env = "COCHLEA_IDLE_TIMEOUT_MS", value_name = "MS")]
-    pub idle_timeout_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_IDLE_CLOSE_CODE", value_name = "1000|1001")]
-    pub idle_close_code: Option<u16>,
-    #[arg(long, env = "COCHLEA_SHUTDOWN_TIMEOUT_MS", value_name = "MS")]
-    pub shutdown_timeout_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_MAX_GAP_MS", value_name = "MS")]
-    pub max_gap_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_SINK_QUEUE_BLOCKS", value_name = "N")]
-    pub sink_queue_blocks: Option<usize>,
-    #[arg(long, env = "COCHLEA_RESUME_WINDOW_MS", value_name = "MS")]
-    pub resume_window_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_ACK_INTERVAL_MS", value_name = "MS")]
-    pub ack_interval_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_STATS_INTERVAL_MS", value_name = "MS")]
-    pub stats_interval_ms: Option<u64>,
-    /// Comma-separated; empty for none.
+    /// Sinks for sessions that do not name any (flag and environment:
+    /// comma-separated; empty or `none` for no sink).
     #[arg(
         long,
         env = "COCHLEA_DEFAULT_SINKS",
         value_name = "LIST",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "record"
     )]
-    pub default_sinks: Option<Vec<String>>,
-    #[arg(long, env = "COCHLEA_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// An API key; repeat the flag for several (env: comma-separated).
+    pub default_sinks: Vec<String>,
+    /// Log lines on stderr: human-readable text or JSON.
+    #[arg(
+        long,
+        env = "COCHLEA_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+    /// API keys; while empty, authentication is off. Repeat the flag for
+    /// several (environment: comma-separated).
     #[arg(
         long = "api-key",
         env = "COCHLEA_API_KEYS",
         value_name = "KEY",
         value_delimiter = ','
     )]
-    pub api_keys: Option<Vec<String>>,
+    pub api_keys: Vec<String>,
+    /// Secret for signing session tokens; empty: a random one per process.
     #[arg(
         long,
         env = "COCHLEA_TOKEN_SECRET",
         value_name = "SECRET",
-        hide_env_values = true
+        hide_env_values = true,
+        default_value = ""
     )]
-    pub token_secret: Option<String>,
-    /// Comma-separated.
+    pub token_secret: String,
+    /// Browser origins allowed to connect (e.g. `https://app.example`),
+    /// comma-separated; empty: any.
     #[arg(
         long,
         env = "COCHLEA_ALLOWED_ORIGINS",
         value_name = "LIST",
         value_delimiter = ','
     )]
-    pub allowed_origins: Option<Vec<String>>,
-    #[arg(long, env = "COCHLEA_ALLOW_UNAUTHENTICATED", value_name = "BOOL")]
-    pub allow_unauthenticated: Option<bool>,
-    #[arg(long, env = "COCHLEA_MAX_SESSIONS_PER_KEY", value_name = "N")]
-    pub max_sessions_per_key: Option<usize>,
-    #[arg(long, env = "COCHLEA_MAX_SESSION_DURATION_MS", value_name = "MS")]
-    pub max_session_duration_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_MAX_REALTIME_FACTOR", value_name = "FACTOR")]
-    pub max_realtime_factor: Option<f64>,
-    #[arg(long, env = "COCHLEA_REALTIME_BURST_MS", value_name = "MS")]
-    pub realtime_burst_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_MAX_PENDING_BYTES_PER_SINK", value_name = "BYTES")]
-    pub max_pending_bytes_per_sink: Option<usize>,
-    #[arg(long, env = "COCHLEA_SINK_STALL_TIMEOUT_MS", value_name = "MS")]
-    pub sink_stall_timeout_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_REQUEST_TIMEOUT_MS", value_name = "MS")]
-    pub request_timeout_ms: Option<u64>,
+    pub allowed_origins: Vec<String>,
+    /// Listen beyond loopback without API keys (refused unless set).
+    #[arg(
+        long,
+        env = "COCHLEA_ALLOW_UNAUTHENTICATED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = false
+    )]
+    pub allow_unauthenticated: bool,
+    /// Concurrent sessions per API key (1013 beyond); 0: no per-key limit.
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_SESSIONS_PER_KEY",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub max_sessions_per_key: usize,
+    /// Longest a session may last, in wall time; 0: unlimited.
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_SESSION_DURATION_MS",
+        value_name = "MS",
+        default_value_t = 0
+    )]
+    pub max_session_duration_ms: u64,
+    /// Media time a client may send per wall second beyond the burst; 0: unlimited.
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_REALTIME_FACTOR",
+        value_name = "FACTOR",
+        default_value_t = 0.0
+    )]
+    pub max_realtime_factor: f64,
+    /// Media a client may send ahead of the real-time allowance.
+    #[arg(
+        long,
+        env = "COCHLEA_REALTIME_BURST_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub realtime_burst_ms: u64,
+    /// Audio bytes queued for one sink before the session waits for it.
+    #[arg(
+        long,
+        env = "COCHLEA_MAX_PENDING_BYTES_PER_SINK",
+        value_name = "BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub max_pending_bytes_per_sink: usize,
+    /// How long a session waits for a sink over its pending limit before
+    /// giving up with `sink_overloaded`.
+    #[arg(
+        long,
+        env = "COCHLEA_SINK_STALL_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 10_000
+    )]
+    pub sink_stall_timeout_ms: u64,
+    /// Time a client has to send its whole HTTP request (upgrade included);
+    /// slower ones get 408 and are disconnected.
+    #[arg(
+        long,
+        env = "COCHLEA_REQUEST_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 5_000
+    )]
+    pub request_timeout_ms: u64,
+    /// PEM certificate chain: serve `wss://` directly (with `tls_key_path`).
     #[arg(long, env = "COCHLEA_TLS_CERT_PATH", value_name = "PEM")]
     pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of `tls_cert_path`.
     #[arg(long, env = "COCHLEA_TLS_KEY_PATH", value_name = "PEM")]
     pub tls_key_path: Option<PathBuf>,
-    #[arg(long, env = "COCHLEA_RECORDER_FLUSH_INTERVAL_MS", value_name = "MS")]
-    pub recorder_flush_interval_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_RECORDER_FSYNC", value_name = "BOOL")]
-    pub recorder_fsync: Option<bool>,
-    #[arg(long, env = "COCHLEA_RECORDER_SAMPLE_FORMAT", value_enum)]
-    pub recorder_sample_format: Option<SampleFormatSetting>,
-    #[arg(long, env = "COCHLEA_RECORDER_SAMPLE_RATE", value_name = "HZ")]
-    pub recorder_sample_rate: Option<u32>,
-    #[arg(long, env = "COCHLEA_RECORDER_CHANNELS", value_enum)]
-    pub recorder_channels: Option<ChannelsSetting>,
+    #[command(flatten)]
+    pub recorder: RecorderConfig,
+    #[command(flatten)]
+    pub transcription: TranscriptionConfig,
+}
+
+/// `[recorder]`; flags and environment variables carry the `recorder` prefix.
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Longest time written audio may stay outside the WAV header.
+    #[arg(
+        long = "recorder-flush-interval-ms",
+        env = "COCHLEA_RECORDER_FLUSH_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 1000
+    )]
+    pub flush_interval_ms: u64,
+    /// Also fsync at each header update (power-loss safety; costs disk syncs).
+    #[arg(
+        long = "recorder-fsync",
+        env = "COCHLEA_RECORDER_FSYNC",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = false
+    )]
+    pub fsync: bool,
+    /// `auto` (f32 for pcm_f32le, else s16), `s16` or `f32`.
+    #[arg(
+        long = "recorder-sample-format",
+        env = "COCHLEA_RECORDER_SAMPLE_FORMAT",
+        value_enum,
+        default_value_t = SampleFormatSetting::Auto
+    )]
+    pub sample_format: SampleFormatSetting,
+    /// Rate of the recordings in Hz; 0 keeps the stream's.
+    #[arg(
+        long = "recorder-sample-rate",
+        env = "COCHLEA_RECORDER_SAMPLE_RATE",
+        value_name = "HZ",
+        default_value_t = 0
+    )]
+    pub sample_rate: u32,
+    /// `keep`, `mono`, or `split` (one mono file per channel).
+    #[arg(
+        long = "recorder-channels",
+        env = "COCHLEA_RECORDER_CHANNELS",
+        value_enum,
+        default_value_t = ChannelsSetting::Keep
+    )]
+    pub channels: ChannelsSetting,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        defaults_from_attributes()
+    }
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        defaults_from_attributes()
+    }
+}
+
+/// A configuration section with every key at the default its `#[arg]`
+/// attribute declares (and `#[arg(skip)]` keys at `Default::default()` or
+/// their `skip = value`). No environment variable is read: those are a
+/// layer of their own, above the file.
+pub(crate) fn defaults_from_attributes<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(Command::new("defaults")).mut_args(|arg| arg.env(None));
+    match command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches| T::from_arg_matches(&matches))
+    {
+        Ok(defaults) => defaults,
+        // Only a typo in this crate's attributes gets here, and every unit
+        // test that builds a configuration would show it.
+        Err(e) => panic!("a configuration default does not parse: {e}"),
+    }
+}
+
+/// `cochlea serve`'s command line: the file, `--print-config`, the
+/// transcription quick start, and every key of [`Config`] as a flag with its
+/// environment variable.
+#[derive(Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    pub print_config: bool,
+    quick_start: TranscribeQuickStart,
+    /// The keys an environment variable or a flag set, and only those: the
+    /// [`Config`] arguments are parsed without their defaults, so that they
+    /// go over the file's values and leave the others alone.
+    overrides: ArgMatches,
+}
+
+#[derive(Debug, Clone, Default, clap::Args)]
+struct ServeOptions {
+    /// TOML configuration file.
+    #[arg(long, env = "COCHLEA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    quick_start: TranscribeQuickStart,
+}
+
+/// Flags for `[transcription.backends.default]`. A named table in a map has
+/// no flag of its own, so these four are the only keys applied by hand.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct TranscribeQuickStart {
     /// Quick start: an OpenAI-compatible speech-to-text endpoint (or its
     /// base URL) becomes the backend named `default`, used by every session
     /// that does not say `transcribe=none`.
     #[arg(long, env = "COCHLEA_TRANSCRIBE_URL", value_name = "URL")]
-    pub transcribe_url: Option<String>,
+    transcribe_url: Option<String>,
     /// `model` field for the `default` backend.
     #[arg(long, env = "COCHLEA_TRANSCRIBE_MODEL", value_name = "NAME")]
-    pub transcribe_model: Option<String>,
+    transcribe_model: Option<String>,
     /// Bearer key for the `default` backend.
     #[arg(
         long,
@@ -282,46 +403,62 @@ pub struct ServeArgs {
         value_name = "KEY",
         hide_env_values = true
     )]
-    pub transcribe_api_key: Option<String>,
+    transcribe_api_key: Option<String>,
     /// `language` field for the `default` backend (ISO-639-1).
     #[arg(long, env = "COCHLEA_TRANSCRIBE_LANGUAGE", value_name = "CODE")]
-    pub transcribe_language: Option<String>,
-    #[arg(
-        long,
-        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS",
-        value_name = "N"
-    )]
-    pub transcribe_max_concurrent_requests: Option<usize>,
-    #[arg(
-        long,
-        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS_PER_SESSION",
-        value_name = "N"
-    )]
-    pub transcribe_max_concurrent_requests_per_session: Option<usize>,
-    #[arg(
-        long,
-        env = "COCHLEA_TRANSCRIBE_MAX_PENDING_UTTERANCES",
-        value_name = "N"
-    )]
-    pub transcribe_max_pending_utterances: Option<usize>,
-    #[arg(long, env = "COCHLEA_TRANSCRIBE_REQUEST_TIMEOUT_MS", value_name = "MS")]
-    pub transcribe_request_timeout_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_TRANSCRIBE_MAX_RETRIES", value_name = "N")]
-    pub transcribe_max_retries: Option<u32>,
-    #[arg(long, env = "COCHLEA_TRANSCRIBE_RETRY_BACKOFF_MS", value_name = "MS")]
-    pub transcribe_retry_backoff_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_TRANSCRIBE_STOP_WAIT_MS", value_name = "MS")]
-    pub transcribe_stop_wait_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_VAD_THRESHOLD", value_name = "0..1")]
-    pub vad_threshold: Option<f32>,
-    #[arg(long, env = "COCHLEA_VAD_PRE_ROLL_MS", value_name = "MS")]
-    pub vad_pre_roll_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_VAD_HANGOVER_MS", value_name = "MS")]
-    pub vad_hangover_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_VAD_MIN_SPEECH_MS", value_name = "MS")]
-    pub vad_min_speech_ms: Option<u64>,
-    #[arg(long, env = "COCHLEA_VAD_MAX_UTTERANCE_MS", value_name = "MS")]
-    pub vad_max_utterance_ms: Option<u64>,
+    transcribe_language: Option<String>,
+}
+
+impl TranscribeQuickStart {
+    fn apply(&self, t: &mut TranscriptionConfig) {
+        if let Some(url) = &self.transcribe_url {
+            // The quick-start flag defines (or repoints) the `default`
+            // backend; a file may have given it more settings.
+            let backend = t.backends.entry(DEFAULT_BACKEND.to_owned()).or_default();
+            backend.kind = BackendKind::Openai;
+            backend.url = url.clone();
+        }
+        if let Some(backend) = t.backends.get_mut(DEFAULT_BACKEND) {
+            let set = |target: &mut String, value: &Option<String>| {
+                if let Some(v) = value {
+                    target.clone_from(v);
+                }
+            };
+            set(&mut backend.model, &self.transcribe_model);
+            set(&mut backend.api_key, &self.transcribe_api_key);
+            set(&mut backend.language, &self.transcribe_language);
+        }
+    }
+}
+
+impl FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let options = ServeOptions::from_arg_matches(matches)?;
+        Ok(Self {
+            config: options.config,
+            print_config: options.print_config,
+            quick_start: options.quick_start,
+            overrides: matches.clone(),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for ServeArgs {
+    fn augment_args(command: Command) -> Command {
+        // Defaults are the bottom layer, under the file: here they would
+        // land in the matches and hide the file's values.
+        let command = Config::augment_args(command).mut_args(|arg| arg.default_value(None));
+        ServeOptions::augment_args(command)
+    }
+
+    fn augment_args_for_update(command: Command) -> Command {
+        Self::augment_args(command)
+    }
 }
 
 impl Config {
@@ -345,121 +482,37 @@ impl Config {
             }
             None => Config::default(),
         };
-        config.apply(args);
+        config.apply(args)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Overlays the environment-and-flags layer.
-    fn apply(&mut self, args: &ServeArgs) {
-        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
-            if let Some(v) = value {
-                *target = v.clone();
-            }
-        }
-        set(&mut self.listen, &args.listen);
-        set(&mut self.recordings_dir, &args.recordings_dir);
-        set(&mut self.workers, &args.workers);
-        set(&mut self.max_sessions, &args.max_sessions);
-        set(&mut self.max_message_bytes, &args.max_message_bytes);
-        set(&mut self.idle_timeout_ms, &args.idle_timeout_ms);
-        set(&mut self.idle_close_code, &args.idle_close_code);
-        set(&mut self.shutdown_timeout_ms, &args.shutdown_timeout_ms);
-        set(&mut self.max_gap_ms, &args.max_gap_ms);
-        set(&mut self.sink_queue_blocks, &args.sink_queue_blocks);
-        set(&mut self.resume_window_ms, &args.resume_window_ms);
-        set(&mut self.ack_interval_ms, &args.ack_interval_ms);
-        set(&mut self.stats_interval_ms, &args.stats_interval_ms);
-        set(&mut self.log_format, &args.log_format);
-        set(&mut self.token_secret, &args.token_secret);
-        set(&mut self.allow_unauthenticated, &args.allow_unauthenticated);
-        set(&mut self.max_sessions_per_key, &args.max_sessions_per_key);
-        set(
-            &mut self.max_session_duration_ms,
-            &args.max_session_duration_ms,
-        );
-        set(&mut self.max_realtime_factor, &args.max_realtime_factor);
-        set(&mut self.realtime_burst_ms, &args.realtime_burst_ms);
-        set(
-            &mut self.max_pending_bytes_per_sink,
-            &args.max_pending_bytes_per_sink,
-        );
-        set(&mut self.sink_stall_timeout_ms, &args.sink_stall_timeout_ms);
-        set(&mut self.request_timeout_ms, &args.request_timeout_ms);
-        if args.tls_cert_path.is_some() {
-            self.tls_cert_path = args.tls_cert_path.clone();
-        }
-        if args.tls_key_path.is_some() {
-            self.tls_key_path = args.tls_key_path.clone();
-        }
-        let list = |items: &Vec<String>| -> Vec<String> {
-            items
+    fn apply(&mut self, args: &ServeArgs) -> Result<(), ConfigError> {
+        let overrides = &args.overrides;
+        // clap has parsed every value already; this only moves them.
+        self.update_from_arg_matches(overrides)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Comma-separated lists typed in a shell: items trimmed, empty ones
+        // dropped, and `none` spelled out for no default sink.
+        let clean = |items: &mut Vec<String>, none: Option<&str>| {
+            *items = items
                 .iter()
                 .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        };
-        if let Some(keys) = &args.api_keys {
-            self.api_keys = list(keys);
-        }
-        if let Some(origins) = &args.allowed_origins {
-            self.allowed_origins = list(origins);
-        }
-        set(
-            &mut self.recorder.flush_interval_ms,
-            &args.recorder_flush_interval_ms,
-        );
-        set(&mut self.recorder.fsync, &args.recorder_fsync);
-        set(
-            &mut self.recorder.sample_format,
-            &args.recorder_sample_format,
-        );
-        set(&mut self.recorder.sample_rate, &args.recorder_sample_rate);
-        set(&mut self.recorder.channels, &args.recorder_channels);
-        let t = &mut self.transcription;
-        set(
-            &mut t.max_concurrent_requests,
-            &args.transcribe_max_concurrent_requests,
-        );
-        set(
-            &mut t.max_concurrent_requests_per_session,
-            &args.transcribe_max_concurrent_requests_per_session,
-        );
-        set(
-            &mut t.max_pending_utterances,
-            &args.transcribe_max_pending_utterances,
-        );
-        set(
-            &mut t.request_timeout_ms,
-            &args.transcribe_request_timeout_ms,
-        );
-        set(&mut t.max_retries, &args.transcribe_max_retries);
-        set(&mut t.retry_backoff_ms, &args.transcribe_retry_backoff_ms);
-        set(&mut t.stop_wait_ms, &args.transcribe_stop_wait_ms);
-        set(&mut t.vad.threshold, &args.vad_threshold);
-        set(&mut t.vad.pre_roll_ms, &args.vad_pre_roll_ms);
-        set(&mut t.vad.hangover_ms, &args.vad_hangover_ms);
-        set(&mut t.vad.min_speech_ms, &args.vad_min_speech_ms);
-        set(&mut t.vad.max_utterance_ms, &args.vad_max_utterance_ms);
-        if let Some(url) = &args.transcribe_url {
-            // The quick-start flag defines (or repoints) the `default`
-            // backend; a file may have given it more settings.
-            let backend = t.backends.entry(DEFAULT_BACKEND.to_owned()).or_default();
-            backend.kind = BackendKind::Openai;
-            backend.url = url.clone();
-        }
-        if let Some(backend) = t.backends.get_mut(DEFAULT_BACKEND) {
-            set(&mut backend.model, &args.transcribe_model);
-            set(&mut backend.api_key, &args.transcribe_api_key);
-            set(&mut backend.language, &args.transcribe_language);
-        }
-        if let Some(sinks) = &args.default_sinks {
-            self.default_sinks = sinks
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty() && s != "none")
+                .filter(|s| !s.is_empty() && Some(s.as_str()) != none)
                 .collect();
+        };
+        if overrides.contains_id("api_keys") {
+            clean(&mut self.api_keys, None);
         }
+        if overrides.contains_id("allowed_origins") {
+            clean(&mut self.allowed_origins, None);
+        }
+        if overrides.contains_id("default_sinks") {
+            clean(&mut self.default_sinks, Some("none"));
+        }
+        args.quick_start.apply(&mut self.transcription);
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -574,36 +627,197 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Tests that parse a command line read the process environment: they
+    /// take turns, and each starts from an environment without `COCHLEA_*`.
+    static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn clean_env() -> std::sync::MutexGuard<'static, ()> {
+        let guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("COCHLEA_") {
+                std::env::remove_var(key);
+            }
+        }
+        guard
+    }
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let command = ServeArgs::augment_args(Command::new("serve"));
+        let matches = command
+            .try_get_matches_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .unwrap();
+        ServeArgs::from_arg_matches(&matches).unwrap()
+    }
+
     #[test]
     fn unknown_keys_are_named() {
         let err = Config::from_toml("lsten = \"0.0.0.0:1\"\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("lsten"), "{err}");
         let err = Config::from_toml("[recorder]\nflush_ms = 5\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("flush_ms"), "{err}");
+        let err = Config::from_toml(
+            "[transcription.vad]\nthreshhold = 0.4\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("threshhold"), "{err}");
+        // Through the whole load: the file and the key are both named.
+        let _env = clean_env();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typo.toml");
+        std::fs::write(&path, "max_sesions = 3\n").unwrap();
+        let err = Config::load(&serve_args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("max_sesions"), "{message}");
+        assert!(message.contains("typo.toml"), "{message}");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
     }
 
     #[test]
-    fn file_then_flags() {
-        let mut config = Config::from_toml(
-            "listen = \"127.0.0.1:9000\"\nmax_sessions = 3\n[recorder]\nfsync = true\n",
-            Path::new("c.toml"),
+    fn precedence_is_default_then_file_then_env_then_flag() {
+        let _env = clean_env();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cochlea.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nmax_sessions = 3\nidle_timeout_ms = 1234\n\
+             [recorder]\nfsync = true\nsample_rate = 8000\n\
+             [transcription.vad]\nhangover_ms = 500\ncut_search_ms = 1500\n\
+             [transcription.backends.crm]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/hook\"\n",
         )
         .unwrap();
+        std::env::set_var("COCHLEA_CONFIG", &path);
+        std::env::set_var("COCHLEA_MAX_SESSIONS", "4");
+        std::env::set_var("COCHLEA_IDLE_TIMEOUT_MS", "999");
+        std::env::set_var("COCHLEA_RECORDER_SAMPLE_RATE", "16000");
+        std::env::set_var("COCHLEA_VAD_HANGOVER_MS", "600");
+        let loaded = Config::load(&serve_args(&[
+            "--idle-timeout-ms",
+            "777",
+            "--vad-hangover-ms",
+            "700",
+            "--transcribe-max-retries",
+            "5",
+        ]));
+        for key in [
+            "COCHLEA_CONFIG",
+            "COCHLEA_MAX_SESSIONS",
+            "COCHLEA_IDLE_TIMEOUT_MS",
+            "COCHLEA_RECORDER_SAMPLE_RATE",
+            "COCHLEA_VAD_HANGOVER_MS",
+        ] {
+            std::env::remove_var(key);
+        }
+        let config = loaded.unwrap();
+        let defaults = Config::default();
+        // Default: set nowhere.
+        assert_eq!(config.max_message_bytes, defaults.max_message_bytes);
+        assert_eq!(config.recorder.flush_interval_ms, 1000);
+        // File over default, at the top level and in sections, and a
+        // file-only table that no flag touches.
         assert_eq!(config.listen.port(), 9000);
         assert!(config.recorder.fsync);
+        assert_eq!(config.transcription.vad.cut_search_ms, 1500);
         assert_eq!(
-            config.idle_timeout_ms, 30_000,
-            "untouched keys keep defaults"
+            config.transcription.backends["crm"].url,
+            "http://127.0.0.1:1/hook"
         );
-        config.apply(&ServeArgs {
-            max_sessions: Some(7),
-            default_sinks: Some(vec!["none".into()]),
-            ..ServeArgs::default()
-        });
-        assert_eq!(config.max_sessions, 7);
-        assert_eq!(config.listen.port(), 9000);
+        // Environment over file.
+        assert_eq!(config.max_sessions, 4);
+        assert_eq!(config.recorder.sample_rate, 16000);
+        // Flag over environment (and over file).
+        assert_eq!(config.idle_timeout_ms, 777);
+        assert_eq!(config.transcription.vad.hangover_ms, 700);
+        // Flag over default.
+        assert_eq!(config.transcription.max_retries, 5);
+    }
+
+    #[test]
+    fn flag_lists_and_the_transcription_quick_start() {
+        let _env = clean_env();
+        let config = Config::load(&serve_args(&[
+            "--default-sinks",
+            "none",
+            "--api-key",
+            " key-one-0123456789 ",
+            "--api-key",
+            "key-two-0123456789",
+            "--allowed-origins",
+            "https://a.example, ,https://b.example",
+            "--transcribe-url",
+            "http://127.0.0.1:1/v1",
+            "--transcribe-model",
+            "small",
+        ]))
+        .unwrap();
         assert!(config.default_sinks.is_empty());
+        assert_eq!(
+            config.api_keys,
+            ["key-one-0123456789", "key-two-0123456789"]
+        );
+        assert_eq!(
+            config.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        let backend = &config.transcription.backends[DEFAULT_BACKEND];
+        assert_eq!(backend.url, "http://127.0.0.1:1/v1");
+        assert_eq!(backend.model, "small");
+        // Nothing set: the defaults, untouched.
+        let config = Config::load(&serve_args(&[])).unwrap();
+        assert_eq!(config.default_sinks, ["record"]);
+        assert!(config.transcription.backends.is_empty());
+    }
+
+    #[test]
+    fn defaults_come_from_the_attributes() {
+        let config = Config::default();
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(config.recordings_dir, PathBuf::from("./recordings"));
+        assert_eq!(config.max_message_bytes, 65_536);
+        assert_eq!(config.max_pending_bytes_per_sink, 4 * 1024 * 1024);
+        assert_eq!(config.default_sinks, ["record"]);
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert!(config.api_keys.is_empty() && config.token_secret.is_empty());
+        assert!(!config.allow_unauthenticated);
+        assert_eq!(config.max_realtime_factor, 0.0);
+        assert_eq!(config.tls_cert_path, None);
+        assert_eq!(config.recorder.sample_format, SampleFormatSetting::Auto);
+        assert_eq!(config.recorder.channels, ChannelsSetting::Keep);
+        assert_eq!(config.transcription.request_timeout_ms, 30_000);
+        assert_eq!(config.transcription.vad.threshold, 0.5);
+        assert_eq!(config.transcription.vad.cut_search_ms, 2_000);
         config.validate().unwrap();
+    }
+
+    /// One rule for every key: the flag is the TOML key in kebab case (with
+    /// its section's prefix), the variable is `COCHLEA_` and the flag in
+    /// capitals. `--api-key` is singular because it is repeated.
+    #[test]
+    fn every_key_has_a_flag_and_variable_named_after_it() {
+        let command = Config::augment_args(Command::new("serve"));
+        let mut count = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let long = arg.get_long().unwrap_or_else(|| panic!("{id} has no flag"));
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no variable"))
+                .to_string_lossy();
+            let plural = if long == "api-key" { "S" } else { "" };
+            assert_eq!(
+                env,
+                format!("COCHLEA_{}{plural}", long.to_uppercase().replace('-', "_")),
+                "--{long}"
+            );
+            let key = id.replace('_', "-");
+            assert!(
+                long.ends_with(&key) || format!("{long}s") == key,
+                "--{long} does not name the key {id}"
+            );
+            count += 1;
+        }
+        // Every key of the README's table but the four quick-start flags.
+        assert_eq!(count, 45);
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct StreamArgs {
     /// stereo, 8000 to 48000 Hz) or Ogg/Opus files.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
-    /// The server's stream endpoint.
+    /// The server's stream endpoint; without a path (`ws://host:8080`),
+    /// `/v1/stream` on that server.
     #[arg(
         long,
         env = "COCHLEA_URL",
@@ -268,7 +269,7 @@ pub fn run(args: StreamArgs) -> ExitCode {
         (false, Some(speed)) => speed,
     };
     let options = Options {
-        url: args.url.clone(),
+        url: stream::with_stream_path(&args.url),
         token: args.token.clone().filter(|t| !t.is_empty()),
         speed,
         transcribe: args.transcribe.clone(),

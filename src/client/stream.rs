@@ -150,6 +150,27 @@ impl Drop for Connection {
     }
 }
 
+/// Where `cochlea serve` takes streams.
+pub const STREAM_PATH: &str = "/v1/stream";
+
+/// The URL to stream to: one without a path (`ws://host:8080`, or just `/`)
+/// means the server's stream endpoint, since `/` is the microphone page,
+/// which answers 200 and no upgrade. Any other path is kept as it is (a
+/// proxy may publish the endpoint under its own path), and so is a URL that
+/// does not parse, for `connect` to report.
+pub fn with_stream_path(url: &str) -> String {
+    let Ok(uri) = url.parse::<tungstenite::http::Uri>() else {
+        return url.to_owned();
+    };
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) if uri.path() == "/" => {
+            let query = uri.query().map_or(String::new(), |q| format!("?{q}"));
+            format!("{scheme}://{authority}{STREAM_PATH}{query}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// The URL for a resume: the user's URL without its query (the session's
 /// format is fixed), but keeping a `token` it may carry.
 fn resume_url(url: &str, session_id: &str, resume_token: &str) -> String {
@@ -181,6 +202,10 @@ fn describe_refusal(response: &tungstenite::handshake::client::Response) -> Stre
             body["message"].as_str().unwrap_or("")
         ),
         None if status == 404 => " (not found: is the URL's path /v1/stream?)".to_owned(),
+        // A plain page where the upgrade was expected.
+        None if status == 200 => {
+            " (a web page, not the stream endpoint: is the URL's path /v1/stream?)".to_owned()
+        }
         None => String::new(),
     };
     StreamError::Refused { status, detail }
@@ -700,6 +725,22 @@ pub async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_without_a_path_gets_the_stream_path() {
+        assert_eq!(with_stream_path("ws://h:8080"), "ws://h:8080/v1/stream");
+        assert_eq!(with_stream_path("wss://h/"), "wss://h/v1/stream");
+        assert_eq!(
+            with_stream_path("ws://h:1?sinks=none"),
+            "ws://h:1/v1/stream?sinks=none"
+        );
+        assert_eq!(with_stream_path("ws://h:1/v1/stream"), "ws://h:1/v1/stream");
+        assert_eq!(
+            with_stream_path("wss://p/cochlea/x?a=b"),
+            "wss://p/cochlea/x?a=b"
+        );
+        assert_eq!(with_stream_path("not a url"), "not a url");
+    }
 
     #[test]
     fn resume_urls_keep_only_the_credential() {

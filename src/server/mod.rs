@@ -522,6 +522,11 @@ async fn mint_token(
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // First, as on every other route with a credential: a page on an
+    // unlisted site gets no token, whatever key it holds.
+    if let Err(error) = state.auth.check_origin(header(&req, header::ORIGIN)) {
+        return refuse_http(&error);
+    }
     if !state.auth.required() {
         return HttpResponse::BadRequest().json(json!({
             "error": "auth_disabled",

@@ -21,10 +21,11 @@ use crate::protocol::StartRequest;
 /// Why a resume was refused (close code 1008 in every case).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResumeError {
-    #[error("no resumable session {0}: it never existed, has ended, or its resume window expired")]
-    NotFound(String),
-    #[error("wrong resume_token for session {0}")]
-    WrongToken(String),
+    /// An unknown id and a wrong token are one refusal, word for word: a
+    /// different answer would tell whoever guesses ids which sessions are
+    /// live. The server's log says which it was (`claim`).
+    #[error("no resumable session {0} for this resume_token: it never existed, has ended, its resume window expired, or the token is not its own")]
+    NotResumable(String),
     #[error("session {0} is still attached to another connection that did not let go")]
     Busy(String),
     /// The resuming connection repeated a stream parameter with another value.
@@ -124,10 +125,14 @@ impl ResumeRegistry {
             {
                 let mut entries = self.lock();
                 let Some(entry) = entries.get_mut(id) else {
-                    return Err(ResumeError::NotFound(id.to_owned()));
+                    tracing::info!(reason = "unknown_session", "resume refused");
+                    return Err(ResumeError::NotResumable(id.to_owned()));
                 };
                 if !constant_time_eq(entry.token.as_bytes(), token.as_bytes()) {
-                    return Err(ResumeError::WrongToken(id.to_owned()));
+                    // A live session's id with someone else's token: worth
+                    // an operator's look, so above the unknown id's level.
+                    tracing::warn!(reason = "wrong_token", "resume refused");
+                    return Err(ResumeError::NotResumable(id.to_owned()));
                 }
                 if let State::Parked(parked) = &entry.state {
                     // Checked before the session changes hands: a refused

@@ -245,6 +245,49 @@ async fn wrong_token_is_refused_with_1008_and_the_session_survives() {
     assert!(wav.samples == samples);
 }
 
+/// A refusal must not tell a caller whether a session id is live: a wrong
+/// token for a parked session and any token for an unknown id get the same
+/// error, word for word, apart from the id the caller sent.
+#[tokio::test]
+async fn a_wrong_token_and_an_unknown_session_are_refused_alike() {
+    let server = Server::start();
+    let samples: Vec<i16> = (0..3200).map(|i| ((i * 13) % 2000 - 1000) as i16).collect();
+    let mut client =
+        ResumingClient::start(&server, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    for (i, frame) in samples.chunks(320).enumerate() {
+        client
+            .send(seq_message(i as u32, i as u64 * 320, &s16_bytes(frame)))
+            .await;
+    }
+    client.drop_connection();
+    let live = client.session_id.clone();
+    let unknown = "01a1fe86-11f8-744a-b1a9-f94618f3e383";
+    let guess = "0".repeat(32);
+    let mut refusals = Vec::new();
+    for id in [live.as_str(), unknown] {
+        let transcript = Client::connect(&server, &format!("resume={id}&resume_token={guess}"))
+            .await
+            .finish()
+            .await;
+        transcript.assert_refused("resume_rejected", 1008);
+        let error = transcript
+            .one("error")
+            .to_string()
+            .replace(id, "<session id>");
+        refusals.push((error, transcript.close.clone()));
+    }
+    assert_eq!(refusals[0], refusals[1]);
+    // The log still tells the operator which it was.
+    assert!(server.log().contains("wrong_token"), "{}", server.log());
+    // And the real client gets its session back, whole.
+    client.resume().await;
+    let transcript = client.stop().await;
+    let wav = read_wav_i16(Path::new(
+        transcript.one("recording")["path"].as_str().unwrap(),
+    ));
+    assert!(wav.samples == samples);
+}
+
 #[tokio::test]
 async fn an_expired_window_finishes_the_session_as_if_stopped() {
     let server = Server::start_with(&["--resume-window-ms", "300"], &[]);

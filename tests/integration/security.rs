@@ -73,8 +73,14 @@ fn http(server: &Server, request: &str) -> (u16, String) {
 }
 
 fn mint(server: &Server, key: &str, body: &str) -> (u16, Value) {
+    mint_from(server, None, key, body)
+}
+
+/// `POST /v1/tokens`, from a browser page at `origin` when given.
+fn mint_from(server: &Server, origin: Option<&str>, key: &str, body: &str) -> (u16, Value) {
+    let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
     let request = format!(
-        "POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/tokens HTTP/1.1\r\nHost: x\r\n{origin}Authorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let (status, body) = http(server, &request);
@@ -163,6 +169,46 @@ async fn wrong_origin_gets_403_and_the_right_one_passes() {
     let (status, body) = upgrade(&server, &q, &[("origin", "https://evil.example")])
         .await
         .unwrap_err();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("origin_not_allowed"))
+    );
+}
+
+/// SECURITY.md: a browser request from an unlisted origin gets 403. That
+/// holds for minting tokens too, or a page on any site could turn a leaked
+/// or embedded key into tokens.
+#[tokio::test]
+async fn minting_tokens_from_an_unlisted_origin_gets_403() {
+    let server = secured(&["--allowed-origins", "https://app.example"]);
+    let (status, body) = mint_from(&server, Some("https://evil.example"), KEY, "");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("origin_not_allowed")),
+        "{body}"
+    );
+    assert!(body.get("token").is_none(), "{body}");
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains("cochlea_auth_failures_total{reason=\"origin_not_allowed\"} 1"),
+        "{metrics}"
+    );
+    // A listed origin (any case, trailing slash) and a request from no
+    // browser at all still get their token.
+    let (status, body) = mint_from(&server, Some("https://APP.example/"), KEY, "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body["token"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("ct1.")));
+    assert_eq!(mint(&server, KEY, "").0, 200);
+    // The origin is judged before the key: a wrong key from an unlisted
+    // origin learns nothing about the key.
+    let (status, body) = mint_from(
+        &server,
+        Some("https://evil.example"),
+        "wrong-key-0123456789",
+        "",
+    );
     assert_eq!(
         (status, body["error"].as_str()),
         (403, Some("origin_not_allowed"))

@@ -208,6 +208,55 @@ async fn the_human_summary_names_the_recording_and_duration() {
     );
 }
 
+/// `--url ws://host:port` is what a new user types: it must reach the stream
+/// endpoint, not the page at `/` (which answered 200 and no upgrade).
+#[tokio::test]
+async fn a_url_without_a_path_streams_to_v1_stream() {
+    let server = Server::start();
+    let file = sample("call-8k-mulaw.wav").display().to_string();
+    for url in [
+        format!("ws://{}", server.addr),
+        format!("ws://{}/", server.addr),
+    ] {
+        let output = run_stream(&url, &["--speed", "max", "--json", &file]);
+        assert!(
+            output.status.success(),
+            "{url}: exit {:?}\n{}",
+            output.status,
+            text(&output.stderr)
+        );
+        let summaries = summaries(&output);
+        assert_eq!(summaries[0]["closed"]["reason"], "stop", "{summaries:#?}");
+        assert_mulaw_exact(&recording_path(&summaries[0]));
+    }
+    assert_eq!(wav_files(&server.recordings_dir()).len(), 2);
+    // The query of a URL without a path still reaches the server.
+    let url = format!("ws://{}?sinks=none", server.addr);
+    let output = run_stream(&url, &["--speed", "max", "--json", &file]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let summaries = summaries(&output);
+    assert_eq!(summaries[0]["recordings"], serde_json::json!([]));
+    assert_eq!(wav_files(&server.recordings_dir()).len(), 2);
+    // An explicit path is kept as it is, even a wrong one.
+    let url = format!("ws://{}/v2/stream", server.addr);
+    let output = run_stream(&url, &[&file]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("HTTP 404"),
+        "{}",
+        text(&output.stderr)
+    );
+    // A page where the upgrade was expected says what is wrong.
+    let url = format!("ws://{}/style.css", server.addr);
+    let output = run_stream(&url, &[&file]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("HTTP 200 (a web page, not the stream endpoint"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
 /// Waits until the server has a recording open (its WAV exists).
 fn wait_for_recording_file(dir: &Path) {
     let deadline = Instant::now() + WAIT;

@@ -9,78 +9,139 @@ use super::backend::{Backend, BackendConfig};
 use super::detector::EARSHOT_FRAME_SAMPLES;
 use super::segment::SegmenterSettings;
 
-/// `[transcription]` in the configuration file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[transcription]` in the configuration file; its flags and environment
+/// variables carry the `transcribe` prefix (`vad` under `vad`). Declared
+/// once per key the way [`crate::config`] says.
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct TranscriptionConfig {
     /// Backend requests in flight at once, over all sessions.
+    #[arg(
+        long = "transcribe-max-concurrent-requests",
+        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS",
+        value_name = "N",
+        default_value_t = 64
+    )]
     pub max_concurrent_requests: usize,
     /// Backend requests in flight at once for one session.
+    #[arg(
+        long = "transcribe-max-concurrent-requests-per-session",
+        env = "COCHLEA_TRANSCRIBE_MAX_CONCURRENT_REQUESTS_PER_SESSION",
+        value_name = "N",
+        default_value_t = 2
+    )]
     pub max_concurrent_requests_per_session: usize,
     /// Utterances of a session waiting for a request slot; beyond this the
     /// oldest are dropped (and reported), so memory stays bounded.
+    #[arg(
+        long = "transcribe-max-pending-utterances",
+        env = "COCHLEA_TRANSCRIBE_MAX_PENDING_UTTERANCES",
+        value_name = "N",
+        default_value_t = 16
+    )]
     pub max_pending_utterances: usize,
     /// One attempt's time limit.
+    #[arg(
+        id = "transcribe_request_timeout_ms",
+        long = "transcribe-request-timeout-ms",
+        env = "COCHLEA_TRANSCRIBE_REQUEST_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 30_000
+    )]
     pub request_timeout_ms: u64,
     /// Further attempts after a timeout, a transport error, 429 or a 5xx.
+    #[arg(
+        long = "transcribe-max-retries",
+        env = "COCHLEA_TRANSCRIBE_MAX_RETRIES",
+        value_name = "N",
+        default_value_t = 2
+    )]
     pub max_retries: u32,
     /// Wait before the first retry; doubles for each further one.
+    #[arg(
+        long = "transcribe-retry-backoff-ms",
+        env = "COCHLEA_TRANSCRIBE_RETRY_BACKOFF_MS",
+        value_name = "MS",
+        default_value_t = 250
+    )]
     pub retry_backoff_ms: u64,
     /// After `stop`, how long pending transcripts may delay `closed`.
+    #[arg(
+        long = "transcribe-stop-wait-ms",
+        env = "COCHLEA_TRANSCRIBE_STOP_WAIT_MS",
+        value_name = "MS",
+        default_value_t = 15_000
+    )]
     pub stop_wait_ms: u64,
+    #[command(flatten)]
     pub vad: VadConfig,
     /// Named backends; the one named `default` serves sessions that do not
-    /// choose.
+    /// choose. File only (the `--transcribe-*` quick-start flags aside).
+    #[arg(skip)]
     pub backends: BTreeMap<String, BackendConfig>,
 }
 
 /// `[transcription.vad]`: segmentation settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct VadConfig {
     /// Speech probability (0..1) above which a 16 ms frame counts as speech.
+    #[arg(
+        long = "vad-threshold",
+        env = "COCHLEA_VAD_THRESHOLD",
+        value_name = "0..1",
+        default_value_t = 0.5
+    )]
     pub threshold: f32,
     /// Audio kept before the detected onset. 300 rather than the usual
     /// 200: the detector confirms an onset a little after the first soft
     /// phoneme, and with 200 ms the reference engine lost the first word of
     /// 2 of the 8 test sentences that it gets right on the whole file.
+    #[arg(
+        long = "vad-pre-roll-ms",
+        env = "COCHLEA_VAD_PRE_ROLL_MS",
+        value_name = "MS",
+        default_value_t = 300
+    )]
     pub pre_roll_ms: u64,
     /// Non-speech that ends an utterance.
+    #[arg(
+        long = "vad-hangover-ms",
+        env = "COCHLEA_VAD_HANGOVER_MS",
+        value_name = "MS",
+        default_value_t = 400
+    )]
     pub hangover_ms: u64,
     /// Speech needed to confirm an onset.
+    #[arg(
+        long = "vad-min-speech-ms",
+        env = "COCHLEA_VAD_MIN_SPEECH_MS",
+        value_name = "MS",
+        default_value_t = 48
+    )]
     pub min_speech_ms: u64,
     /// Longest utterance; longer speech is cut at its quietest point.
+    #[arg(
+        long = "vad-max-utterance-ms",
+        env = "COCHLEA_VAD_MAX_UTTERANCE_MS",
+        value_name = "MS",
+        default_value_t = 15_000
+    )]
     pub max_utterance_ms: u64,
-    /// How far before the limit the quietest point is looked for.
+    /// How far before the limit the quietest point is looked for (file only).
+    #[arg(skip = 2_000_u64)]
     pub cut_search_ms: u64,
 }
 
 impl Default for TranscriptionConfig {
     fn default() -> Self {
-        Self {
-            max_concurrent_requests: 64,
-            max_concurrent_requests_per_session: 2,
-            max_pending_utterances: 16,
-            request_timeout_ms: 30_000,
-            max_retries: 2,
-            retry_backoff_ms: 250,
-            stop_wait_ms: 15_000,
-            vad: VadConfig::default(),
-            backends: BTreeMap::new(),
-        }
+        crate::config::defaults_from_attributes()
     }
 }
 
 impl Default for VadConfig {
     fn default() -> Self {
-        Self {
-            threshold: 0.5,
-            pre_roll_ms: 300,
-            hangover_ms: 400,
-            min_speech_ms: 48,
-            max_utterance_ms: 15_000,
-            cut_search_ms: 2_000,
-        }
+        crate::config::defaults_from_attributes()
     }
 }
 
