@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod close;
 pub mod dialect;
+mod frame_limit;
 pub mod page;
 mod registry;
 mod resume;
@@ -303,10 +304,9 @@ async fn stream(
         Ok(principal) => principal,
         Err(error) => return Ok(refuse_http(&error)),
     };
-    let (response, ws, messages) =
-        actix_ws::handle_with_protocols(&req, body, &[auth::SUBPROTOCOL])?;
     let config = &state.env.config;
-    let messages = messages.max_frame_size(config.max_message_bytes);
+    let (response, ws, messages) =
+        frame_limit::upgrade(&req, body, &[auth::SUBPROTOCOL], config.max_message_bytes).await?;
     let id = uuid::Uuid::now_v7().to_string();
     let key_id = principal.as_ref().map(|p| p.key_id.as_str());
 
@@ -443,10 +443,9 @@ async fn dialect_stream(
             Err(error) => return Ok(refuse_http(&error)),
         }
     };
-    let (response, ws, messages) =
-        actix_ws::handle_with_protocols(&req, body, kind.subprotocols())?;
     let config = &state.env.config;
-    let messages = messages.max_frame_size(config.max_message_bytes);
+    let (response, ws, messages) =
+        frame_limit::upgrade(&req, body, kind.subprotocols(), config.max_message_bytes).await?;
     let id = uuid::Uuid::now_v7().to_string();
     metrics::counter!(names::DIALECT_SESSIONS_TOTAL, "dialect" => kind.name()).increment(1);
     let deferred = deferred.then(|| dialect::DeferredAuth {

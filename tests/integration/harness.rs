@@ -87,6 +87,16 @@ impl Server {
         self.child.id()
     }
 
+    /// The server process's resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("server status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
     pub fn url(&self, query: &str) -> String {
         if query.is_empty() {
             format!("ws://{}/v1/stream", self.addr)

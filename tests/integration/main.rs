@@ -13,6 +13,8 @@
 //! - `snippets`:    the Python and Node sample clients
 //! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
 //! - `loadgen`:     `cochlea loadgen` against the server: every frame acknowledged
+//! - `frame_limit`: oversized frames and messages refused at their headers,
+//!   on every WebSocket route, with the server's memory bounded
 //! - `dialect_*`:   /twilio, /vonage, /audiofork, /v1/listen replayed from the
 //!   platforms' documented messages; transcripts in each one's shapes
 //!
@@ -31,6 +33,7 @@ mod dialect_transcribe;
 mod dialect_twilio;
 mod dialect_vonage;
 mod formats;
+mod frame_limit;
 mod harness;
 mod lifecycle;
 mod loadgen;
