@@ -106,7 +106,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             resumes: Arc::new(resume::ResumeRegistry::default()),
             sinks: Arc::new(crate::sinks::registry::Registry::new(
                 &config,
-                transcription,
+                transcription.clone(),
             )),
         },
         registry: registry.clone(),
@@ -183,9 +183,16 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         let signal = signals.wait().await;
         tracing::info!(signal, "shutting down: finishing sessions");
         ready.store(false, Ordering::Release);
+        let signalled = tokio::time::Instant::now();
+        // Transcripts still pending are given up a little before the
+        // timeout, so that their sessions can still report and close in it.
+        let margin = (shutdown_timeout / 5).min(Duration::from_secs(1));
+        transcription.begin_shutdown(signalled + shutdown_timeout.saturating_sub(margin));
         handle.pause().await;
         let _ = shutdown_tx.send(true);
-        if registry.wait_drained(shutdown_timeout).await {
+        let left = shutdown_timeout.saturating_sub(signalled.elapsed());
+        let drained = registry.wait_drained(left).await;
+        if drained {
             tracing::info!("all sessions finished");
         } else {
             tracing::warn!(
@@ -193,7 +200,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
                 "shutdown timeout: stopping with sessions still open"
             );
         }
-        handle.stop(true).await;
+        // Graceful only when nothing is left to wait for: the whole
+        // shutdown fits shutdown_timeout_ms.
+        handle.stop(drained).await;
     });
 
     server.await?;

@@ -336,6 +336,16 @@ fn join_continuation(
     item: Item,
     max_bytes: usize,
 ) -> Result<Option<Partial>, ProtocolError> {
+    // The total is checked before a fragment is added, so no more than
+    // `max_bytes` is ever held (frame_limit refuses the crossing frame at
+    // its header already; this is the backstop).
+    let incoming = match &item {
+        Item::FirstText(b) | Item::FirstBinary(b) | Item::Continue(b) | Item::Last(b) => b.len(),
+    };
+    if partial.as_ref().map_or(0, Partial::len) + incoming > max_bytes {
+        *partial = None;
+        return Err(ProtocolError::MessageTooBig { max_bytes });
+    }
     let complete = match (item, partial.take()) {
         (Item::FirstText(b), None) => {
             *partial = Some(Partial::Text(BytesMut::from(&b[..])));

@@ -707,3 +707,43 @@ async fn backend_failures_reach_clients_and_logs_without_the_url_s_secrets() {
         }
     }
 }
+
+/// Issue 15, item 7: SIGTERM with a transcript pending on a slow backend.
+/// The whole shutdown, `closed` included, fits `shutdown_timeout_ms`; it
+/// used to wait out `stop_wait_ms` (15 s) first. The cut utterance is
+/// reported as `transcribe_failed`, not dropped.
+#[tokio::test]
+async fn shutdown_with_transcripts_pending_fits_the_shutdown_timeout() {
+    let stub = Stub::start(|_, _| Reply::text("never").after(Duration::from_secs(60))).await;
+    let mut server = server(&stub, &["--shutdown-timeout-ms", "2000"]);
+    let (samples, _) = speech_stream(1, 0.6);
+    let client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+    let waiting = Instant::now();
+    while stub.requests().is_empty() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no request reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let t = client.finish().await;
+    let closed_after = signalled.elapsed();
+    let status = server.wait_exit(crate::harness::WAIT);
+    let exited_after = signalled.elapsed();
+    assert!(status.success(), "a clean exit after SIGTERM");
+    assert_eq!(t.close_code(), 1001, "going away: {:#?}", t.messages);
+    assert_eq!(t.types().last(), Some(&"closed"), "{:#?}", t.types());
+    assert_eq!(t.one("closed")["reason"], "shutdown");
+    assert!(
+        closed_after < Duration::from_millis(2000),
+        "closed {closed_after:?} after SIGTERM, over the 2 s shutdown timeout"
+    );
+    assert!(
+        exited_after < Duration::from_millis(3500),
+        "the process exited {exited_after:?} after SIGTERM (shutdown timeout 2 s)"
+    );
+    let failed = errors(&t, "transcribe_failed");
+    assert_eq!(failed.len(), utterance_ids(&t).len(), "{:#?}", t.messages);
+}

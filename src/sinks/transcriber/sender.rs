@@ -34,7 +34,10 @@ impl Sender {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             if deadline.is_none() && self.queue.is_closed() {
-                let at = tokio::time::Instant::now() + stop_wait;
+                let mut at = tokio::time::Instant::now() + stop_wait;
+                if let Some(shutdown) = *self.service.shutdown_deadline.borrow() {
+                    at = at.min(shutdown);
+                }
                 deadline = Some(at);
                 self.stop_deadline.send_replace(Some(at));
             }
@@ -98,6 +101,7 @@ impl Sender {
                 session_id: self.session_id.clone(),
                 metadata: self.metadata.clone(),
                 stop_deadline: self.stop_deadline.subscribe(),
+                shutdown_deadline: self.service.shutdown_deadline.subscribe(),
             };
             tokio::spawn(
                 async move {
@@ -146,6 +150,8 @@ struct Request {
     metadata: Arc<Map<String, Value>>,
     /// Set once the session has stopped: when waiting for transcripts ends.
     stop_deadline: watch::Receiver<Option<tokio::time::Instant>>,
+    /// Set when the server shuts down (see `TranscriptionService::begin_shutdown`).
+    shutdown_deadline: watch::Receiver<Option<tokio::time::Instant>>,
 }
 
 impl Request {
@@ -155,7 +161,7 @@ impl Request {
         let result = tokio::select! {
             biased;
             result = self.attempts(&utterance) => result,
-            () = stop_deadline(self.stop_deadline.clone()) => {
+            () = stop_deadline(self.stop_deadline.clone(), self.shutdown_deadline.clone()) => {
                 Err("the session ended before the transcript arrived".to_owned())
             }
         };
@@ -276,18 +282,33 @@ impl Retries {
 }
 
 /// Completes when the session has stopped and the wait for transcripts is
-/// over; never while the session runs.
-async fn stop_deadline(mut deadline: watch::Receiver<Option<tokio::time::Instant>>) {
-    let at = loop {
-        if let Some(at) = *deadline.borrow_and_update() {
-            break at;
+/// over, or at the server's shutdown deadline, whichever is first; never
+/// while the session runs and the server does.
+async fn stop_deadline(
+    mut deadline: watch::Receiver<Option<tokio::time::Instant>>,
+    mut shutdown: watch::Receiver<Option<tokio::time::Instant>>,
+) {
+    // A sender gone (the sender task ended, or a test's) leaves its last
+    // value in place: stop watching it for changes.
+    let mut watch_session = true;
+    let mut watch_shutdown = true;
+    loop {
+        let at = match (*deadline.borrow_and_update(), *shutdown.borrow_and_update()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep = async {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => return,
+            changed = deadline.changed(), if watch_session => watch_session = changed.is_ok(),
+            changed = shutdown.changed(), if watch_shutdown => watch_shutdown = changed.is_ok(),
         }
-        if deadline.changed().await.is_err() {
-            // The sender task is gone without a stop: no deadline, ever.
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::time::sleep_until(at).await;
+    }
 }
 
 #[cfg(test)]
@@ -363,7 +384,8 @@ mod tests {
         deadline: watch::Receiver<Option<tokio::time::Instant>>,
         ms: u64,
     ) -> bool {
-        tokio::time::timeout(Duration::from_millis(ms), stop_deadline(deadline))
+        let (_keep, shutdown) = watch::channel(None);
+        tokio::time::timeout(Duration::from_millis(ms), stop_deadline(deadline, shutdown))
             .await
             .is_ok()
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::backend::{self, Backend, BackendError};
 use super::{TranscriptionConfig, DEFAULT_BACKEND};
@@ -15,6 +15,9 @@ pub struct TranscriptionService {
     backends: BTreeMap<String, Arc<Backend>>,
     pub(super) client: reqwest::Client,
     pub(super) global_requests: Arc<Semaphore>,
+    /// Set when the server shuts down: every pending transcript is given
+    /// up by then, so that shutdown fits `shutdown_timeout_ms`.
+    pub(super) shutdown_deadline: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl TranscriptionService {
@@ -34,7 +37,14 @@ impl TranscriptionService {
             backends,
             client,
             global_requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            shutdown_deadline: watch::channel(None).0,
         })
+    }
+
+    /// The server is shutting down: transcripts not in by `at` are given
+    /// up (and reported as `transcribe_failed`), whatever `stop_wait_ms`.
+    pub fn begin_shutdown(&self, at: tokio::time::Instant) {
+        self.shutdown_deadline.send_replace(Some(at));
     }
 
     pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
