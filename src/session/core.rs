@@ -1128,12 +1128,14 @@ impl SessionCore {
             }
         }
         // Audio still held for missing packets goes out, holes filled.
+        let mut failed_at_end = None;
         if let Some(active) = self.active.as_mut() {
             active.blocks.clear();
             active.pipeline.finish(&mut active.blocks);
-            // A sink that fails now has said so; the others still finish.
-            let _ = self.dispatch(now);
-            let _ = self.finish_conversions(now);
+            // A sink that fails now is aborted; the others still finish.
+            let dispatched = self.dispatch(now);
+            let tails = self.finish_conversions(now);
+            failed_at_end = dispatched.and(tails).err();
         }
         // A last ack, so a client that is still there knows all arrived.
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
@@ -1193,6 +1195,11 @@ impl SessionCore {
             drain,
             summary,
         });
+        // Its last audio is part of finishing: the client is told, and the
+        // close carries the sink's error (PROTOCOL.md §6.9).
+        if let Some(error) = failed_at_end {
+            self.failed_while_finishing(error);
+        }
     }
 
     /// While finishing: the sinks' last reports.
@@ -1205,22 +1212,25 @@ impl SessionCore {
                 self.send(&message);
             }
             SinkEvent::Flushed { .. } => {}
-            SinkEvent::Failed { error, .. } => {
-                let error = SessionError::from(error);
-                let (code, close_code) = error.codes();
-                tracing::error!(%error, "sink failed while finishing");
-                if let Phase::Finishing(finishing) = &mut self.phase {
-                    finishing.close_code = close_code;
-                    finishing.close_text = code;
-                    finishing.summary.close_code = close_code;
-                }
-                self.send(&ServerMessage::Error {
-                    code,
-                    message: error.to_string(),
-                    fatal: true,
-                });
-            }
+            SinkEvent::Failed { error, .. } => self.failed_while_finishing(error.into()),
         }
+    }
+
+    /// A sink failed after the session began to end: an extra `error`, and
+    /// the close takes its code; `closed` keeps its reason.
+    fn failed_while_finishing(&mut self, error: SessionError) {
+        let (code, close_code) = error.codes();
+        tracing::error!(%error, "sink failed while finishing");
+        if let Phase::Finishing(finishing) = &mut self.phase {
+            finishing.close_code = close_code;
+            finishing.close_text = code;
+            finishing.summary.close_code = close_code;
+        }
+        self.send(&ServerMessage::Error {
+            code,
+            message: error.to_string(),
+            fatal: true,
+        });
     }
 
     /// Every sink is done: `closed`, then the close.

@@ -1529,6 +1529,36 @@ fn a_sink_failing_to_finish_turns_the_close_into_1011_keeping_the_reason() {
 }
 
 #[test]
+fn a_sink_failing_on_its_last_write_at_stop_is_reported() {
+    // The 8 kHz sink gets the resampler's tail when the stream ends.
+    let low = Fake::named("low").at_rate(8000);
+    let mut h = Harness::with_sinks(&[REC, low], &format!("{PCM16K}&sinks=rec,low"));
+    h.drain();
+    for i in 0..5u64 {
+        h.at(20 * i).audio(s16(&ramp(0, F)));
+    }
+    let streamed = h.shared.frames_written("low");
+    assert!(
+        streamed < 5 * F as u64 / 2,
+        "the resampler holds a tail back"
+    );
+    lock(&h.shared.fail_next_write).insert("low");
+    let mut evs = h.at(100).text(r#"{"type":"stop"}"#);
+    evs.extend(h.finish_sinks());
+    let k = kinds(&evs);
+    assert!(k.contains(&"AbortSink low".to_owned()), "{k:?}");
+    assert_eq!(only(&evs, "error")["code"], "sink_failed", "{k:?}");
+    let closed = only(&evs, "closed");
+    assert_eq!(closed["reason"], "stop");
+    assert_eq!(
+        closed["close_code"], 1011,
+        "§6.9: a sink failing while finishing"
+    );
+    assert_eq!(close_of(&evs).0, 1011);
+    assert_eq!(messages(&evs, "recording").len(), 1, "only rec reports");
+}
+
+#[test]
 fn a_sink_deadline_joins_next_deadline_and_on_deadline_is_called_when_due() {
     let mut h = Harness::new(PCM16K);
     h.drain();
