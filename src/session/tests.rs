@@ -1484,6 +1484,41 @@ fn a_sink_failing_on_write_is_aborted_and_the_session_ends_with_sink_failed_1011
 }
 
 #[test]
+fn the_other_sinks_still_get_the_audio_a_failing_sink_refused() {
+    // rec fails on its second block, which is the silence of a seq gap:
+    // tx (same format) and low (another converter) must still get it, and
+    // the audio after it, since the final ack says all of it arrived.
+    let bad = Fake {
+        fail_on_write: Some(2),
+        ..Fake::named("rec")
+    };
+    let low = Fake::named("low").at_rate(8000);
+    let mut h = Harness::with_sinks(&[bad, TX, low], &format!("{SEQ16K}&sinks=rec,tx,low"));
+    h.drain();
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let mut evs = h.at(20).audio(seq(1, 2 * F as u64, &ramp(0, F)));
+    evs.extend(h.finish_sinks());
+    assert_eq!(only(&evs, "ack")["seq"], 1);
+    assert_eq!(
+        h.writes("tx")
+            .iter()
+            .map(|w| (w.start_frame, w.frames, w.silence))
+            .collect::<Vec<_>>(),
+        [(0, F, false), (320, F, true), (640, F, false)]
+    );
+    assert_eq!(h.shared.frames_written("low"), 3 * F as u64 / 2);
+    let recordings = messages(&evs, "recording");
+    assert_eq!(recordings.len(), 2, "the failed sink reports none");
+    assert_eq!(recordings[0]["sample_frames"], 3 * F);
+    assert_eq!(
+        h.shared
+            .count(|c| matches!(c, Call::Abort { sink: "rec", .. })),
+        1
+    );
+    assert_eq!(close_of(&evs).0, 1011);
+}
+
+#[test]
 fn a_sink_failing_through_its_emitter_ends_the_session_with_sink_failed_1011() {
     let bad = Fake {
         fail_via_emitter_after_write: Some(1),
