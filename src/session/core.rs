@@ -763,22 +763,18 @@ impl SessionCore {
         };
         let mut blocks = std::mem::take(&mut active.blocks);
         let mut converted = std::mem::take(&mut active.converted);
-        let mut result = Ok(());
-        'blocks: for block in blocks.drain(..) {
+        // A sink that fails leaves at once; the others still get every
+        // block, which the acks say they have.
+        let mut failed = Vec::new();
+        for block in blocks.drain(..) {
             for group in active.groups.iter_mut() {
                 if group.converter.is_identity() {
-                    result = write_to(&mut active.sinks, &group.members, &block, now);
+                    write_to(&mut active.sinks, &group.members, &block, now, &mut failed);
                 } else {
                     group.converter.convert(&block, &mut converted);
                     for out in converted.drain(..) {
-                        result = write_to(&mut active.sinks, &group.members, &out, now);
-                        if result.is_err() {
-                            break;
-                        }
+                        write_to(&mut active.sinks, &group.members, &out, now, &mut failed);
                     }
-                }
-                if result.is_err() {
-                    break 'blocks;
                 }
             }
         }
@@ -789,7 +785,7 @@ impl SessionCore {
         if let Some(seq) = active.pipeline.last_seq() {
             self.handed_seq = Some(seq);
         }
-        result.map_err(|(index, error)| self.sink_failed(index, error))
+        self.sinks_failed(failed)
     }
 
     /// End of stream: the converters' tails, so every sink gets exact lengths.
@@ -798,32 +794,45 @@ impl SessionCore {
             return Ok(());
         };
         let mut tail = Vec::new();
+        let mut failed = Vec::new();
         for group in active.groups.iter_mut() {
             group.converter.finish(&mut tail);
             for out in tail.drain(..) {
-                if let Err((index, error)) = write_to(&mut active.sinks, &group.members, &out, now)
-                {
-                    return Err(self.sink_failed(index, error));
-                }
+                write_to(&mut active.sinks, &group.members, &out, now, &mut failed);
             }
         }
-        Ok(())
+        self.sinks_failed(failed)
     }
 
     /// Takes a failed sink out of the session (it is closed off the workers,
     /// marked incomplete); the session then ends with its error.
     fn sink_failed(&mut self, index: usize, error: SinkError) -> SessionError {
         tracing::error!(%error, "sink failed");
-        if let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) {
-            if let Some(sink) = slot.sink.take() {
-                metrics::counter!(names::SINK_FAILURES_TOTAL, "sink" => sink.name()).increment(1);
-                self.outputs.push_back(Output::AbortSink {
-                    sink,
-                    reason: error.to_string(),
-                });
-            }
+        let slot = self.active.as_mut().and_then(|a| a.sinks.get_mut(index));
+        if let Some(sink) = slot.and_then(|s| s.sink.take()) {
+            self.abort_sink(sink, &error);
         }
         error.into()
+    }
+
+    /// The sinks [`write_to`] took out: each is aborted; the first failure
+    /// is the session's error.
+    fn sinks_failed(&mut self, failed: Vec<FailedSink>) -> Result<(), SessionError> {
+        let mut first = None;
+        for (sink, error) in failed {
+            tracing::error!(%error, "sink failed");
+            self.abort_sink(sink, &error);
+            first.get_or_insert(error);
+        }
+        first.map_or(Ok(()), |error| Err(error.into()))
+    }
+
+    fn abort_sink(&mut self, sink: Box<dyn Sink>, error: &SinkError) {
+        metrics::counter!(names::SINK_FAILURES_TOTAL, "sink" => sink.name()).increment(1);
+        self.outputs.push_back(Output::AbortSink {
+            sink,
+            reason: error.to_string(),
+        });
     }
 
     /// Tells the client that audio was damaged and concealed: a non-fatal
@@ -1150,12 +1159,14 @@ impl SessionCore {
             }
         }
         // Audio still held for missing packets goes out, holes filled.
+        let mut failed_at_end = None;
         if let Some(active) = self.active.as_mut() {
             active.blocks.clear();
             active.pipeline.finish(&mut active.blocks);
-            // A sink that fails now has said so; the others still finish.
-            let _ = self.dispatch(now);
-            let _ = self.finish_conversions(now);
+            // A sink that fails now is aborted; the others still finish.
+            let dispatched = self.dispatch(now);
+            let tails = self.finish_conversions(now);
+            failed_at_end = dispatched.and(tails).err();
         }
         // A last ack, so a client that is still there knows all arrived.
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
@@ -1215,6 +1226,11 @@ impl SessionCore {
             drain,
             summary,
         });
+        // Its last audio is part of finishing: the client is told, and the
+        // close carries the sink's error (PROTOCOL.md §6.9).
+        if let Some(error) = failed_at_end {
+            self.failed_while_finishing(error);
+        }
     }
 
     /// While finishing: the sinks' last reports.
@@ -1227,22 +1243,25 @@ impl SessionCore {
                 self.send(&message);
             }
             SinkEvent::Flushed { .. } => {}
-            SinkEvent::Failed { error, .. } => {
-                let error = SessionError::from(error);
-                let (code, close_code) = error.codes();
-                tracing::error!(%error, "sink failed while finishing");
-                if let Phase::Finishing(finishing) = &mut self.phase {
-                    finishing.close_code = close_code;
-                    finishing.close_text = code;
-                    finishing.summary.close_code = close_code;
-                }
-                self.send(&ServerMessage::Error {
-                    code,
-                    message: error.to_string(),
-                    fatal: true,
-                });
-            }
+            SinkEvent::Failed { error, .. } => self.failed_while_finishing(error.into()),
         }
+    }
+
+    /// A sink failed after the session began to end: an extra `error`, and
+    /// the close takes its code; `closed` keeps its reason.
+    fn failed_while_finishing(&mut self, error: SessionError) {
+        let (code, close_code) = error.codes();
+        tracing::error!(%error, "sink failed while finishing");
+        if let Phase::Finishing(finishing) = &mut self.phase {
+            finishing.close_code = close_code;
+            finishing.close_text = code;
+            finishing.summary.close_code = close_code;
+        }
+        self.send(&ServerMessage::Error {
+            code,
+            message: error.to_string(),
+            fatal: true,
+        });
     }
 
     /// Every sink is done: `closed`, then the close.
@@ -1268,18 +1287,28 @@ impl SessionCore {
     }
 }
 
-/// Writes one block to each member sink; the first failure stops it.
+/// A sink taken out of the session because it failed, and why.
+type FailedSink = (Box<dyn Sink>, SinkError);
+
+/// Writes one block to each member sink. One that fails is taken out of its
+/// slot at once, so it gets nothing more, and put in `failed`; the others
+/// still get the block.
 fn write_to(
     sinks: &mut [SinkSlot],
     members: &[usize],
     block: &AudioBlock,
     now: Instant,
-) -> Result<(), (usize, SinkError)> {
+    failed: &mut Vec<FailedSink>,
+) {
     for &index in members {
-        let Some(sink) = sinks.get_mut(index).and_then(|s| s.sink.as_mut()) else {
+        let Some(slot) = sinks.get_mut(index) else {
             continue;
         };
-        sink.write(block, now).map_err(|e| (index, e))?;
+        let Some(sink) = slot.sink.as_mut() else {
+            continue;
+        };
+        if let Err(error) = sink.write(block, now) {
+            failed.extend(slot.sink.take().map(|sink| (sink, error)));
+        }
     }
-    Ok(())
 }
