@@ -1119,6 +1119,23 @@ impl SessionCore {
         if let EndReason::ClientGone { close_frame: true } = reason {
             self.outputs.push_back(Output::AnswerClose);
         }
+        // Audio a dialect still holds (Twilio's track aligner) goes first.
+        // If it cannot be used, that is how the session ends: a call whose
+        // audio was lost is never reported as a clean stop (issue 15 item 2).
+        let mut reason = reason;
+        let mut held = Vec::new();
+        self.dialect.finish(&mut held);
+        for input in held {
+            if let Inbound::Audio(data) = input {
+                if let Err(error) = self.on_audio(&data, now) {
+                    tracing::warn!(%error, "audio held by the dialect could not be used");
+                    if !matches!(reason, EndReason::Error(_)) {
+                        reason = EndReason::Error(error);
+                    }
+                    break;
+                }
+            }
+        }
         let drain = reason.client_may_still_send();
         let client_may_listen = reason.client_may_listen();
         let (why, close_code, error) = match reason {
@@ -1147,14 +1164,15 @@ impl SessionCore {
                 message: error.to_string(),
                 fatal: true,
             });
-        }
-        // Audio a dialect still holds (Twilio's track aligner) goes first.
-        let mut held = Vec::new();
-        self.dialect.finish(&mut held);
-        for input in held {
-            if let Inbound::Audio(data) = input {
-                if let Err(error) = self.on_audio(&data, now) {
-                    tracing::warn!(%error, "audio held by the dialect could not be used");
+            // What the sinks keep says the session failed (a recording's
+            // sidecar: `complete: false` and the error). An idle timeout
+            // ends a session that lost nothing.
+            if !matches!(error, SessionError::IdleTimeout { .. }) {
+                let note = format!("{code}: {error}");
+                if let Some(active) = self.active.as_mut() {
+                    for sink in active.sinks.iter_mut().filter_map(|s| s.sink.as_mut()) {
+                        sink.session_failed(&note);
+                    }
                 }
             }
         }

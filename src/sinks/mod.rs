@@ -87,6 +87,11 @@ pub trait Sink: Send + 'static {
         Ok(())
     }
 
+    /// The session is ending with `error` (a fatal protocol error, a limit,
+    /// another sink's failure): what this sink keeps must say so. Called
+    /// before `finish`.
+    fn session_failed(&mut self, _error: &str) {}
+
     /// When the sink next wants [`Sink::on_deadline`] called, if ever. A sink
     /// with nothing pending returns `None`, so idle sessions arm no timer.
     fn next_deadline(&self) -> Option<Instant> {

@@ -105,6 +105,11 @@ impl DialectClient {
         self.send_text(&value.to_string()).await;
     }
 
+    /// Sends unless the server has already closed; false once it has.
+    pub async fn try_send_json(&mut self, value: &Value) -> bool {
+        self.ws.send(Message::text(value.to_string())).await.is_ok()
+    }
+
     pub async fn send_binary(&mut self, bytes: &[u8]) {
         self.ws
             .send(Message::binary(bytes.to_vec()))

@@ -348,3 +348,62 @@ async fn the_key_can_ride_in_a_custom_parameter_because_twilio_drops_query_strin
     let wrong = DialectClient::try_connect(&server, "/twilio?token=nope", &[]).await;
     assert_eq!(wrong.err(), Some(401));
 }
+
+/// Issue 15, item 2: with both tracks, one bad timestamp used to hide the
+/// rest of the call. The jump was held back by the track aligner, every
+/// later chunk of both tracks was dropped as late behind it, and the
+/// session closed 1000 `stop` with 20 ms recorded and a sidecar saying
+/// `complete: true`. Now the jump reaches the session at once and is
+/// refused as on one track (1008 gap_too_large), and the sidecar says the
+/// recording is not complete.
+#[tokio::test]
+async fn a_timestamp_jump_on_a_two_track_call_is_refused_not_silently_lost() {
+    for jump_ms in [99_999_999_999_999_999_u64, 60_000] {
+        let server = Server::start();
+        let mut client = DialectClient::connect(&server, "/twilio", &[]).await;
+        client.send_json(&connected()).await;
+        client
+            .send_json(&start(&["inbound", "outbound"], json!({})))
+            .await;
+        client
+            .send_json(&media(2, "inbound", 1, 0, &[0xFF; CHUNK]))
+            .await;
+        let mut jump = media(3, "inbound", 2, 0, &[0xFF; CHUNK]);
+        jump["media"]["timestamp"] = json!(jump_ms.to_string());
+        client.send_json(&jump).await;
+        // Then 5 s of normal media on both tracks, and stop, as the
+        // report's client did (sent while the server still reads).
+        let mut sequence = 4;
+        'call: for k in 1..=250 {
+            for track in ["inbound", "outbound"] {
+                let chunk = media(sequence, track, k + 1, k * 20, &[0x7F; CHUNK]);
+                sequence += 1;
+                if !client.try_send_json(&chunk).await {
+                    break 'call;
+                }
+            }
+        }
+        client.try_send_json(&stop()).await;
+        let frames = client.finish().await;
+        assert_eq!(
+            frames.close.as_ref().map(|(c, r)| (*c, r.as_str())),
+            Some((1008, "gap_too_large")),
+            "jump of {jump_ms} ms"
+        );
+        let sidecars: Vec<_> = std::fs::read_dir(server.recordings_dir())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+        let sidecar: Value =
+            serde_json::from_str(&std::fs::read_to_string(&sidecars[0]).unwrap()).unwrap();
+        assert_eq!(sidecar["complete"], false, "{sidecar}");
+        assert!(
+            sidecar["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("gap_too_large")),
+            "{sidecar}"
+        );
+    }
+}

@@ -406,6 +406,8 @@ pub struct Interleaver {
     /// Sample frames dropped because their time had already been handed out
     /// (a repeated chunk, or a track that lagged beyond the limit).
     pub late_frames: u64,
+    /// Hand out everything up to here at the next drain (a timestamp jump).
+    flush_to: u64,
 }
 
 impl Interleaver {
@@ -418,12 +420,13 @@ impl Interleaver {
             max_lag_frames,
             next_seq: 0,
             late_frames: 0,
+            flush_to: 0,
         }
     }
 
     /// Adds `audio` (one byte per sample) for `track` at sample frame `at`.
     pub fn push(&mut self, track: usize, at: u64, audio: &[u8]) {
-        let Some(buffer) = self.tracks.get_mut(track) else {
+        let Some(buffer) = self.tracks.get(track) else {
             return;
         };
         // Audio for time already covered is dropped: the timeline is the
@@ -438,8 +441,25 @@ impl Interleaver {
             return;
         }
         let at = at.max(floor);
-        buffer.end = at + audio.len() as u64;
-        buffer.segments.push_back((at, audio.to_vec()));
+        let timeline_end = self
+            .tracks
+            .iter()
+            .map(|t| t.end)
+            .max()
+            .unwrap_or(0)
+            .max(self.emitted);
+        let end = at + audio.len() as u64;
+        if let Some(buffer) = self.tracks.get_mut(track) {
+            buffer.end = end;
+            buffer.segments.push_back((at, audio.to_vec()));
+        }
+        // A jump beyond the lag limit is handed on at once, so the session
+        // judges the gap now (filled, or refused as gap_too_large) instead
+        // of the other track's audio being dropped as late behind it until
+        // the call ends (issue 15, item 2).
+        if at > timeline_end.saturating_add(self.max_lag_frames) {
+            self.flush_to = self.flush_to.max(end);
+        }
     }
 
     /// Hands out what every track has covered, or, when one track lags by
@@ -448,7 +468,9 @@ impl Interleaver {
     pub fn drain(&mut self, out: &mut Vec<Inbound>) {
         let min_end = self.tracks.iter().map(|t| t.end).min().unwrap_or(0);
         let max_end = self.tracks.iter().map(|t| t.end).max().unwrap_or(0);
-        let ready = min_end.max(max_end.saturating_sub(self.max_lag_frames));
+        let ready = min_end
+            .max(max_end.saturating_sub(self.max_lag_frames))
+            .max(self.flush_to);
         self.emit_until(ready, out);
     }
 
@@ -600,6 +622,27 @@ mod tests {
                     3,
                     vec![4, MULAW_SILENCE, 5, MULAW_SILENCE, 6, MULAW_SILENCE]
                 )
+            ]
+        );
+    }
+
+    #[test]
+    fn a_jump_beyond_the_lag_is_handed_on_at_once() {
+        let mut il = Interleaver::new(2, 4);
+        let mut out = Vec::new();
+        il.push(0, 0, &[1, 2]);
+        il.drain(&mut out);
+        // Within the lag: held back, waiting for track 1.
+        assert!(out.is_empty());
+        // Far beyond it: everything up to and including the jumped audio
+        // goes out now, so the session sees the jump (and judges its gap).
+        il.push(0, 1_000_000, &[3]);
+        il.drain(&mut out);
+        assert_eq!(
+            messages(out),
+            vec![
+                (0, 0, vec![1, MULAW_SILENCE, 2, MULAW_SILENCE]),
+                (1, 1_000_000, vec![3, MULAW_SILENCE])
             ]
         );
     }

@@ -146,6 +146,8 @@ pub struct Recorder {
     flush_interval: Duration,
     fsync: bool,
     write_seconds: metrics::Histogram,
+    /// Why the session failed, if it did: the sidecar says so.
+    session_error: Option<String>,
 }
 
 impl Recorder {
@@ -208,6 +210,7 @@ impl Recorder {
             flush_interval: settings.flush_interval,
             fsync: settings.fsync,
             write_seconds: metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME),
+            session_error: None,
         })
     }
 
@@ -287,6 +290,10 @@ impl Sink for Recorder {
         self.checkpoint(now)
     }
 
+    fn session_failed(&mut self, error: &str) {
+        self.session_error = Some(error.to_owned());
+    }
+
     /// The header is patched to cover what was written (and with
     /// `recorder.fsync`, synced): a crash after the ack loses none of it.
     fn commit(&mut self, now: Instant) -> Result<(), SinkError> {
@@ -340,6 +347,9 @@ impl Sink for Recorder {
             duration_seconds,
             &sha256,
         );
+        if let Some(error) = &this.session_error {
+            sidecar.session_failed(error);
+        }
         sidecar.write(&this.sidecar_path)?;
 
         Ok(vec![ServerMessage::Recording(RecordingInfo {

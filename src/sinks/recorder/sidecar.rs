@@ -87,6 +87,13 @@ impl Sidecar {
         self.complete = true;
     }
 
+    /// The file is whole, but the session it records ended in an error:
+    /// audio the client sent may be missing from it.
+    pub fn session_failed(&mut self, error: &str) {
+        self.error = Some(error.to_owned());
+        self.complete = false;
+    }
+
     pub fn fail(&mut self, ended_at: SystemTime, sample_frames: u64, error: &str) {
         self.ended_at = Some(rfc3339(ended_at));
         self.sample_frames = Some(sample_frames);
