@@ -222,7 +222,7 @@ async fn drive(
             armed = wanted;
             timer.as_mut().reset(armed);
         }
-        let reading = connection.is_some() && !session.core.is_finishing();
+        let reading = connection.is_some() && session.core.wants_input();
         let watching = !session.core.is_finishing();
         let input = tokio::select! {
             biased;

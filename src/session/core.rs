@@ -18,8 +18,12 @@ use crate::protocol::{
 use crate::server::close::{codes, SessionError};
 use crate::server::dialect::{Dialect, Inbound};
 use crate::sinks::registry::{SinkFactory, SinkPlan};
-use crate::sinks::{Sink, SinkContext, SinkError, SinkEvent};
+use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
+
+/// How often a session whose sink is over its pending-bytes budget looks
+/// again (only such sessions wake up for it).
+const BACKLOG_CHECK: Duration = Duration::from_millis(5);
 
 /// Limits that come with the credential (a token may shorten the session).
 #[derive(Debug, Clone, Copy, Default)]
@@ -138,7 +142,11 @@ struct SinkSlot {
     name: String,
     /// `None` once handed back to the driver (failed, or finishing).
     sink: Option<Box<dyn Sink>>,
+    /// Failed: it answers no more flushes or commits.
+    failed: bool,
     flushes_done: u64,
+    commits_wanted: u64,
+    commits_done: u64,
 }
 
 /// Sinks that want the same format, and the one converter that serves them.
@@ -226,6 +234,12 @@ pub struct SessionCore {
     /// Highest `seq` handed to the sinks, and the highest acknowledged.
     handed_seq: Option<u32>,
     acked_seq: Option<u32>,
+    /// An ack waiting for the sinks to commit what it covers.
+    ack_waiting: Option<u32>,
+    /// Since when a sink has held more than `max_pending_bytes_per_sink`
+    /// (the socket is not read meanwhile), and when to look again.
+    backlog_since: Option<Instant>,
+    backlog_check_at: Option<Instant>,
     last_ack_at: Instant,
     last_stats_at: Instant,
     audio_since_stats: bool,
@@ -276,6 +290,9 @@ impl SessionCore {
             resume_token: None,
             handed_seq: None,
             acked_seq: None,
+            ack_waiting: None,
+            backlog_since: None,
+            backlog_check_at: None,
             last_ack_at: now,
             last_stats_at: now,
             audio_since_stats: false,
@@ -346,9 +363,61 @@ impl SessionCore {
             Input::Failed(error) => Err(error),
         };
         match result {
-            Ok(None) => {}
+            Ok(None) => self.watch_backlog(now),
             Ok(Some(reason)) => self.end_or_park(reason, now),
             Err(error) => self.end(EndReason::Error(error), now),
+        }
+    }
+
+    /// Notes whether a sink holds more than its budget of unwritten audio.
+    fn watch_backlog(&mut self, now: Instant) {
+        let budget = self.config.max_pending_bytes_per_sink;
+        let over = self.active.as_ref().is_some_and(|a| {
+            a.sinks
+                .iter()
+                .filter_map(|s| s.sink.as_ref())
+                .any(|s| s.pending_bytes() > budget)
+        });
+        if !over {
+            self.backlog_since = None;
+            self.backlog_check_at = None;
+            return;
+        }
+        if self.backlog_since.is_none() {
+            self.backlog_since = Some(now);
+            tracing::debug!("a sink is over its pending-bytes budget: not reading the socket");
+        }
+        // Writes complete off this thread: look again shortly.
+        self.backlog_check_at = Some(now + BACKLOG_CHECK);
+    }
+
+    /// A sink over its budget for `sink_stall_timeout_ms` ends the session.
+    fn check_backlog_stall(&self, now: Instant) -> Result<(), SessionError> {
+        let Some(since) = self.backlog_since else {
+            return Ok(());
+        };
+        let stall = Duration::from_millis(self.config.sink_stall_timeout_ms);
+        if now.saturating_duration_since(since) < stall {
+            return Ok(());
+        }
+        let budget = self.config.max_pending_bytes_per_sink;
+        let over = self.active.as_ref().and_then(|a| {
+            a.sinks
+                .iter()
+                .filter_map(|s| s.sink.as_ref())
+                .find(|s| s.pending_bytes() > budget)
+        });
+        match over {
+            Some(sink) => {
+                metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_pending_bytes_per_sink")
+                    .increment(1);
+                Err(SessionError::SinkOverloaded {
+                    sink: sink.name(),
+                    pending_bytes: sink.pending_bytes(),
+                    stall_ms: self.config.sink_stall_timeout_ms,
+                })
+            }
+            None => Ok(()),
         }
     }
 
@@ -368,8 +437,14 @@ impl SessionCore {
         if let Some(end) = self.ends_at {
             at = at.min(end);
         }
-        if self.handed_seq.is_some() && self.handed_seq != self.acked_seq {
+        if self.handed_seq.is_some()
+            && self.handed_seq != self.acked_seq
+            && self.ack_waiting.is_none()
+        {
             at = at.min(self.last_ack_at + self.ack_interval());
+        }
+        if let Some(check) = self.backlog_check_at {
+            at = at.min(check);
         }
         if self.audio_since_stats && self.config.stats_interval_ms > 0 {
             at = at.min(self.last_stats_at + self.stats_interval());
@@ -385,6 +460,13 @@ impl SessionCore {
             }
         }
         Some(at)
+    }
+
+    /// Whether the driver should read the socket: not while ending, and not
+    /// while a sink is over its pending-bytes budget (TCP then pushes back
+    /// on the client instead of the server buffering without bound).
+    pub fn wants_input(&self) -> bool {
+        matches!(self.phase, Phase::Open) && self.backlog_since.is_none()
     }
 
     /// True once the close went out: the driver drops the core.
@@ -681,7 +763,10 @@ impl SessionCore {
             .map(|(name, sink)| SinkSlot {
                 name,
                 sink: Some(sink),
+                failed: false,
                 flushes_done: 0,
+                commits_wanted: 0,
+                commits_done: 0,
             })
             .collect();
         let started = StartedInfo {
@@ -809,8 +894,11 @@ impl SessionCore {
     fn sink_failed(&mut self, index: usize, error: SinkError) -> SessionError {
         tracing::error!(%error, "sink failed");
         let slot = self.active.as_mut().and_then(|a| a.sinks.get_mut(index));
-        if let Some(sink) = slot.and_then(|s| s.sink.take()) {
-            self.abort_sink(sink, &error);
+        if let Some(slot) = slot {
+            slot.failed = true;
+            if let Some(sink) = slot.sink.take() {
+                self.abort_sink(sink, &error);
+            }
         }
         error.into()
     }
@@ -910,7 +998,8 @@ impl SessionCore {
                     continue;
                 };
                 match sink.flush(now) {
-                    Ok(()) => slot.flushes_done += 1,
+                    Ok(Completion::Done) => slot.flushes_done += 1,
+                    Ok(Completion::Later) => {}
                     Err(error) => {
                         failed = Some((index, error));
                         break;
@@ -933,7 +1022,7 @@ impl SessionCore {
             .and_then(|a| {
                 a.sinks
                     .iter()
-                    .filter(|s| s.sink.is_some())
+                    .filter(|s| !s.failed)
                     .map(|s| s.flushes_done)
                     .min()
             })
@@ -953,14 +1042,29 @@ impl SessionCore {
                 self.send(&message);
                 Ok(None)
             }
-            SinkEvent::Flushed { index } => {
-                if let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) {
-                    slot.flushes_done += 1;
-                }
-                self.report_flushes();
+            SinkEvent::Flushed { .. } | SinkEvent::Committed { .. } => {
+                self.on_sink_progress(&event);
                 Ok(None)
             }
             SinkEvent::Failed { index, error } => Err(self.sink_failed(index, error)),
+        }
+    }
+
+    /// A flush or commit that a sink finished off the session's thread.
+    fn on_sink_progress(&mut self, event: &SinkEvent) {
+        let (SinkEvent::Flushed { index } | SinkEvent::Committed { index }) = *event else {
+            return;
+        };
+        let Some(slot) = self.active.as_mut().and_then(|a| a.sinks.get_mut(index)) else {
+            return;
+        };
+        if let SinkEvent::Flushed { .. } = event {
+            slot.flushes_done += 1;
+            self.report_flushes();
+        } else {
+            // Never beyond what it was asked for.
+            slot.commits_done = (slot.commits_done + 1).min(slot.commits_wanted);
+            self.send_ack_if_committed();
         }
     }
 
@@ -984,6 +1088,7 @@ impl SessionCore {
             }
             self.idle_check_at = idle_until;
         }
+        self.check_backlog_stall(now)?;
         if let Some(active) = self.active.as_mut() {
             // Audio the jitter buffer stopped waiting for.
             active.blocks.clear();
@@ -1021,11 +1126,14 @@ impl SessionCore {
     /// so a streaming session needs no timer wake-ups for them.
     fn send_due_reports(&mut self, now: Instant) -> Result<(), SessionError> {
         if let Some(seq) = self.handed_seq {
-            if self.acked_seq != Some(seq) && now >= self.last_ack_at + self.ack_interval() {
-                self.commit_sinks(now)?;
-                self.acked_seq = Some(seq);
+            if self.acked_seq != Some(seq)
+                && self.ack_waiting.is_none()
+                && now >= self.last_ack_at + self.ack_interval()
+            {
                 self.last_ack_at = now;
-                self.send(&ServerMessage::Ack { seq });
+                self.ack_waiting = Some(seq);
+                self.commit_sinks(now)?;
+                self.send_ack_if_committed();
             }
         }
         if self.audio_since_stats
@@ -1042,7 +1150,8 @@ impl SessionCore {
         Ok(())
     }
 
-    /// Makes what the sinks were given durable, before an ack says so.
+    /// Asks every sink to make what it was given durable, before an ack
+    /// says so; the ack goes out once all have ([`Self::send_ack_if_committed`]).
     fn commit_sinks(&mut self, now: Instant) -> Result<(), SessionError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
@@ -1050,15 +1159,38 @@ impl SessionCore {
         let mut failed = None;
         for (index, slot) in active.sinks.iter_mut().enumerate() {
             if let Some(sink) = slot.sink.as_mut() {
-                if let Err(error) = sink.commit(now) {
-                    failed = Some((index, error));
-                    break;
+                slot.commits_wanted += 1;
+                match sink.commit(now) {
+                    Ok(Completion::Done) => slot.commits_done += 1,
+                    Ok(Completion::Later) => {}
+                    Err(error) => {
+                        failed = Some((index, error));
+                        break;
+                    }
                 }
             }
         }
         match failed {
             Some((index, error)) => Err(self.sink_failed(index, error)),
             None => Ok(()),
+        }
+    }
+
+    /// Sends the waiting ack once every live sink has committed it.
+    fn send_ack_if_committed(&mut self) {
+        let Some(seq) = self.ack_waiting else {
+            return;
+        };
+        let committed = self.active.as_ref().is_none_or(|a| {
+            a.sinks
+                .iter()
+                .filter(|s| !s.failed)
+                .all(|s| s.commits_done >= s.commits_wanted)
+        });
+        if committed {
+            self.ack_waiting = None;
+            self.acked_seq = Some(seq);
+            self.send(&ServerMessage::Ack { seq });
         }
     }
 
@@ -1187,10 +1319,13 @@ impl SessionCore {
             failed_at_end = dispatched.and(tails).err();
         }
         // A last ack, so a client that is still there knows all arrived.
+        // Sinks that commit off this thread make it wait: it then goes out
+        // once they have finished, just before `closed`.
+        self.ack_waiting = None;
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
             if self.acked_seq != Some(seq) && self.commit_sinks(now).is_ok() {
-                self.acked_seq = Some(seq);
-                self.send(&ServerMessage::Ack { seq });
+                self.ack_waiting = Some(seq);
+                self.send_ack_if_committed();
             }
         }
         self.export_jitter_metrics();
@@ -1260,8 +1395,14 @@ impl SessionCore {
                 }
                 self.send(&message);
             }
-            SinkEvent::Flushed { .. } => {}
-            SinkEvent::Failed { error, .. } => self.failed_while_finishing(error.into()),
+            SinkEvent::Flushed { .. } | SinkEvent::Committed { .. } => {
+                self.on_sink_progress(&event)
+            }
+            SinkEvent::Failed { error, .. } => {
+                // What the waiting ack would cover may not have been written.
+                self.ack_waiting = None;
+                self.failed_while_finishing(error.into());
+            }
         }
     }
 
@@ -1289,6 +1430,11 @@ impl SessionCore {
         };
         let media_seconds = finishing.summary.duration_seconds;
         let audio_messages = finishing.summary.audio_messages;
+        // Every sink has finished: all it was given is written.
+        if let Some(seq) = self.ack_waiting.take() {
+            self.acked_seq = Some(seq);
+            self.send(&ServerMessage::Ack { seq });
+        }
         self.send(&ServerMessage::Closed(finishing.summary));
         self.outputs.push_back(Output::Close {
             code: finishing.close_code,
@@ -1326,6 +1472,7 @@ fn write_to(
             continue;
         };
         if let Err(error) = sink.write(block, now) {
+            slot.failed = true;
             failed.extend(slot.sink.take().map(|sink| (sink, error)));
         }
     }

@@ -24,7 +24,7 @@ use crate::protocol::{
 use crate::server::close::SessionError;
 use crate::server::dialect::native::Native;
 use crate::sinks::registry::{Emitter, Emitters, Planned, SinkFactory, SinkPlan, SinkSpec};
-use crate::sinks::{Sink, SinkContext, SinkError, SinkEvent};
+use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
 
 // ───────────────────────────── the test kit ─────────────────────────────
 
@@ -41,6 +41,9 @@ enum Call {
         block: Written,
     },
     Flush {
+        sink: &'static str,
+    },
+    Commit {
         sink: &'static str,
     },
     Deadline {
@@ -90,6 +93,8 @@ struct Shared {
     deadlines: Mutex<HashMap<&'static str, Instant>>,
     /// Sinks whose next write fails.
     fail_next_write: Mutex<HashSet<&'static str>>,
+    /// Bytes a sink says it has not written yet.
+    pending_bytes: Mutex<HashMap<&'static str, usize>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +147,9 @@ struct Fake {
     emit_after_write: Option<usize>,
     /// `finish` fails instead of reporting a recording.
     fail_finish: bool,
+    /// Flushes and commits complete later (reported through the emitter),
+    /// as a sink that writes off the session's thread does.
+    deferred: bool,
 }
 
 impl Fake {
@@ -153,6 +161,7 @@ impl Fake {
             fail_via_emitter_after_write: None,
             emit_after_write: None,
             fail_finish: false,
+            deferred: false,
         }
     }
 
@@ -195,6 +204,16 @@ impl SinkSpec for FakeSpec {
             writes: 0,
             frames: 0,
         })])
+    }
+}
+
+impl FakeSink {
+    fn completion(&self) -> Completion {
+        if self.fake.deferred {
+            Completion::Later
+        } else {
+            Completion::Done
+        }
     }
 }
 
@@ -251,11 +270,25 @@ impl Sink for FakeSink {
         Ok(())
     }
 
-    fn flush(&mut self, _now: Instant) -> Result<(), SinkError> {
+    fn flush(&mut self, _now: Instant) -> Result<Completion, SinkError> {
         self.shared.log(Call::Flush {
             sink: self.fake.name,
         });
-        Ok(())
+        Ok(self.completion())
+    }
+
+    fn commit(&mut self, _now: Instant) -> Result<Completion, SinkError> {
+        self.shared.log(Call::Commit {
+            sink: self.fake.name,
+        });
+        Ok(self.completion())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        lock(&self.shared.pending_bytes)
+            .get(self.fake.name)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1836,4 +1869,108 @@ fn shutdown_finishes_the_sinks_and_closes_1001_after_draining() {
     assert_eq!(closed["reason"], "shutdown");
     assert_eq!(closed["close_code"], 1001);
     assert!(close_of(&evs).2, "the client may still be sending");
+}
+
+// ─────────── sinks that write off the session's thread (issue 14 part 3) ───────────
+
+const DEFERRED: Fake = Fake {
+    deferred: true,
+    ..Fake::named("rec")
+};
+
+#[test]
+fn an_ack_waits_until_every_sink_has_committed_what_it_covers() {
+    let mut h = Harness::with_sinks(&[DEFERRED], SEQ16K);
+    h.drain();
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let evs = h.at(100).timeout();
+    assert!(messages(&evs, "ack").is_empty(), "{:?}", kinds(&evs));
+    assert_eq!(
+        h.shared.count(|c| matches!(c, Call::Commit { .. })),
+        1,
+        "the sink was asked to commit"
+    );
+    // No busy timer while the commit is out, and no second commit.
+    assert!(h.core.next_deadline() > Some(h.ms(100)));
+    h.at(150).audio(seq(1, F as u64, &ramp(0, F)));
+    assert_eq!(h.shared.count(|c| matches!(c, Call::Commit { .. })), 1);
+    // The commit lands: the ack covers what was handed over when it began.
+    let evs = h.input(Input::Sink(SinkEvent::Committed { index: 0 }));
+    assert_eq!(only(&evs, "ack")["seq"], 0);
+    // The next round covers seq 1.
+    let evs = h.at(250).timeout();
+    assert!(messages(&evs, "ack").is_empty());
+    let evs = h.input(Input::Sink(SinkEvent::Committed { index: 0 }));
+    assert_eq!(only(&evs, "ack")["seq"], 1);
+}
+
+#[test]
+fn a_stray_commit_report_acknowledges_nothing_early() {
+    let mut h = Harness::with_sinks(&[DEFERRED], SEQ16K);
+    h.drain();
+    let evs = h.input(Input::Sink(SinkEvent::Committed { index: 0 }));
+    assert!(messages(&evs, "ack").is_empty());
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let evs = h.at(100).timeout();
+    assert!(messages(&evs, "ack").is_empty(), "the stray report counted");
+}
+
+#[test]
+fn flushed_waits_for_a_sink_that_flushes_later() {
+    let mut h = Harness::with_sinks(&[DEFERRED, TX], PCM16K);
+    h.drain();
+    h.audio(s16(&ramp(0, F)));
+    let evs = h.text(r#"{"type":"flush"}"#);
+    assert!(messages(&evs, "flushed").is_empty(), "{:?}", kinds(&evs));
+    let evs = h.input(Input::Sink(SinkEvent::Flushed { index: 0 }));
+    assert_eq!(kinds(&evs), ["flushed"]);
+}
+
+#[test]
+fn the_final_ack_of_a_deferred_sink_comes_once_it_has_finished_before_closed() {
+    let mut h = Harness::with_sinks(&[DEFERRED], SEQ16K);
+    h.drain();
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let evs = h.text(r#"{"type":"stop"}"#);
+    assert!(messages(&evs, "ack").is_empty(), "{:?}", kinds(&evs));
+    let evs = h.finish_sinks();
+    let kinds = kinds(&evs);
+    let ack = kinds.iter().position(|k| k == "ack").expect("a final ack");
+    let closed = kinds.iter().position(|k| k == "closed").expect("closed");
+    assert!(ack < closed, "{kinds:?}");
+    assert_eq!(only(&evs, "ack")["seq"], 0);
+}
+
+#[test]
+fn a_backlogged_sink_stops_the_reading_then_ends_the_session_after_the_stall() {
+    let config = Config {
+        max_pending_bytes_per_sink: 1000,
+        sink_stall_timeout_ms: 300,
+        ..config()
+    };
+    let mut h = Harness::with(config, &[REC], SessionLimits::default(), PCM16K);
+    h.drain();
+    assert!(h.core.wants_input());
+    lock(&h.shared.pending_bytes).insert("rec", 1001);
+    h.audio(s16(&ramp(0, F)));
+    assert!(!h.core.wants_input(), "over budget: the socket is not read");
+    // Only a short look-again timer, not the idle timeout.
+    assert!(h.core.next_deadline() <= Some(h.ms(10)));
+    // Catching up lets the reading go on.
+    lock(&h.shared.pending_bytes).insert("rec", 0);
+    h.at(5).timeout();
+    assert!(h.core.wants_input());
+    assert_eq!(h.core.next_deadline(), Some(h.ms(1_000)), "stats next");
+    // Stuck over budget for the whole stall: sink_overloaded, 1011.
+    lock(&h.shared.pending_bytes).insert("rec", 5000);
+    h.at(10).audio(s16(&ramp(0, F)));
+    assert!(h.at(200).timeout().is_empty());
+    let mut evs = h.at(310).timeout();
+    evs.extend(h.finish_sinks());
+    assert_eq!(only(&evs, "error")["code"], "sink_overloaded");
+    assert!(evs.contains(&Ev::Close {
+        code: 1011,
+        reason: "sink_overloaded".into(),
+        drain: true
+    }));
 }

@@ -77,14 +77,26 @@ pub trait Sink: Send + 'static {
     fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError>;
 
     /// Commits everything received so far (the client sent `flush`).
-    fn flush(&mut self, now: Instant) -> Result<(), SinkError>;
+    /// [`Completion::Later`]: the sink reports [`SinkEvent::Flushed`] once
+    /// done (its writes run off the session's thread).
+    fn flush(&mut self, now: Instant) -> Result<Completion, SinkError>;
 
     /// Makes everything written so far durable as far as a process crash
     /// goes (handed to the OS, and readable as such: a recorder's header
     /// covers it). Called before every `ack`, so that an acknowledged `seq`
     /// survives a crash of the server (PROTOCOL.md, "What an ack means").
-    fn commit(&mut self, _now: Instant) -> Result<(), SinkError> {
-        Ok(())
+    /// [`Completion::Later`]: the sink reports [`SinkEvent::Committed`] once
+    /// done; the ack waits for it.
+    fn commit(&mut self, _now: Instant) -> Result<Completion, SinkError> {
+        Ok(Completion::Done)
+    }
+
+    /// Audio handed to the sink that it has not yet written (bytes). Over
+    /// `max_pending_bytes_per_sink`, the session stops reading the socket
+    /// (TCP pushes back on the client) until the sink catches up, and ends
+    /// with `sink_overloaded` if it has not within `sink_stall_timeout_ms`.
+    fn pending_bytes(&self) -> usize {
+        0
     }
 
     /// The session is ending with `error` (a fatal protocol error, a limit,
@@ -113,6 +125,14 @@ pub trait Sink: Send + 'static {
     }
 }
 
+/// Whether a flush or commit is done when the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Done,
+    /// The sink reports it through its emitter when done.
+    Later,
+}
+
 /// What sinks tell the session.
 #[derive(Debug)]
 pub enum SinkEvent {
@@ -120,6 +140,8 @@ pub enum SinkEvent {
     Message(ServerMessage),
     /// Sink `index` has processed one more `flush`.
     Flushed { index: usize },
+    /// Sink `index` has made one more `commit` durable.
+    Committed { index: usize },
     /// Sink `index` failed and stopped; its audio is no longer taken.
     Failed { index: usize, error: SinkError },
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Sink, SinkContext, SinkError};
+use super::{Completion, Sink, SinkContext, SinkError};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
@@ -286,8 +286,8 @@ impl Sink for Recorder {
         Ok(())
     }
 
-    fn flush(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.checkpoint(now)
+    fn flush(&mut self, now: Instant) -> Result<Completion, SinkError> {
+        self.checkpoint(now).map(|()| Completion::Done)
     }
 
     fn session_failed(&mut self, error: &str) {
@@ -296,11 +296,11 @@ impl Sink for Recorder {
 
     /// The header is patched to cover what was written (and with
     /// `recorder.fsync`, synced): a crash after the ack loses none of it.
-    fn commit(&mut self, now: Instant) -> Result<(), SinkError> {
+    fn commit(&mut self, now: Instant) -> Result<Completion, SinkError> {
         if self.dirty {
             self.checkpoint(now)?;
         }
-        Ok(())
+        Ok(Completion::Done)
     }
 
     fn next_deadline(&self) -> Option<Instant> {

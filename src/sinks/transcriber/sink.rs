@@ -17,7 +17,7 @@ use super::{TranscriptionService, NAME, SAMPLE_RATE};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{ServerMessage, VadEvent, VadEventKind};
-use crate::sinks::{Sink, SinkContext, SinkError, SinkEvent};
+use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
 
 /// The sink.
@@ -186,9 +186,9 @@ impl Sink for Transcriber {
     }
 
     /// `flush` sends each channel's open utterance at once.
-    fn flush(&mut self, _now: Instant) -> Result<(), SinkError> {
+    fn flush(&mut self, _now: Instant) -> Result<Completion, SinkError> {
         self.end_all(false);
-        Ok(())
+        Ok(Completion::Done)
     }
 
     fn finish(mut self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
