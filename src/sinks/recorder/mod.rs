@@ -23,8 +23,8 @@ use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
 use sidecar::Sidecar;
-use wav::WavWriter;
 pub use wav::{f32_to_i16, samples_to_i16};
+use wav::{Unfinished, WavWriter};
 
 pub const NAME: &str = "record";
 
@@ -179,8 +179,6 @@ impl Recorder {
             .create_new(true)
             .open(&wav_path)
             .map_err(io_error("creating", &wav_path))?;
-        let wav = WavWriter::create(file, channels, sample_rate, format).map_err(wav_error)?;
-
         let sidecar = Sidecar::new(
             context,
             &wav_path,
@@ -189,7 +187,13 @@ impl Recorder {
             channels,
             channel,
         );
-        sidecar.write(&sidecar_path)?;
+        // A recording that cannot be started (a full disk) leaves no file.
+        let wav = WavWriter::create(file, channels, sample_rate, format)
+            .map_err(wav_error)
+            .and_then(|wav| sidecar.write_first(&sidecar_path).map(|()| wav))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(&wav_path);
+            })?;
 
         Ok(Self {
             output,
@@ -220,6 +224,30 @@ impl Recorder {
         self.dirty = false;
         self.last_flush = now;
         Ok(())
+    }
+
+    /// After a failed write: makes the header cover what is on disk;
+    /// returns the frames it then covers (`written` if it cannot be patched).
+    fn cover_frames_on_disk(unfinished: &Unfinished, written: u64) -> u64 {
+        unfinished.cover_frames_on_disk().unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot patch the WAV header of a failed recording");
+            written
+        })
+    }
+
+    /// Marks the sidecar failed: the error, the end time, and the length.
+    fn record_failure(
+        mut sidecar: Sidecar,
+        path: &Path,
+        frames: u64,
+        sample_rate: u32,
+        reason: &str,
+    ) {
+        let duration_seconds = frames as f64 / f64::from(sample_rate);
+        sidecar.fail(SystemTime::now(), frames, duration_seconds, reason);
+        if let Err(e) = sidecar.write(path) {
+            tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
+        }
     }
 
     fn sha256_of(path: &Path) -> std::io::Result<String> {
@@ -296,28 +324,58 @@ impl Sink for Recorder {
 
     fn abort(self: Box<Self>, reason: &str) {
         let this = *self;
-        // The header then covers every sample that reached the file.
-        if let Err(e) = this.wav.finalize() {
-            tracing::warn!(error = %e, "cannot finalize the WAV of a failed recording");
-        }
-        let mut sidecar = this.sidecar;
-        sidecar.fail(SystemTime::now(), this.frames_written, reason);
-        if let Err(e) = sidecar.write(&this.sidecar_path) {
-            tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
-        }
+        let frames = match this.wav.finalize() {
+            // The header covers every sample written.
+            Ok(_) => this.frames_written,
+            Err((error, unfinished)) => {
+                tracing::warn!(%error, "cannot finalize the WAV of a failed recording");
+                Self::cover_frames_on_disk(&unfinished, this.frames_written)
+            }
+        };
+        Self::record_failure(
+            this.sidecar,
+            &this.sidecar_path,
+            frames,
+            this.sample_rate,
+            reason,
+        );
     }
 
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
-        let file = this.wav.finalize().map_err(wav_error)?;
         let path = &this.wav_path;
-        if this.fsync {
-            file.sync_data().map_err(io_error("syncing", path))?;
-        }
-        let bytes = fs::metadata(path)
-            .map_err(io_error("reading size of", path))?
-            .len();
-        let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+        let fail = |sidecar, frames, error: SinkError| {
+            let reason = error.to_string();
+            Self::record_failure(
+                sidecar,
+                &this.sidecar_path,
+                frames,
+                this.sample_rate,
+                &reason,
+            );
+            Err(error)
+        };
+        let file = match this.wav.finalize() {
+            Ok(file) => file,
+            Err((error, unfinished)) => {
+                let frames = Self::cover_frames_on_disk(&unfinished, this.frames_written);
+                return fail(this.sidecar, frames, wav_error(error));
+            }
+        };
+        let summary = (|| {
+            if this.fsync {
+                file.sync_data().map_err(io_error("syncing", path))?;
+            }
+            let bytes = fs::metadata(path)
+                .map_err(io_error("reading size of", path))?
+                .len();
+            let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+            Ok((bytes, sha256))
+        })();
+        let (bytes, sha256) = match summary {
+            Ok(summary) => summary,
+            Err(error) => return fail(this.sidecar, this.frames_written, error),
+        };
         let duration_seconds = this.frames_written as f64 / f64::from(this.sample_rate);
 
         let mut sidecar = this.sidecar;
