@@ -6,6 +6,10 @@
 //! so a process killed at any moment leaves a valid file holding everything up
 //! to about one interval before. The sidecar is written at start with
 //! `"complete": false` and replaced atomically at the end.
+//!
+//! Both files are created with the first block of audio: a session that ends
+//! without audio (1,000 idle connections) leaves no file, and holds no file
+//! descriptor while it waits.
 
 mod sidecar;
 mod wav;
@@ -132,7 +136,8 @@ pub struct Recorder {
     output: OutputFormat,
     /// The channel this file holds, when the stream is split per channel.
     channel: Option<u16>,
-    wav: WavWriter,
+    /// `None` until the first block.
+    wav: Option<WavWriter>,
     wav_path: PathBuf,
     sidecar: Sidecar,
     sidecar_path: PathBuf,
@@ -174,11 +179,6 @@ impl Recorder {
             }
             _ => WavFormat::S16,
         };
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&wav_path)
-            .map_err(io_error("creating", &wav_path))?;
         let sidecar = Sidecar::new(
             context,
             &wav_path,
@@ -187,18 +187,11 @@ impl Recorder {
             channels,
             channel,
         );
-        // A recording that cannot be started (a full disk) leaves no file.
-        let wav = WavWriter::create(file, channels, sample_rate, format)
-            .map_err(wav_error)
-            .and_then(|wav| sidecar.write_first(&sidecar_path).map(|()| wav))
-            .inspect_err(|_| {
-                let _ = fs::remove_file(&wav_path);
-            })?;
 
         Ok(Self {
             output,
             channel,
-            wav,
+            wav: None,
             wav_path,
             sidecar,
             sidecar_path,
@@ -213,11 +206,30 @@ impl Recorder {
         })
     }
 
+    /// Creates the WAV (header written) and the first sidecar. A recording
+    /// that cannot be started (a full disk) leaves no file.
+    fn open(&self) -> Result<WavWriter, SinkError> {
+        let path = &self.wav_path;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_error("creating", path))?;
+        WavWriter::create(file, self.channels, self.sample_rate, self.format)
+            .map_err(wav_error)
+            .and_then(|wav| self.sidecar.write_first(&self.sidecar_path).map(|()| wav))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(path);
+            })
+    }
+
     fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.wav.checkpoint().map_err(wav_error)?;
+        let Some(wav) = &mut self.wav else {
+            return Ok(());
+        };
+        wav.checkpoint().map_err(wav_error)?;
         if self.fsync {
-            self.wav
-                .file()
+            wav.file()
                 .sync_data()
                 .map_err(io_error("syncing", &self.wav_path))?;
         }
@@ -292,10 +304,17 @@ impl Sink for Recorder {
                 ),
             });
         }
+        let wav = match &mut self.wav {
+            Some(wav) => wav,
+            None => {
+                let wav = self.open()?;
+                self.last_flush = now;
+                self.wav.insert(wav)
+            }
+        };
         match &block.samples {
-            BlockSamples::Audio(samples) => self.wav.write(samples).map_err(wav_error)?,
-            BlockSamples::Silence => self
-                .wav
+            BlockSamples::Audio(samples) => wav.write(samples).map_err(wav_error)?,
+            BlockSamples::Silence => wav
                 .write_silence(block.frames * usize::from(self.channels))
                 .map_err(wav_error)?,
         }
@@ -324,7 +343,11 @@ impl Sink for Recorder {
 
     fn abort(self: Box<Self>, reason: &str) {
         let this = *self;
-        let frames = match this.wav.finalize() {
+        // No audio, no file (or it could not be made): nothing to mark.
+        let Some(wav) = this.wav else {
+            return;
+        };
+        let frames = match wav.finalize() {
             // The header covers every sample written.
             Ok(_) => this.frames_written,
             Err((error, unfinished)) => {
@@ -343,6 +366,10 @@ impl Sink for Recorder {
 
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
+        // No audio: no file, and no `recording` to report.
+        let Some(wav) = this.wav else {
+            return Ok(Vec::new());
+        };
         let path = &this.wav_path;
         let fail = |sidecar, frames, error: SinkError| {
             let reason = error.to_string();
@@ -355,7 +382,7 @@ impl Sink for Recorder {
             );
             Err(error)
         };
-        let file = match this.wav.finalize() {
+        let file = match wav.finalize() {
             Ok(file) => file,
             Err((error, unfinished)) => {
                 let frames = Self::cover_frames_on_disk(&unfinished, this.frames_written);
