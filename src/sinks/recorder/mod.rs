@@ -4,13 +4,15 @@
 //! The WAV header is rewritten whenever more than `flush_interval_ms` has
 //! passed since the last rewrite and there is audio the header does not cover,
 //! so a process killed at any moment leaves a valid file holding everything up
-//! to about one interval before. The sidecar is written at start with
+//! to about one interval before; the next start makes the header cover every
+//! whole frame on disk ([`recover`]). The sidecar is written at start with
 //! `"complete": false` and replaced atomically at the end.
 //!
 //! Both files are created with the first block of audio: a session that ends
 //! without audio (1,000 idle connections) leaves no file, and holds no file
 //! descriptor while it waits.
 
+pub mod recover;
 mod sidecar;
 mod wav;
 
@@ -215,6 +217,11 @@ impl Recorder {
             .create_new(true)
             .open(path)
             .map_err(io_error("creating", path))?;
+        // Held while the file is open: crash recovery in another server
+        // sharing the directory leaves a live recording alone (recover.rs).
+        if let Err(error) = file.try_lock() {
+            tracing::debug!(%error, "cannot lock the recording");
+        }
         WavWriter::create(file, self.channels, self.sample_rate, self.format)
             .map_err(wav_error)
             .and_then(|wav| self.sidecar.write_first(&self.sidecar_path).map(|()| wav))

@@ -11,14 +11,15 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{io_error, NAME};
 use crate::protocol::StreamFormat;
 use crate::sinks::{SinkContext, SinkError};
 
-#[derive(Debug, Clone, Serialize)]
+/// Read back only by crash recovery ([`super::recover`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sidecar {
     session_id: String,
     /// File name of the WAV, relative to the sidecar.
@@ -30,7 +31,7 @@ pub struct Sidecar {
     channels: u16,
     /// Which channel of the stream this file holds, when split per channel.
     channel: Option<u16>,
-    sample_format: &'static str,
+    sample_format: String,
     metadata: Map<String, Value>,
     started_at: String,
     ended_at: Option<String>,
@@ -38,7 +39,8 @@ pub struct Sidecar {
     sample_frames: Option<u64>,
     sha256: Option<String>,
     /// False until the session ended cleanly: a crashed session's sidecar
-    /// stays false, and its WAV holds what was checkpointed.
+    /// stays false, with no `ended_at`, until the next start repairs it
+    /// (`recover.rs`).
     complete: bool,
     /// Why the recording stopped early, if it did.
     error: Option<String>,
@@ -71,7 +73,7 @@ impl Sidecar {
             sample_rate,
             channels,
             channel,
-            sample_format,
+            sample_format: sample_format.to_owned(),
             metadata: context.metadata.clone(),
             started_at: rfc3339(context.started_at),
             ended_at: None,
@@ -81,6 +83,11 @@ impl Sidecar {
             complete: false,
             error: None,
         }
+    }
+
+    /// Neither finished nor failed: its recorder never ended (the process died).
+    pub fn is_unfinished(&self) -> bool {
+        !self.complete && self.ended_at.is_none()
     }
 
     pub fn complete(

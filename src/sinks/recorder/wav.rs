@@ -340,6 +340,59 @@ pub(super) fn cover_frames_on_disk<F: WavFile>(file: &F, layout: DataLayout) -> 
     Ok(data_bytes / frame_bytes)
 }
 
+/// What [`parse_head`] finds at the start of a WAV file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WavHead {
+    pub layout: DataLayout,
+    pub sample_rate: u32,
+}
+
+/// Reads the layout of a WAV file from its first bytes (crash recovery):
+/// the `fmt ` chunk's rate and block size, and where the `data` chunk's
+/// samples start. Whatever the size fields say: after a crash they are stale.
+pub(super) fn parse_head(head: &[u8]) -> Result<WavHead, &'static str> {
+    let bytes = |at: usize, n: usize| head.get(at..at.checked_add(n)?);
+    let u32_at = |at: usize| bytes(at, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if bytes(0, 4) != Some(b"RIFF") || bytes(8, 4) != Some(b"WAVE") {
+        return Err("not a RIFF/WAVE file");
+    }
+    let mut format = None;
+    let mut at = 12usize;
+    while let (Some(id), Some(len)) = (bytes(at, 4), u32_at(at.saturating_add(4))) {
+        let body = at.saturating_add(8);
+        match id {
+            b"fmt " => {
+                let sample_rate = u32_at(body.saturating_add(4)).ok_or("truncated fmt chunk")?;
+                let block_align = bytes(body.saturating_add(12), 2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .ok_or("truncated fmt chunk")?;
+                if sample_rate == 0 || block_align == 0 {
+                    return Err("fmt chunk with a zero rate or frame size");
+                }
+                format = Some((sample_rate, u64::from(block_align)));
+            }
+            b"data" => {
+                let (sample_rate, frame_bytes) = format.ok_or("data chunk before fmt")?;
+                return Ok(WavHead {
+                    layout: DataLayout {
+                        data_start: body as u64,
+                        frame_bytes,
+                    },
+                    sample_rate,
+                });
+            }
+            _ => {}
+        }
+        // Chunks are padded to an even length.
+        let len = usize::try_from(len).map_err(|_| "chunk too long")?;
+        at = body
+            .checked_add(len)
+            .and_then(|end| end.checked_add(len & 1))
+            .ok_or("chunk too long")?;
+    }
+    Err("no data chunk in the first bytes")
+}
+
 /// `(s * 32768).round().clamp(-32768, 32767) as i16`, in operations that
 /// vectorize. `f32::round` is a libm call on the x86-64 baseline (no SSE4.1),
 /// and a saturating `as i32` compiles to per-element checks; together they
@@ -652,5 +705,55 @@ mod tests {
         };
         assert!(cover_frames_on_disk(&file, layout).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"RIFF\0\0\0\0WAVE");
+    }
+
+    #[test]
+    fn the_head_of_a_wav_gives_its_layout_whatever_its_sizes_say() {
+        for (format, channels, data_start) in [
+            (WavFormat::S16, 1, 44),
+            (WavFormat::S16, 2, 44),
+            (WavFormat::F32, 2, 68),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("a.wav");
+            let mut w =
+                WavWriter::create(File::create(&path).unwrap(), channels, 8_000, format).unwrap();
+            w.write(&samples(640)).unwrap();
+            drop(w);
+            let head = parse_head(&std::fs::read(&path).unwrap()).unwrap();
+            let frame_bytes = u64::from(channels) * format.bytes_per_sample();
+            assert_eq!(
+                head,
+                WavHead {
+                    layout: DataLayout {
+                        data_start,
+                        frame_bytes
+                    },
+                    sample_rate: 8_000
+                }
+            );
+        }
+        // An unknown chunk before `data` is skipped (padded to even length).
+        let mut bytes = b"RIFF\0\0\0\0WAVE".to_vec();
+        bytes.extend(b"fmt \x10\0\0\0\x01\0\x02\0\x80\x3e\0\0\0\xfa\0\0\x04\0\x10\0");
+        bytes.extend(b"LIST\x03\0\0\0abc\0");
+        bytes.extend(b"data\xff\xff\xff\xff");
+        let head = parse_head(&bytes).unwrap();
+        assert_eq!(head.layout.data_start, bytes.len() as u64);
+        assert_eq!((head.layout.frame_bytes, head.sample_rate), (4, 16_000));
+        // Damaged heads are refused, never a panic.
+        for bad in [
+            &b""[..],
+            b"RIFF\0\0\0\0WAVX",
+            b"RIFF\0\0\0\0WAVEdata\0\0\0\0",
+            b"RIFF\0\0\0\0WAVEfmt \x02\0\0\0\x01\0",
+            b"RIFF\0\0\0\0WAVEJUNK\xff\xff\xff\xff",
+            &bytes[..bytes.len() - 8],
+        ] {
+            assert!(parse_head(bad).is_err(), "{bad:?}");
+        }
+        let mut zero_align = bytes.clone();
+        zero_align[32] = 0;
+        assert!(parse_head(&zero_align).is_err());
     }
 }
