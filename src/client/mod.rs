@@ -247,7 +247,7 @@ fn print_summary(file: &FileResult) {
             }
             if o.recordings.is_empty() {
                 println!(
-                    "  no recording (the session ran without the record sink); {:.2} s streamed",
+                    "  no recording (the session ran without the record sink, or with no audio); {:.2} s streamed",
                     o.closed["duration_seconds"].as_f64().unwrap_or(0.0)
                 );
             }

@@ -128,7 +128,7 @@ impl Framing {
 }
 
 /// The effective, validated format of a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamFormat {
     pub encoding: Encoding,
     pub sample_rate: u32,

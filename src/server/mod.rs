@@ -75,6 +75,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             source,
         }
     })?;
+    // Before any session can write there: repair what a crash left unfinished.
+    crate::sinks::recorder::recover::recover_unfinished(&config.recordings_dir);
 
     let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
         &config.transcription,

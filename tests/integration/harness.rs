@@ -29,6 +29,7 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    recordings: PathBuf,
 }
 
 impl Server {
@@ -37,8 +38,18 @@ impl Server {
     }
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_in(None, args, env)
+    }
+
+    /// A server recording into `recordings` (a small disk, or the directory
+    /// of an earlier server), instead of a fresh directory of its own.
+    pub fn start_recording_into(recordings: &Path, args: &[&str]) -> Server {
+        Self::start_in(Some(recordings.to_owned()), args, &[])
+    }
+
+    fn start_in(recordings: Option<PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let recordings = dir.path().join("recordings");
+        let recordings = recordings.unwrap_or_else(|| dir.path().join("recordings"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_cochlea"));
         command
             .arg("serve")
@@ -76,11 +87,16 @@ impl Server {
             let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
             panic!("server did not start; log:\n{log}")
         });
-        Server { child, addr, dir }
+        Server {
+            child,
+            addr,
+            dir,
+            recordings,
+        }
     }
 
     pub fn recordings_dir(&self) -> PathBuf {
-        self.dir.path().join("recordings")
+        self.recordings.clone()
     }
 
     pub fn pid(&self) -> u32 {

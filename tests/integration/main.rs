@@ -5,6 +5,7 @@
 //! - `bad_input`:   every row of PROTOCOL.md's bad-input table, on its own
 //! - `concurrency`: 200 sessions at once, each with its own recording
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
+//! - `full_disk`:   a disk filling up mid-recording (a small tmpfs, as root)
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
@@ -34,6 +35,7 @@ mod dialect_twilio;
 mod dialect_vonage;
 mod formats;
 mod frame_limit;
+mod full_disk;
 mod harness;
 mod lifecycle;
 mod loadgen;

@@ -280,6 +280,59 @@ async fn query_can_choose_no_sinks() {
 }
 
 #[tokio::test]
+async fn sessions_that_end_without_audio_leave_no_files() {
+    // Issue 15: 1,000 idle WebSockets left 2,002 files.
+    let server = Server::start_with(&["--idle-timeout-ms", "500"], &[]);
+    let dir = server.recordings_dir();
+    let files = || std::fs::read_dir(&dir).map_or(0, |d| d.count());
+
+    // Stopped, after a flush (answered), and with the channels split.
+    let mut stopped = Client::connect(&server, "encoding=mulaw").await;
+    stopped.expect("started").await;
+    stopped.send_json(json!({"type": "flush"})).await;
+    stopped.expect("flushed").await;
+    let transcript = stopped.stop().await;
+    assert_eq!(transcript.close_code(), 1000);
+    assert!(
+        transcript.of_type("recording").is_empty(),
+        "{:#?}",
+        transcript.messages
+    );
+    // Timed out idle, ended by an error, and gone without a word.
+    let idle = Client::connect(&server, "encoding=pcm_s16le&sample_rate=16000&channels=2").await;
+    let mut failed = Client::connect(&server, "encoding=pcm_s16le&sample_rate=16000").await;
+    failed.expect("started").await;
+    failed.send_binary(vec![0; 3]).await;
+    let gone = Client::connect(&server, "encoding=alaw").await;
+    drop(gone);
+    let transcript = failed.finish().await;
+    transcript.assert_error("partial_frame", 1007);
+    assert!(transcript.of_type("recording").is_empty());
+    let transcript = idle.finish().await;
+    transcript.assert_error("idle_timeout", 1000);
+    assert!(transcript.of_type("recording").is_empty());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, health) = server.get("/healthz");
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        if health["sessions_active"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still open: {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(files(), 0, "files of sessions without audio were left");
+
+    // One block of audio is a recording, as before.
+    let mut client = Client::connect(&server, "encoding=mulaw").await;
+    client.expect("started").await;
+    client.send_binary(vec![0xFF; 160]).await;
+    let transcript = client.stop().await;
+    assert_eq!(transcript.one("recording")["sample_frames"], 160);
+    assert_eq!(files(), 2);
+}
+
+#[tokio::test]
 async fn client_that_vanishes_still_gets_a_complete_recording() {
     let server = Server::start();
     let samples = speech_16k();

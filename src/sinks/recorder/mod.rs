@@ -4,9 +4,15 @@
 //! The WAV header is rewritten whenever more than `flush_interval_ms` has
 //! passed since the last rewrite and there is audio the header does not cover,
 //! so a process killed at any moment leaves a valid file holding everything up
-//! to about one interval before. The sidecar is written at start with
+//! to about one interval before; the next start makes the header cover every
+//! whole frame on disk ([`recover`]). The sidecar is written at start with
 //! `"complete": false` and replaced atomically at the end.
+//!
+//! Both files are created with the first block of audio: a session that ends
+//! without audio (1,000 idle connections) leaves no file, and holds no file
+//! descriptor while it waits.
 
+pub mod recover;
 mod sidecar;
 mod wav;
 
@@ -23,8 +29,8 @@ use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
 use sidecar::Sidecar;
-use wav::WavWriter;
 pub use wav::{f32_to_i16, samples_to_i16};
+use wav::{Unfinished, WavWriter};
 
 pub const NAME: &str = "record";
 
@@ -132,7 +138,8 @@ pub struct Recorder {
     output: OutputFormat,
     /// The channel this file holds, when the stream is split per channel.
     channel: Option<u16>,
-    wav: WavWriter,
+    /// `None` until the first block.
+    wav: Option<WavWriter>,
     wav_path: PathBuf,
     sidecar: Sidecar,
     sidecar_path: PathBuf,
@@ -177,13 +184,6 @@ impl Recorder {
             }
             _ => WavFormat::S16,
         };
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&wav_path)
-            .map_err(io_error("creating", &wav_path))?;
-        let wav = WavWriter::create(file, channels, sample_rate, format).map_err(wav_error)?;
-
         let sidecar = Sidecar::new(
             context,
             &wav_path,
@@ -192,12 +192,11 @@ impl Recorder {
             channels,
             channel,
         );
-        sidecar.write(&sidecar_path)?;
 
         Ok(Self {
             output,
             channel,
-            wav,
+            wav: None,
             wav_path,
             sidecar,
             sidecar_path,
@@ -214,17 +213,65 @@ impl Recorder {
         })
     }
 
+    /// Creates the WAV (header written) and the first sidecar. A recording
+    /// that cannot be started (a full disk) leaves no file.
+    fn open(&self) -> Result<WavWriter, SinkError> {
+        let path = &self.wav_path;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_error("creating", path))?;
+        // Held while the file is open: crash recovery in another server
+        // sharing the directory leaves a live recording alone (recover.rs).
+        if let Err(error) = file.try_lock() {
+            tracing::debug!(%error, "cannot lock the recording");
+        }
+        WavWriter::create(file, self.channels, self.sample_rate, self.format)
+            .map_err(wav_error)
+            .and_then(|wav| self.sidecar.write_first(&self.sidecar_path).map(|()| wav))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(path);
+            })
+    }
+
     fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.wav.checkpoint().map_err(wav_error)?;
+        let Some(wav) = &mut self.wav else {
+            return Ok(());
+        };
+        wav.checkpoint().map_err(wav_error)?;
         if self.fsync {
-            self.wav
-                .file()
+            wav.file()
                 .sync_data()
                 .map_err(io_error("syncing", &self.wav_path))?;
         }
         self.dirty = false;
         self.last_flush = now;
         Ok(())
+    }
+
+    /// After a failed write: makes the header cover what is on disk;
+    /// returns the frames it then covers (`written` if it cannot be patched).
+    fn cover_frames_on_disk(unfinished: &Unfinished, written: u64) -> u64 {
+        unfinished.cover_frames_on_disk().unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot patch the WAV header of a failed recording");
+            written
+        })
+    }
+
+    /// Marks the sidecar failed: the error, the end time, and the length.
+    fn record_failure(
+        mut sidecar: Sidecar,
+        path: &Path,
+        frames: u64,
+        sample_rate: u32,
+        reason: &str,
+    ) {
+        let duration_seconds = frames as f64 / f64::from(sample_rate);
+        sidecar.fail(SystemTime::now(), frames, duration_seconds, reason);
+        if let Err(e) = sidecar.write(path) {
+            tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
+        }
     }
 
     fn sha256_of(path: &Path) -> std::io::Result<String> {
@@ -269,11 +316,18 @@ impl Sink for Recorder {
                 ),
             });
         }
+        let wav = match &mut self.wav {
+            Some(wav) => wav,
+            None => {
+                let wav = self.open()?;
+                self.last_flush = now;
+                self.wav.insert(wav)
+            }
+        };
         let started = Instant::now();
         match &block.samples {
-            BlockSamples::Audio(samples) => self.wav.write(samples).map_err(wav_error)?,
-            BlockSamples::Silence => self
-                .wav
+            BlockSamples::Audio(samples) => wav.write(samples).map_err(wav_error)?,
+            BlockSamples::Silence => wav
                 .write_silence(block.frames * usize::from(self.channels))
                 .map_err(wav_error)?,
         }
@@ -316,28 +370,66 @@ impl Sink for Recorder {
 
     fn abort(self: Box<Self>, reason: &str) {
         let this = *self;
-        // The header then covers every sample that reached the file.
-        if let Err(e) = this.wav.finalize() {
-            tracing::warn!(error = %e, "cannot finalize the WAV of a failed recording");
-        }
-        let mut sidecar = this.sidecar;
-        sidecar.fail(SystemTime::now(), this.frames_written, reason);
-        if let Err(e) = sidecar.write(&this.sidecar_path) {
-            tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
-        }
+        // No audio, no file (or it could not be made): nothing to mark.
+        let Some(wav) = this.wav else {
+            return;
+        };
+        let frames = match wav.finalize() {
+            // The header covers every sample written.
+            Ok(_) => this.frames_written,
+            Err((error, unfinished)) => {
+                tracing::warn!(%error, "cannot finalize the WAV of a failed recording");
+                Self::cover_frames_on_disk(&unfinished, this.frames_written)
+            }
+        };
+        Self::record_failure(
+            this.sidecar,
+            &this.sidecar_path,
+            frames,
+            this.sample_rate,
+            reason,
+        );
     }
 
     fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
         let this = *self;
-        let file = this.wav.finalize().map_err(wav_error)?;
+        // No audio: no file, and no `recording` to report.
+        let Some(wav) = this.wav else {
+            return Ok(Vec::new());
+        };
         let path = &this.wav_path;
-        if this.fsync {
-            file.sync_data().map_err(io_error("syncing", path))?;
-        }
-        let bytes = fs::metadata(path)
-            .map_err(io_error("reading size of", path))?
-            .len();
-        let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+        let fail = |sidecar, frames, error: SinkError| {
+            let reason = error.to_string();
+            Self::record_failure(
+                sidecar,
+                &this.sidecar_path,
+                frames,
+                this.sample_rate,
+                &reason,
+            );
+            Err(error)
+        };
+        let file = match wav.finalize() {
+            Ok(file) => file,
+            Err((error, unfinished)) => {
+                let frames = Self::cover_frames_on_disk(&unfinished, this.frames_written);
+                return fail(this.sidecar, frames, wav_error(error));
+            }
+        };
+        let summary = (|| {
+            if this.fsync {
+                file.sync_data().map_err(io_error("syncing", path))?;
+            }
+            let bytes = fs::metadata(path)
+                .map_err(io_error("reading size of", path))?
+                .len();
+            let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+            Ok((bytes, sha256))
+        })();
+        let (bytes, sha256) = match summary {
+            Ok(summary) => summary,
+            Err(error) => return fail(this.sidecar, this.frames_written, error),
+        };
         let duration_seconds = this.frames_written as f64 / f64::from(this.sample_rate);
 
         let mut sidecar = this.sidecar;
