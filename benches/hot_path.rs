@@ -24,6 +24,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use cochlea::sinks::registry::Emitter;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 use cochlea::codec::opus::OpusDecoder;
@@ -283,7 +284,10 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         fsync: false,
         sample_format: SampleFormatSetting::Auto,
     };
-    Recorder::create(&context, &settings, output).expect("recorder")
+    // Nothing is asked of the recorder that it reports (no flush, no
+    // commit): the receiving end may go.
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    Recorder::create(&context, &settings, output, Emitter::new(0, events)).expect("recorder")
 }
 
 /// The recorder's `write` of 20 ms blocks. Files are rotated every 1,000

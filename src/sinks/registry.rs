@@ -79,6 +79,11 @@ impl Emitter {
         });
     }
 
+    /// Any report (a flush or commit done off the session's thread).
+    pub fn send(&self, event: SinkEvent) {
+        let _ = self.events.send(event);
+    }
+
     /// The raw event channel, for a sink's helper tasks.
     pub fn sender(&self) -> mpsc::UnboundedSender<SinkEvent> {
         self.events.clone()
@@ -256,11 +261,11 @@ impl SinkSpec for RecordSpec {
     ) -> Result<Vec<Box<dyn Sink>>, SinkError> {
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         for output in self.settings.outputs(context.format.channels) {
-            let _ = emitters.next_emitter();
             sinks.push(Box::new(recorder::Recorder::create(
                 context,
                 &self.settings,
                 output,
+                emitters.next_emitter(),
             )?));
         }
         Ok(sinks)

@@ -77,7 +77,9 @@ async fn health_readiness_and_metrics() {
         "# TYPE cochlea_sessions_active gauge",
         "# TYPE cochlea_ingest_latency_seconds histogram",
         "cochlea_ingest_latency_seconds_count 10",
-        "cochlea_sink_write_seconds_count{sink=\"record\"} 10",
+        // One file write: the recorder hands its audio to the file in
+        // batches, here the whole 0.2 s at stop.
+        "cochlea_sink_write_seconds_count{sink=\"record\"} 1",
         "# HELP cochlea_sessions_total",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");

@@ -1,17 +1,27 @@
 //! The crash-safe WAV recorder.
 //!
 //! One `<session_id>.wav` per session, beside a `<session_id>.json` sidecar.
-//! The WAV header is rewritten whenever more than `flush_interval_ms` has
-//! passed since the last rewrite and there is audio the header does not cover,
-//! so a process killed at any moment leaves a valid file holding everything up
-//! to about one interval before; the next start makes the header cover every
-//! whole frame on disk ([`recover`]). The sidecar is written at start with
-//! `"complete": false` and replaced atomically at the end.
+//! The session calls the recorder in place for every block; the recorder
+//! only copies the samples into a batch. The file work (writing, header
+//! checkpoints, `fsync`, the sidecars, finalizing) runs on tokio's blocking
+//! pool through a per-recording queue ([`offthread`]), so a slow or full disk
+//! holds up only its own recordings, never an async worker.
+//!
+//! Durability: before every `ack`, the header is patched to cover all audio
+//! handed over (and synced with `recorder.fsync`), and the ack waits for it;
+//! otherwise the header is rewritten whenever more than `flush_interval_ms`
+//! has passed with audio it does not cover. A process killed at any moment
+//! leaves a valid file holding everything acknowledged (and, without acks,
+//! everything up to about one interval plus one batch before); the next
+//! start makes the header cover every whole frame on disk ([`recover`]). The
+//! sidecar is written at start with `"complete": false` and replaced
+//! atomically at the end.
 //!
 //! Both files are created with the first block of audio: a session that ends
 //! without audio (1,000 idle connections) leaves no file, and holds no file
 //! descriptor while it waits.
 
+mod offthread;
 pub mod recover;
 mod sidecar;
 mod wav;
@@ -24,10 +34,12 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::registry::Emitter;
 use super::{Completion, Sink, SinkContext, SinkError};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
+use offthread::{FileSide, Job, OffThread, Report};
 use sidecar::Sidecar;
 pub use wav::{f32_to_i16, samples_to_i16};
 use wav::{Unfinished, WavWriter};
@@ -134,9 +146,36 @@ fn wav_error(source: hound::Error) -> SinkError {
     SinkError::Wav { sink: NAME, source }
 }
 
+/// How many samples the recorder gathers before it hands them to its file
+/// queue when nothing else (an ack, a flush, the header interval) does first.
+/// 8192 samples: half a second of 16 kHz mono, the most a crash of a session
+/// without acks can lose beyond the header interval (as the 16 KiB write
+/// buffer of s16 samples was before).
+const BATCH_SAMPLES: usize = 8_192;
+
+/// The recorder as the session sees it: called in place for every block,
+/// it only counts and copies; the file work is queued ([`offthread`]).
 pub struct Recorder {
     output: OutputFormat,
-    /// The channel this file holds, when the stream is split per channel.
+    channels: u16,
+    sample_rate: u32,
+    format: WavFormat,
+    /// Frames handed over (queued or written).
+    frames_queued: u64,
+    /// Samples not yet queued.
+    batch: Vec<f32>,
+    /// Queued audio the header does not cover yet.
+    dirty: bool,
+    last_flush: Instant,
+    flush_interval: Duration,
+    io: OffThread<RecordingFile>,
+    /// Why the session failed, if it did: the sidecar says so.
+    session_error: Option<String>,
+}
+
+/// The file side of one recording, used only by its queue's drain job (or
+/// by `finish`/`abort` on the blocking pool).
+struct RecordingFile {
     channel: Option<u16>,
     /// `None` until the first block.
     wav: Option<WavWriter>,
@@ -146,15 +185,9 @@ pub struct Recorder {
     format: WavFormat,
     channels: u16,
     sample_rate: u32,
+    /// Frames written to the file.
     frames_written: u64,
-    /// Frames written but not yet covered by the header.
-    dirty: bool,
-    last_flush: Instant,
-    flush_interval: Duration,
     fsync: bool,
-    write_seconds: metrics::Histogram,
-    /// Why the session failed, if it did: the sidecar says so.
-    session_error: Option<String>,
 }
 
 impl Recorder {
@@ -162,7 +195,10 @@ impl Recorder {
         context: &SinkContext,
         settings: &RecorderSettings,
         output: OutputFormat,
+        emitter: Emitter,
     ) -> Result<Self, SinkError> {
+        // Checked at start (one syscall when it exists): a session whose
+        // recordings cannot be kept is refused at once, not at its first audio.
         fs::create_dir_all(&settings.dir).map_err(io_error("creating directory", &settings.dir))?;
         let channel = match output.layout {
             Layout::Channel(c) => Some(c),
@@ -192,9 +228,7 @@ impl Recorder {
             channels,
             channel,
         );
-
-        Ok(Self {
-            output,
+        let file = RecordingFile {
             channel,
             wav: None,
             wav_path,
@@ -204,15 +238,44 @@ impl Recorder {
             channels,
             sample_rate,
             frames_written: 0,
+            fsync: settings.fsync,
+        };
+        let write_seconds =
+            metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME);
+        Ok(Self {
+            output,
+            channels,
+            sample_rate,
+            format,
+            frames_queued: 0,
+            batch: Vec::new(),
             dirty: false,
             last_flush: Instant::now(),
             flush_interval: settings.flush_interval,
-            fsync: settings.fsync,
-            write_seconds: metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME),
+            io: OffThread::new(file, emitter, write_seconds),
             session_error: None,
         })
     }
 
+    /// Queues the batch, then `then` (if any).
+    fn hand_over(&mut self, then: Option<Job>) {
+        let batch = (!self.batch.is_empty()).then(|| {
+            let next = Vec::with_capacity(self.batch.capacity());
+            Job::Samples(std::mem::replace(&mut self.batch, next))
+        });
+        let jobs = batch.into_iter().chain(then);
+        self.io.submit(jobs);
+    }
+
+    /// Queues a header checkpoint after everything handed over so far.
+    fn checkpoint(&mut self, now: Instant, report: Report) {
+        self.hand_over(Some(Job::Checkpoint(report)));
+        self.dirty = false;
+        self.last_flush = now;
+    }
+}
+
+impl RecordingFile {
     /// Creates the WAV (header written) and the first sidecar. A recording
     /// that cannot be started (a full disk) leaves no file.
     fn open(&self) -> Result<WavWriter, SinkError> {
@@ -235,19 +298,14 @@ impl Recorder {
             })
     }
 
-    fn checkpoint(&mut self, now: Instant) -> Result<(), SinkError> {
-        let Some(wav) = &mut self.wav else {
-            return Ok(());
-        };
-        wav.checkpoint().map_err(wav_error)?;
-        if self.fsync {
-            wav.file()
-                .sync_data()
-                .map_err(io_error("syncing", &self.wav_path))?;
+    fn wav(&mut self) -> Result<&mut WavWriter, SinkError> {
+        if self.wav.is_none() {
+            self.wav = Some(self.open()?);
         }
-        self.dirty = false;
-        self.last_flush = now;
-        Ok(())
+        self.wav.as_mut().ok_or_else(|| SinkError::Failed {
+            sink: NAME,
+            message: "the recording could not be opened".into(),
+        })
     }
 
     /// After a failed write: makes the header cover what is on disk;
@@ -291,6 +349,129 @@ impl Recorder {
             .map(|b| format!("{b:02x}"))
             .collect())
     }
+
+    /// Closes a recording whose session failed, or that failed itself:
+    /// the header covers what reached the disk, the sidecar says why.
+    fn close_failed(self, reason: &str) {
+        // No audio, no file (or it could not be made): nothing to mark.
+        let Some(wav) = self.wav else {
+            return;
+        };
+        let frames = match wav.finalize() {
+            // The header covers every sample written.
+            Ok(_) => self.frames_written,
+            Err((error, unfinished)) => {
+                tracing::warn!(%error, "cannot finalize the WAV of a failed recording");
+                Self::cover_frames_on_disk(&unfinished, self.frames_written)
+            }
+        };
+        Self::record_failure(
+            self.sidecar,
+            &self.sidecar_path,
+            frames,
+            self.sample_rate,
+            reason,
+        );
+    }
+
+    /// The end of a recording: the header final, the hash, the sidecar, and
+    /// the `recording` message.
+    fn close(self, session_error: Option<&str>) -> Result<Vec<ServerMessage>, SinkError> {
+        // No audio: no file, and no `recording` to report.
+        let Some(wav) = self.wav else {
+            return Ok(Vec::new());
+        };
+        let path = &self.wav_path;
+        let fail = |sidecar, frames, error: SinkError| {
+            let reason = error.to_string();
+            Self::record_failure(
+                sidecar,
+                &self.sidecar_path,
+                frames,
+                self.sample_rate,
+                &reason,
+            );
+            Err(error)
+        };
+        let file = match wav.finalize() {
+            Ok(file) => file,
+            Err((error, unfinished)) => {
+                let frames = Self::cover_frames_on_disk(&unfinished, self.frames_written);
+                return fail(self.sidecar, frames, wav_error(error));
+            }
+        };
+        let summary = (|| {
+            if self.fsync {
+                file.sync_data().map_err(io_error("syncing", path))?;
+            }
+            let bytes = fs::metadata(path)
+                .map_err(io_error("reading size of", path))?
+                .len();
+            let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+            Ok((bytes, sha256))
+        })();
+        let (bytes, sha256) = match summary {
+            Ok(summary) => summary,
+            Err(error) => return fail(self.sidecar, self.frames_written, error),
+        };
+        let duration_seconds = self.frames_written as f64 / f64::from(self.sample_rate);
+
+        let mut sidecar = self.sidecar;
+        sidecar.complete(
+            SystemTime::now(),
+            self.frames_written,
+            duration_seconds,
+            &sha256,
+        );
+        if let Some(error) = session_error {
+            sidecar.session_failed(error);
+        }
+        sidecar.write(&self.sidecar_path)?;
+
+        Ok(vec![ServerMessage::Recording(RecordingInfo {
+            path: self.wav_path.display().to_string(),
+            sidecar_path: self.sidecar_path.display().to_string(),
+            duration_seconds,
+            sample_frames: self.frames_written,
+            sample_rate: self.sample_rate,
+            channels: self.channels,
+            sample_format: self.format.name(),
+            channel: self.channel,
+            bytes,
+            sha256,
+        })])
+    }
+}
+
+impl FileSide for RecordingFile {
+    fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError> {
+        self.wav()?.write(samples).map_err(wav_error)?;
+        self.frames_written += (samples.len() / usize::from(self.channels).max(1)) as u64;
+        Ok(())
+    }
+
+    fn write_silence(&mut self, samples: usize) -> Result<(), SinkError> {
+        self.wav()?.write_silence(samples).map_err(wav_error)?;
+        self.frames_written += (samples / usize::from(self.channels).max(1)) as u64;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<(), SinkError> {
+        let Some(wav) = &mut self.wav else {
+            return Ok(());
+        };
+        wav.checkpoint().map_err(wav_error)?;
+        if self.fsync {
+            wav.file()
+                .sync_data()
+                .map_err(io_error("syncing", &self.wav_path))?;
+        }
+        Ok(())
+    }
+
+    fn failed(self, reason: &str) {
+        self.close_failed(reason);
+    }
 }
 
 impl Sink for Recorder {
@@ -306,55 +487,66 @@ impl Sink for Recorder {
         let new_bytes =
             block.frames as u64 * u64::from(self.channels) * self.format.bytes_per_sample();
         let have_bytes =
-            self.frames_written * u64::from(self.channels) * self.format.bytes_per_sample();
+            self.frames_queued * u64::from(self.channels) * self.format.bytes_per_sample();
         if have_bytes + new_bytes > MAX_WAV_DATA_BYTES {
             return Err(SinkError::Failed {
                 sink: NAME,
                 message: format!(
                     "recording reached the 4 GiB limit of the WAV format after {} s",
-                    self.frames_written / u64::from(self.sample_rate)
+                    self.frames_queued / u64::from(self.sample_rate)
                 ),
             });
         }
-        let wav = match &mut self.wav {
-            Some(wav) => wav,
-            None => {
-                let wav = self.open()?;
-                self.last_flush = now;
-                self.wav.insert(wav)
-            }
-        };
-        let started = Instant::now();
-        match &block.samples {
-            BlockSamples::Audio(samples) => wav.write(samples).map_err(wav_error)?,
-            BlockSamples::Silence => wav
-                .write_silence(block.frames * usize::from(self.channels))
-                .map_err(wav_error)?,
+        if self.frames_queued == 0 {
+            // The header interval counts from the first audio.
+            self.last_flush = now;
         }
-        self.write_seconds.record(started.elapsed().as_secs_f64());
-        self.frames_written += block.frames as u64;
+        match &block.samples {
+            BlockSamples::Audio(samples) => {
+                if self.batch.capacity() == 0 {
+                    self.batch.reserve_exact(BATCH_SAMPLES);
+                }
+                self.batch.extend_from_slice(samples);
+                if self.batch.len() >= BATCH_SAMPLES {
+                    self.hand_over(None);
+                }
+            }
+            BlockSamples::Silence => {
+                let samples = block.frames * usize::from(self.channels);
+                self.hand_over(Some(Job::Silence(samples)));
+            }
+        }
+        self.frames_queued += block.frames as u64;
         self.dirty = true;
         if now.saturating_duration_since(self.last_flush) >= self.flush_interval {
-            self.checkpoint(now)?;
+            self.checkpoint(now, Report::Nothing);
         }
         Ok(())
     }
 
+    /// `flushed` once the file's header covers everything before the flush.
     fn flush(&mut self, now: Instant) -> Result<Completion, SinkError> {
-        self.checkpoint(now).map(|()| Completion::Done)
+        self.checkpoint(now, Report::Flushed);
+        Ok(Completion::Later)
     }
 
     fn session_failed(&mut self, error: &str) {
         self.session_error = Some(error.to_owned());
     }
 
-    /// The header is patched to cover what was written (and with
-    /// `recorder.fsync`, synced): a crash after the ack loses none of it.
+    /// The header is patched to cover what was handed over (and with
+    /// `recorder.fsync`, synced) before the ack goes out: a crash after the
+    /// ack loses none of it.
     fn commit(&mut self, now: Instant) -> Result<Completion, SinkError> {
-        if self.dirty {
-            self.checkpoint(now)?;
+        if !self.dirty {
+            return Ok(Completion::Done);
         }
-        Ok(Completion::Done)
+        self.checkpoint(now, Report::Committed);
+        Ok(Completion::Later)
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.io.pending_bytes() + std::mem::size_of_val(self.batch.as_slice())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -363,98 +555,24 @@ impl Sink for Recorder {
 
     fn on_deadline(&mut self, now: Instant) -> Result<(), SinkError> {
         if self.dirty {
-            self.checkpoint(now)?;
+            self.checkpoint(now, Report::Nothing);
         }
         Ok(())
     }
 
-    fn abort(self: Box<Self>, reason: &str) {
-        let this = *self;
-        // No audio, no file (or it could not be made): nothing to mark.
-        let Some(wav) = this.wav else {
-            return;
-        };
-        let frames = match wav.finalize() {
-            // The header covers every sample written.
-            Ok(_) => this.frames_written,
-            Err((error, unfinished)) => {
-                tracing::warn!(%error, "cannot finalize the WAV of a failed recording");
-                Self::cover_frames_on_disk(&unfinished, this.frames_written)
-            }
-        };
-        Self::record_failure(
-            this.sidecar,
-            &this.sidecar_path,
-            frames,
-            this.sample_rate,
-            reason,
-        );
+    fn abort(mut self: Box<Self>, reason: &str) {
+        self.hand_over(None);
+        if let Some(file) = self.io.into_file() {
+            file.close_failed(reason);
+        }
     }
 
-    fn finish(self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
-        let this = *self;
-        // No audio: no file, and no `recording` to report.
-        let Some(wav) = this.wav else {
-            return Ok(Vec::new());
-        };
-        let path = &this.wav_path;
-        let fail = |sidecar, frames, error: SinkError| {
-            let reason = error.to_string();
-            Self::record_failure(
-                sidecar,
-                &this.sidecar_path,
-                frames,
-                this.sample_rate,
-                &reason,
-            );
-            Err(error)
-        };
-        let file = match wav.finalize() {
-            Ok(file) => file,
-            Err((error, unfinished)) => {
-                let frames = Self::cover_frames_on_disk(&unfinished, this.frames_written);
-                return fail(this.sidecar, frames, wav_error(error));
-            }
-        };
-        let summary = (|| {
-            if this.fsync {
-                file.sync_data().map_err(io_error("syncing", path))?;
-            }
-            let bytes = fs::metadata(path)
-                .map_err(io_error("reading size of", path))?
-                .len();
-            let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
-            Ok((bytes, sha256))
-        })();
-        let (bytes, sha256) = match summary {
-            Ok(summary) => summary,
-            Err(error) => return fail(this.sidecar, this.frames_written, error),
-        };
-        let duration_seconds = this.frames_written as f64 / f64::from(this.sample_rate);
-
-        let mut sidecar = this.sidecar;
-        sidecar.complete(
-            SystemTime::now(),
-            this.frames_written,
-            duration_seconds,
-            &sha256,
-        );
-        if let Some(error) = &this.session_error {
-            sidecar.session_failed(error);
+    fn finish(mut self: Box<Self>) -> Result<Vec<ServerMessage>, SinkError> {
+        self.hand_over(None);
+        match self.io.into_file() {
+            Some(file) => file.close(self.session_error.as_deref()),
+            // The file failed: that was reported, and it was closed then.
+            None => Ok(Vec::new()),
         }
-        sidecar.write(&this.sidecar_path)?;
-
-        Ok(vec![ServerMessage::Recording(RecordingInfo {
-            path: this.wav_path.display().to_string(),
-            sidecar_path: this.sidecar_path.display().to_string(),
-            duration_seconds,
-            sample_frames: this.frames_written,
-            sample_rate: this.sample_rate,
-            channels: this.channels,
-            sample_format: this.format.name(),
-            channel: this.channel,
-            bytes,
-            sha256,
-        })])
     }
 }
