@@ -51,6 +51,8 @@ pub struct Converter {
     /// Media position of the next output frame, at the output rate.
     next_frame: u64,
     layout_scratch: Vec<f32>,
+    /// Sample buffers of converted blocks the sinks are done with.
+    spare: Vec<Vec<f32>>,
 }
 
 impl Converter {
@@ -77,6 +79,7 @@ impl Converter {
             resampler,
             next_frame: 0,
             layout_scratch: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -124,14 +127,12 @@ impl Converter {
                 laid_out.extend(samples.chunks_exact(channels).map(|f| f[c]));
             }
         }
-        let converted = match self.resampler.as_mut() {
-            None => laid_out.clone(),
-            Some(resampler) => {
-                let mut resampled = Vec::with_capacity(laid_out.len());
-                resampler.process(&laid_out, &mut resampled);
-                resampled
-            }
-        };
+        let mut converted = self.spare.pop().unwrap_or_default();
+        converted.clear();
+        match self.resampler.as_mut() {
+            None => converted.extend_from_slice(&laid_out),
+            Some(resampler) => resampler.process(&laid_out, &mut converted),
+        }
         self.layout_scratch = laid_out;
         let frames = converted.len() / usize::from(self.out_channels);
         self.push_out(frames, BlockSamples::Audio(converted), out);
@@ -145,6 +146,11 @@ impl Converter {
             let frames = tail.len() / usize::from(self.out_channels);
             self.push_out(frames, BlockSamples::Audio(tail), out);
         }
+    }
+
+    /// Takes back converted blocks (emptying `blocks`), keeping their buffers.
+    pub fn recycle(&mut self, blocks: &mut Vec<AudioBlock>) {
+        super::recycle_into(&mut self.spare, blocks);
     }
 
     fn push_out(&mut self, frames: usize, samples: BlockSamples, out: &mut Vec<AudioBlock>) {

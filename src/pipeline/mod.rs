@@ -49,6 +49,20 @@ impl AudioBlock {
     }
 }
 
+/// How many spare sample buffers a pipeline or converter keeps.
+const SPARE_BUFFERS: usize = 4;
+
+/// Empties `blocks`, keeping up to [`SPARE_BUFFERS`] sample buffers.
+pub(crate) fn recycle_into(spare: &mut Vec<Vec<f32>>, blocks: &mut Vec<AudioBlock>) {
+    for block in blocks.drain(..) {
+        if let BlockSamples::Audio(samples) = block.samples {
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(samples);
+            }
+        }
+    }
+}
+
 /// Blocks are shared between sink tasks without copying the samples.
 pub type SharedBlock = Arc<AudioBlock>;
 
@@ -129,6 +143,9 @@ pub struct Pipeline {
     stats: PipelineStats,
     last_damage: Option<String>,
     scratch: Vec<f32>,
+    /// Sample buffers of blocks the sinks are done with, for the next ones
+    /// (see [`Pipeline::recycle`]): no allocation per message.
+    spare: Vec<Vec<f32>>,
     /// `framing=seq`: puts messages in order and decides when a hole is
     /// given up on. Holds each message's audio payload.
     jitter: Option<JitterBuffer<Vec<u8>>>,
@@ -181,6 +198,7 @@ impl Pipeline {
             stats: PipelineStats::default(),
             last_damage: None,
             scratch: Vec::new(),
+            spare: Vec::new(),
             jitter: (format.framing == Framing::Seq && !format.encoding.is_container()).then(
                 || {
                     JitterBuffer::new(JitterConfig {
@@ -304,6 +322,12 @@ impl Pipeline {
         self.max_gap_ms
             .saturating_mul(u64::from(self.format.sample_rate))
             / 1000
+    }
+
+    /// Takes back the blocks handed out (emptying `blocks`), keeping their
+    /// sample buffers for the next ones.
+    pub fn recycle(&mut self, blocks: &mut Vec<AudioBlock>) {
+        recycle_into(&mut self.spare, blocks);
     }
 
     /// Takes one binary message at `now` and appends the blocks it yields
@@ -455,7 +479,8 @@ impl Pipeline {
         payload: &[u8],
         out: &mut Vec<AudioBlock>,
     ) -> Result<(), PipelineError> {
-        let mut samples = Vec::new();
+        let mut samples = self.spare.pop().unwrap_or_default();
+        samples.clear();
         let (block_frames, damage) = match &mut self.source {
             Source::Frames(decoder) => (decoder.decode(payload, &mut samples)?, None),
             Source::Packets(decoder) => match decoder.decode(payload, &mut samples) {

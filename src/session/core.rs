@@ -851,20 +851,21 @@ impl SessionCore {
         // A sink that fails leaves at once; the others still get every
         // block, which the acks say they have.
         let mut failed = Vec::new();
-        for block in blocks.drain(..) {
+        for block in &blocks {
             for group in active.groups.iter_mut() {
                 if group.converter.is_identity() {
-                    write_to(&mut active.sinks, &group.members, &block, now, &mut failed);
+                    write_to(&mut active.sinks, &group.members, block, now, &mut failed);
                 } else {
-                    group.converter.convert(&block, &mut converted);
-                    for out in converted.drain(..) {
-                        write_to(&mut active.sinks, &group.members, &out, now, &mut failed);
+                    group.converter.convert(block, &mut converted);
+                    for out in &converted {
+                        write_to(&mut active.sinks, &group.members, out, now, &mut failed);
                     }
+                    group.converter.recycle(&mut converted);
                 }
             }
         }
-        blocks.clear();
-        converted.clear();
+        // The sample buffers serve the next message: no allocation per message.
+        active.pipeline.recycle(&mut blocks);
         active.blocks = blocks;
         active.converted = converted;
         if let Some(seq) = active.pipeline.last_seq() {
