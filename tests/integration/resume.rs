@@ -400,3 +400,44 @@ async fn acks_cover_everything_and_stats_count_drops_exactly() {
     }
     assert!(wav.samples == expected);
 }
+
+/// Issue 14 part 6: a client that resumes with its old URL plus `resume=`
+/// and `resume_token=` (the session's own format parameters repeated) is
+/// taken back; a parameter that differs from the session's is refused with
+/// a message naming it, and the session is not disturbed.
+#[tokio::test]
+async fn a_resume_may_repeat_the_session_s_parameters_but_not_change_them() {
+    let server = Server::start();
+    let query = "encoding=pcm_s16le&sample_rate=16000&framing=seq";
+    let samples: Vec<i16> = (0..16000).map(|i| ((i * 5) % 2000 - 1000) as i16).collect();
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+    let mut client = ResumingClient::start(&server, query).await;
+    for (i, frame) in frames.iter().enumerate().take(25) {
+        client
+            .send(seq_message(i as u32, i as u64 * 320, &s16_bytes(frame)))
+            .await;
+    }
+    client.drop_connection();
+    let resume = format!("resume={}&resume_token={}", client.session_id, client.token);
+    // Another rate than the session's: refused, naming the parameter.
+    let changed = format!("encoding=pcm_s16le&sample_rate=8000&framing=seq&{resume}");
+    let refused = Client::connect(&server, &changed).await.finish().await;
+    refused.assert_refused("resume_rejected", 1008);
+    let message = refused.one("error")["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("sample_rate"), "{message}");
+    // The old URL plus the resume parameters: taken back, one recording.
+    let mut again = Client::connect(&server, &format!("{query}&{resume}")).await;
+    let started = again.expect("started").await;
+    assert_eq!(started["session_id"], client.session_id.as_str());
+    let from = started["resume_from_seq"].as_u64().unwrap() as usize;
+    for (i, frame) in frames.iter().enumerate().skip(from) {
+        again
+            .send_binary(seq_message(i as u32, i as u64 * 320, &s16_bytes(frame)))
+            .await;
+    }
+    let transcript = again.stop().await;
+    let wav = read_wav_i16(Path::new(
+        transcript.one("recording")["path"].as_str().unwrap(),
+    ));
+    assert!(wav.samples == samples);
+}
