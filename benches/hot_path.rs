@@ -282,6 +282,7 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         flush_interval: Duration::from_millis(1000),
         fsync: false,
         sample_format: SampleFormatSetting::Auto,
+        instance: None,
     };
     Recorder::create(&context, &settings, output).expect("recorder")
 }

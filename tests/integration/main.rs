@@ -7,6 +7,8 @@
 //! - `crash`:       SIGKILL mid-stream leaves a valid WAV
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
+//! - `named_sinks`: `[sinks.<name>]` instances: two recorders of one session
+//!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
@@ -37,6 +39,7 @@ mod frame_limit;
 mod harness;
 mod lifecycle;
 mod loadgen;
+mod named_sinks;
 mod opus;
 mod page;
 mod resume;

@@ -5,8 +5,10 @@
 //! passed since the last rewrite and there is audio the header does not cover,
 //! so a process killed at any moment leaves a valid file holding everything up
 //! to about one interval before. The sidecar is written at start with
-//! `"complete": false` and replaced atomically at the end.
+//! `"complete": false` and replaced atomically at the end. A named recorder
+//! (`[sinks.<name>]`, see [`config`]) writes `<session_id>.<name>.wav`.
 
+pub mod config;
 mod sidecar;
 mod wav;
 
@@ -66,6 +68,9 @@ pub struct RecorderSettings {
     /// killed process, at the cost of one disk sync per interval per session.
     pub fsync: bool,
     pub sample_format: SampleFormatSetting,
+    /// The `[sinks.<name>]` instance this recorder is, which goes into its
+    /// file names; `None` for the built-in `record`.
+    pub instance: Option<String>,
 }
 
 impl RecorderSettings {
@@ -148,6 +153,7 @@ pub struct Recorder {
     write_seconds: metrics::Histogram,
     /// Why the session failed, if it did: the sidecar says so.
     session_error: Option<String>,
+    instance: Option<String>,
 }
 
 impl Recorder {
@@ -161,11 +167,15 @@ impl Recorder {
             Layout::Channel(c) => Some(c),
             Layout::Keep | Layout::Mono => None,
         };
-        // Names come from the server-made session id only, never from client text.
-        let stem = match channel {
-            Some(c) => format!("{}.ch{c}", context.session_id),
-            None => context.session_id.clone(),
-        };
+        // Names come from the server-made session id and the configured
+        // instance name only, never from client text.
+        let mut stem = context.session_id.clone();
+        if let Some(instance) = &settings.instance {
+            stem = format!("{stem}.{instance}");
+        }
+        if let Some(c) = channel {
+            stem = format!("{stem}.ch{c}");
+        }
         let wav_path = settings.dir.join(format!("{stem}.wav"));
         let sidecar_path = settings.dir.join(format!("{stem}.json"));
         let channels = output.channels(context.format.channels);
@@ -211,6 +221,7 @@ impl Recorder {
             fsync: settings.fsync,
             write_seconds: metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME),
             session_error: None,
+            instance: settings.instance.clone(),
         })
     }
 
@@ -361,6 +372,7 @@ impl Sink for Recorder {
             channels: this.channels,
             sample_format: this.format.name(),
             channel: this.channel,
+            sink: this.instance,
             bytes,
             sha256,
         })])
