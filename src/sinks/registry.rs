@@ -31,13 +31,18 @@
 //!    (`#[serde(deny_unknown_fields)]`) that implements [`SinkKind`], and the
 //!    [`SinkSpec`] that `SinkKind::spec` returns, with their tests (see
 //!    `recorder/config.rs` and `transcriber/spec.rs`).
-//! 2. `pub mod <kind>;` in `src/sinks/mod.rs`.
-//! 3. One line in the `sink_kinds!` list below: `Variant(<kind>::Settings),`;
-//!    the variant's snake_case name is the `kind` the file uses.
+//! 2. The registry line: one line in the `sink_kinds!` list below,
+//!    `Variant(super::<kind>::Settings),` (a `///` line above it documents
+//!    it); the variant's snake_case name is the `kind` the file uses.
+//! 3. Rust's module line, `pub mod <kind>;` in `src/sinks/mod.rs`.
 //!
-//! Nothing in the session, the config loader or the validation changes: the
-//! new kind is parsed, validated, listed in the names `sinks=` and
-//! `default_sinks` accept, and fanned out to by what the plan says.
+//! That is the folder plus two existing files, one line each (and a row in
+//! the README's table of kinds). Nothing in the session, the config loader
+//! or the validation changes: the new kind is parsed with its keys checked,
+//! validated at startup, accepted by name in `sinks=` and `default_sinks`,
+//! and fanned out to by what the plan says. Only a kind that needs a
+//! service shared across sessions that [`SpecEnv`] does not yet carry adds
+//! a field there.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -307,6 +312,15 @@ fn check_instance_name(name: &str) -> Result<(), String> {
             "sink name '{name}' must be 1 to {MAX_NAME_CHARS} letters, digits, '-' or '_' (it goes into file names)"
         ));
     }
+    // `<id>.ch0.wav` is the built-in recorder's file of channel 0.
+    if name
+        .strip_prefix("ch")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "sinks.{name}: names of the form ch<N> are the files of split channels; pick another"
+        ));
+    }
     Ok(())
 }
 
@@ -438,7 +452,7 @@ mod tests {
 
     use super::*;
 
-    /// The README's example: two recorders and a transcriber.
+    /// Two recorders and a transcriber, as in the README.
     const EXAMPLE: &str = r#"
 [transcription.backends.default]
 url = "http://127.0.0.1:1/v1"
@@ -517,6 +531,24 @@ backend = "default"
         assert_eq!(back.sinks, config.sinks);
     }
 
+    /// The README's "Named sinks" example is a valid configuration.
+    #[test]
+    fn the_readme_example_parses_and_validates() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Named sinks").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let mut config = parsed(example).unwrap();
+        assert_eq!(
+            sink_names(&config),
+            ["archive", "asr16k", "notes", "record"]
+        );
+        assert_eq!(config.default_sinks, ["archive"]);
+        // Its transcriber needs the backend it names.
+        config.transcription.backends = parsed(EXAMPLE).unwrap().transcription.backends;
+        validate(&config).unwrap();
+    }
+
     #[test]
     fn an_unknown_kind_is_refused_naming_it_the_sink_and_the_kinds() {
         let err = parsed("[sinks.tape1]\nkind = \"tape\"\n").unwrap_err();
@@ -569,10 +601,14 @@ backend = "default"
                 "{name}: {err}"
             );
         }
+        for name in ["ch0", "ch1", "ch12"] {
+            let err = refused(&format!("[sinks.{name}]\nkind = \"record\"\n"));
+            assert!(err.contains("split channels"), "{name}: {err}");
+        }
         let ok = "b".repeat(64);
         validate(
             &parsed(&format!(
-                "[sinks.{ok}]\nkind = \"record\"\n[sinks.A-1_z]\nkind = \"record\"\n"
+                "[sinks.{ok}]\nkind = \"record\"\n[sinks.A-1_z]\nkind = \"record\"\n[sinks.ch]\nkind = \"record\"\n[sinks.chx1]\nkind = \"record\"\n"
             ))
             .unwrap(),
         )
