@@ -283,6 +283,7 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         flush_interval: Duration::from_millis(1000),
         fsync: false,
         sample_format: SampleFormatSetting::Auto,
+        instance: None,
     };
     // Nothing is asked of the recorder that it reports (no flush, no
     // commit): the receiving end may go.

@@ -12,11 +12,12 @@
 //! and variable to that naming.
 //!
 //! A key that only a file can set (a map of named tables such as
-//! `transcription.backends`) is a field with `#[arg(skip)]`.
+//! `transcription.backends` or `sinks`) is a field with `#[arg(skip)]`.
 //!
 //! The file is deserialized with unknown keys denied, so a typo is an error
 //! that names the key. Units are in the names (`_ms`, `_bytes`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,11 +25,11 @@ use std::time::Duration;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
+use crate::sinks::recorder::config::{check_flush_interval_ms, check_sample_rate};
 use crate::sinks::recorder::{ChannelsSetting, RecorderSettings, SampleFormatSetting};
+use crate::sinks::registry::{self, SinkConfig};
 use crate::sinks::transcriber::backend::BackendKind;
 use crate::sinks::transcriber::{TranscriptionConfig, DEFAULT_BACKEND};
-use crate::sinks::SINK_NAMES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -278,6 +279,11 @@ pub struct Config {
     pub recorder: RecorderConfig,
     #[command(flatten)]
     pub transcription: TranscriptionConfig,
+    /// Named sink instances (`[sinks.<name>]`, tagged by `kind`), which
+    /// sessions pick by name in `sinks=`. File only.
+    #[arg(skip)]
+    #[serde(deserialize_with = "registry::deserialize_sinks")]
+    pub sinks: BTreeMap<String, SinkConfig>,
 }
 
 /// `[recorder]`; flags and environment variables carry the `recorder` prefix.
@@ -571,32 +577,14 @@ impl Config {
         if self.idle_timeout_ms == 0 {
             return invalid("idle_timeout_ms must be at least 1".into());
         }
-        if !(10..=60_000).contains(&self.recorder.flush_interval_ms) {
-            return invalid(format!(
-                "recorder.flush_interval_ms must be from 10 to 60000, not {}",
-                self.recorder.flush_interval_ms
-            ));
-        }
-        let rate = self.recorder.sample_rate;
-        if rate != 0 && !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&rate) {
-            return invalid(format!(
-                "recorder.sample_rate must be 0 (the stream's) or from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, not {rate}"
-            ));
-        }
+        check_flush_interval_ms(self.recorder.flush_interval_ms)
+            .and_then(|()| check_sample_rate(self.recorder.sample_rate))
+            .map_err(|e| ConfigError::Invalid(format!("recorder.{e}")))?;
         self.transcription
             .validate()
             .map_err(ConfigError::Invalid)?;
-        if let Some(unknown) = self
-            .default_sinks
-            .iter()
-            .find(|s| !SINK_NAMES.contains(&s.as_str()))
-        {
-            return invalid(format!(
-                "default_sinks names unknown sink '{unknown}'; available: {}",
-                SINK_NAMES.join(", ")
-            ));
-        }
-        Ok(())
+        // `[sinks.<name>]` and `default_sinks`, against the registry's names.
+        registry::validate(self).map_err(ConfigError::Invalid)
     }
 
     pub fn to_toml(&self) -> String {
@@ -619,6 +607,7 @@ impl Config {
             sample_format: self.recorder.sample_format,
             sample_rate: (self.recorder.sample_rate != 0).then_some(self.recorder.sample_rate),
             channels: self.recorder.channels,
+            instance: None,
         }
     }
 }

@@ -154,6 +154,10 @@ pub struct RecordingInfo {
     /// With `recorder.channels = "split"`: the stream channel this file holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<u16>,
+    /// The `[sinks.<name>]` recorder that wrote it; absent for the built-in
+    /// `record`, so that a session with two recorders can tell their files apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
     /// Size of the WAV file, header included.
     pub bytes: u64,
     /// Lowercase hex SHA-256 of the whole WAV file.

@@ -51,6 +51,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("transcription: {0}")]
     Transcription(#[from] crate::sinks::transcriber::backend::BackendError),
+    #[error(transparent)]
+    Sinks(#[from] crate::sinks::registry::RegistryError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -109,7 +111,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             sinks: Arc::new(crate::sinks::registry::Registry::new(
                 &config,
                 transcription.clone(),
-            )),
+            )?),
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),

@@ -322,6 +322,7 @@ impl Sink for FakeSink {
             channels: self.channels,
             sample_format: "s16",
             channel: None,
+            sink: None,
             bytes: 44 + self.frames * 2 * u64::from(self.channels),
             sha256: "0".repeat(64),
         })])

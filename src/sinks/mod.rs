@@ -23,9 +23,6 @@ use crate::pipeline::convert::OutputFormat;
 use crate::pipeline::AudioBlock;
 use crate::protocol::{ServerMessage, StreamFormat};
 
-/// The sink names built into every server (`sinks=`).
-pub const SINK_NAMES: [&str; 1] = [recorder::NAME];
-
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("unknown sink '{name}'; available: {available}")]

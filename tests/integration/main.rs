@@ -8,6 +8,8 @@
 //! - `full_disk`:   a disk filling up mid-recording (a small tmpfs, as root)
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
+//! - `named_sinks`: `[sinks.<name>]` instances: two recorders of one session
+//!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
@@ -39,6 +41,7 @@ mod full_disk;
 mod harness;
 mod lifecycle;
 mod loadgen;
+mod named_sinks;
 mod opus;
 mod page;
 mod resume;

@@ -20,7 +20,11 @@
 //! Both files are created with the first block of audio: a session that ends
 //! without audio (1,000 idle connections) leaves no file, and holds no file
 //! descriptor while it waits.
+//!
+//! A named recorder (`[sinks.<name>]`, see [`config`]) writes
+//! `<session_id>.<name>.wav`.
 
+pub mod config;
 mod offthread;
 pub mod recover;
 mod sidecar;
@@ -84,6 +88,9 @@ pub struct RecorderSettings {
     /// killed process, at the cost of one disk sync per interval per session.
     pub fsync: bool,
     pub sample_format: SampleFormatSetting,
+    /// The `[sinks.<name>]` instance this recorder is, which goes into its
+    /// file names; `None` for the built-in `record`.
+    pub instance: Option<String>,
 }
 
 impl RecorderSettings {
@@ -188,6 +195,8 @@ struct RecordingFile {
     /// Frames written to the file.
     frames_written: u64,
     fsync: bool,
+    /// The `[sinks.<name>]` instance, named in `recording`.
+    instance: Option<String>,
 }
 
 impl Recorder {
@@ -204,11 +213,15 @@ impl Recorder {
             Layout::Channel(c) => Some(c),
             Layout::Keep | Layout::Mono => None,
         };
-        // Names come from the server-made session id only, never from client text.
-        let stem = match channel {
-            Some(c) => format!("{}.ch{c}", context.session_id),
-            None => context.session_id.clone(),
-        };
+        // Names come from the server-made session id and the configured
+        // instance name only, never from client text.
+        let mut stem = context.session_id.clone();
+        if let Some(instance) = &settings.instance {
+            stem = format!("{stem}.{instance}");
+        }
+        if let Some(c) = channel {
+            stem = format!("{stem}.ch{c}");
+        }
         let wav_path = settings.dir.join(format!("{stem}.wav"));
         let sidecar_path = settings.dir.join(format!("{stem}.json"));
         let channels = output.channels(context.format.channels);
@@ -239,6 +252,7 @@ impl Recorder {
             sample_rate,
             frames_written: 0,
             fsync: settings.fsync,
+            instance: settings.instance.clone(),
         };
         let write_seconds =
             metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME);
@@ -437,6 +451,7 @@ impl RecordingFile {
             channels: self.channels,
             sample_format: self.format.name(),
             channel: self.channel,
+            sink: self.instance,
             bytes,
             sha256,
         })])

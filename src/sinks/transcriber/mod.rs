@@ -38,6 +38,7 @@
 //! | `sender.rs`   | the sender task and each request's timeout and retries     |
 //! | `backend.rs`  | one HTTP request per utterance: OpenAI-style or webhook    |
 //! | `order.rs`    | results back in utterance order, gaps reported             |
+//! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
 
 pub mod backend;
 mod config;
@@ -48,6 +49,7 @@ pub mod segment;
 mod sender;
 mod service;
 mod sink;
+pub mod spec;
 
 pub use self::config::{TranscriptionConfig, VadConfig};
 pub use self::detector::Earshot;

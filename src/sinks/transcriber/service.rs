@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{watch, Semaphore};
 
 use super::backend::{self, Backend, BackendError};
+use super::spec::unknown_backend;
 use super::{TranscriptionConfig, DEFAULT_BACKEND};
 
 /// What every transcribing session shares: the backends, one HTTP client
@@ -61,17 +62,10 @@ impl TranscriptionService {
         match requested {
             None => Ok(self.backend(DEFAULT_BACKEND)),
             Some("none") => Ok(None),
-            Some(name) => self.backend(name).map(Some).ok_or_else(|| {
-                let names = self.backend_names();
-                if names.is_empty() {
-                    format!("unknown transcription backend '{name}': none is configured")
-                } else {
-                    format!(
-                        "unknown transcription backend '{name}'; available: {}",
-                        names.join(", ")
-                    )
-                }
-            }),
+            Some(name) => self
+                .backend(name)
+                .map(Some)
+                .ok_or_else(|| unknown_backend(name, self.backend_names())),
         }
     }
 }
