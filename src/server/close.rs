@@ -3,7 +3,7 @@
 //! table is this file in prose; keep them together.
 
 use crate::codec::container::DemuxError;
-use crate::codec::CodecError;
+use crate::codec::{CodecBuildError, CodecError};
 use crate::pipeline::resample::ResampleError;
 use crate::pipeline::PipelineError;
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -32,6 +32,8 @@ pub enum SessionError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    CodecBuild(#[from] CodecBuildError),
     #[error(transparent)]
     Demux(#[from] DemuxError),
     #[error(transparent)]
@@ -87,6 +89,7 @@ impl From<PipelineError> for SessionError {
         match e {
             PipelineError::Protocol(e) => SessionError::Protocol(e),
             PipelineError::Codec(e) => SessionError::Codec(e),
+            PipelineError::CodecBuild(e) => SessionError::CodecBuild(e),
             PipelineError::Demux(e) => SessionError::Demux(e),
         }
     }
@@ -127,8 +130,10 @@ impl SessionError {
                 // Concealed in the pipeline and reported with fatal:false;
                 // never ends a session, but has a code like everything else.
                 CodecError::DamagedPacket(_) => (ErrorCode::AudioDamaged, INVALID_PAYLOAD),
-                CodecError::Opus(_) => (ErrorCode::DecoderFailed, INTERNAL_ERROR),
             },
+            // Bad configuration on our side, whichever it is: no client
+            // input gets this far (see CodecBuildError).
+            SessionError::CodecBuild(_) => (ErrorCode::DecoderFailed, INTERNAL_ERROR),
             SessionError::Demux(e) => match e {
                 DemuxError::Unsupported(_) => (ErrorCode::UnsupportedContainer, UNSUPPORTED_DATA),
                 DemuxError::Malformed(_) => (ErrorCode::MalformedContainer, INVALID_PAYLOAD),
@@ -195,5 +200,47 @@ pub fn from_ws_error(error: actix_ws::ProtocolError, max_message_bytes: usize) -
             ProtocolError::InvalidUtf8
         }
         other => ProtocolError::WebSocket(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_errors_keep_their_codes_whichever_kind() {
+        let cases: [(SessionError, ErrorCode, u16); 4] = [
+            (
+                CodecError::PartialFrame {
+                    len_bytes: 641,
+                    frame_bytes: 2,
+                }
+                .into(),
+                ErrorCode::PartialFrame,
+                codes::INVALID_PAYLOAD,
+            ),
+            (
+                CodecError::DamagedPacket("empty Opus packet".into()).into(),
+                ErrorCode::AudioDamaged,
+                codes::INVALID_PAYLOAD,
+            ),
+            (
+                CodecBuildError::UnsupportedChannels { channels: 3 }.into(),
+                ErrorCode::DecoderFailed,
+                codes::INTERNAL_ERROR,
+            ),
+            (
+                // A container's decoder is built inside the pipeline.
+                PipelineError::CodecBuild(CodecBuildError::UnsupportedSampleRate {
+                    sample_rate_hz: 44_100,
+                })
+                .into(),
+                ErrorCode::DecoderFailed,
+                codes::INTERNAL_ERROR,
+            ),
+        ];
+        for (error, code, close_code) in cases {
+            assert_eq!(error.codes(), (code, close_code), "{error}");
+        }
     }
 }
