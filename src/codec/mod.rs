@@ -9,6 +9,7 @@
 
 pub mod container;
 mod g711;
+pub mod limit;
 pub mod ogg;
 pub mod opus;
 mod pcm;

@@ -20,6 +20,7 @@ use crate::codec::opus::OpusDecoder;
 use crate::codec::webm::WebmDemuxer;
 use crate::codec::{frame_decoder_for, CodecBuildError, CodecError, Decoder};
 use crate::protocol::{Encoding, Framing, ProtocolError, SeqHeader, StreamFormat};
+use crate::telemetry::names;
 
 /// A run of sample frames at a known media position, shared by every sink.
 ///
@@ -580,6 +581,9 @@ impl Pipeline {
             }
         }
         container.events = events;
+        if let Err(DemuxError::Limit(limit)) = &pushed {
+            metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => limit.name()).increment(1);
+        }
         pushed.map_err(PipelineError::from)
     }
 }

@@ -62,6 +62,8 @@ error_codes! {
     DecoderFailed = "decoder_failed",
     UnsupportedContainer = "unsupported_container",
     MalformedContainer = "malformed_container",
+    /// A stream over a bound set against hostile streams (codec::limit).
+    LimitExceeded = "limit_exceeded",
     ResumeRejected = "resume_rejected",
     ResampleFailed = "resample_failed",
     KeyFull = "key_full",

@@ -137,6 +137,9 @@ impl SessionError {
             SessionError::Demux(e) => match e {
                 DemuxError::Unsupported(_) => (ErrorCode::UnsupportedContainer, UNSUPPORTED_DATA),
                 DemuxError::Malformed(_) => (ErrorCode::MalformedContainer, INVALID_PAYLOAD),
+                // The stream asks more of the server than it gives one
+                // client: a policy, not a broken payload.
+                DemuxError::Limit(_) => (ErrorCode::LimitExceeded, POLICY_VIOLATION),
             },
             SessionError::Sink(e) => match e {
                 SinkError::UnknownSink { .. } => (ErrorCode::UnknownSink, UNSUPPORTED_DATA),
@@ -242,5 +245,24 @@ mod tests {
         for (error, code, close_code) in cases {
             assert_eq!(error.codes(), (code, close_code), "{error}");
         }
+    }
+
+    #[test]
+    fn limits_are_their_own_code_apart_from_malformed_streams() {
+        use crate::codec::limit::LimitError;
+        let over: SessionError = PipelineError::Demux(DemuxError::Limit(LimitError::OggPacket {
+            max_bytes: 1 << 20,
+        }))
+        .into();
+        assert_eq!(
+            over.codes(),
+            (ErrorCode::LimitExceeded, codes::POLICY_VIOLATION)
+        );
+        assert_eq!(over.close_reason(), "limit_exceeded");
+        let broken: SessionError = DemuxError::Malformed("not a WebM stream".into()).into();
+        assert_eq!(
+            broken.codes(),
+            (ErrorCode::MalformedContainer, codes::INVALID_PAYLOAD)
+        );
     }
 }
