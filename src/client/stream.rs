@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::source::Source;
+use crate::protocol::ErrorCode;
 
 /// How long to wait for the server's final messages after `stop` before
 /// calling the server unresponsive (transcription may take a while to finish).
@@ -400,7 +401,7 @@ impl Session<'_> {
             .map(|c| c as u16)
             .or(self.close_frame);
         let code = error["code"].as_str().unwrap_or("?");
-        let partial = if code == "resume_rejected" && self.stop_sent {
+        let partial = if code == ErrorCode::ResumeRejected.as_str() && self.stop_sent {
             // The server may well have finished: it had `stop`.
             "; the connection dropped after `stop`, so the recording is probably complete on the server, but its summary was lost".to_owned()
         } else {
@@ -426,7 +427,7 @@ impl Session<'_> {
             "recording" => self.outcome.recordings.push(message),
             "error" if message["fatal"] == true => self.error = Some(message),
             "error" => {
-                if message["code"] == "audio_too_fast" {
+                if message["code"] == ErrorCode::AudioTooFast.as_str() {
                     let at = self
                         .source
                         .chunks
@@ -435,7 +436,9 @@ impl Session<'_> {
                     self.pacer.slow_to_real_time(at);
                     self.emit(Event::Warning(format!(
                         "{}; going on at real time",
-                        message["message"].as_str().unwrap_or("audio_too_fast")
+                        message["message"]
+                            .as_str()
+                            .unwrap_or(ErrorCode::AudioTooFast.as_str())
                     )));
                 } else {
                     self.emit(Event::Warning(format!(

@@ -2,6 +2,8 @@
 //! the events a demuxer yields. Demuxers are sans-IO: they take bytes cut at
 //! any boundary and buffer only the one incomplete page or element they must.
 
+use super::limit::LimitError;
+
 /// The Opus identification header (RFC 7845 §5.1), from an Ogg `OpusHead`
 /// packet or a WebM `CodecPrivate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,9 @@ pub enum DemuxError {
     /// Broken structure that cannot be resynchronised: close code 1007.
     #[error("malformed container: {0}")]
     Malformed(String),
+    /// Over a bound the server sets against hostile streams: close code 1008.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 /// A streaming demuxer for one Opus track.

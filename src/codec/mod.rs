@@ -1,10 +1,15 @@
 //! Decoders: wire bytes → interleaved `f32` samples in [-1, 1).
 //!
-//! Every decoder is a plain struct: no IO, no clock. A decoder error says how
-//! to recover (see [`CodecError::recovery`]), in the manner of Symphonia.
+//! Every decoder is a plain struct: no IO, no clock. Errors come in two kinds,
+//! kept apart as rubato keeps them: [`CodecBuildError`] when a decoder cannot
+//! be made (its configuration is wrong: the server's fault, before any audio),
+//! and [`CodecError`] when the audio itself is wrong (the client's). A runtime
+//! error says how to recover (see [`CodecError::recovery`]), in the manner of
+//! Symphonia.
 
 pub mod container;
 mod g711;
+pub mod limit;
 pub mod ogg;
 pub mod opus;
 mod pcm;
@@ -15,6 +20,24 @@ pub use pcm::{F32LeDecoder, S16LeDecoder};
 
 use crate::protocol::{Encoding, StreamFormat};
 
+/// A decoder could not be built from its configuration. Input is checked
+/// before a decoder is built (`protocol` for the query and `start`, the
+/// demuxers for a container header), so no client input should lead here.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecBuildError {
+    #[error("Opus decoder: {channels} channels are not supported (1 or 2)")]
+    UnsupportedChannels { channels: u16 },
+    #[error("Opus decoder: libopus does not decode at {sample_rate_hz} Hz (8000, 12000, 16000, 24000 or 48000)")]
+    UnsupportedSampleRate { sample_rate_hz: u32 },
+    /// libopus refused a request the checks above let through.
+    #[error("Opus decoder: cannot {action}: {detail}")]
+    Libopus {
+        action: &'static str,
+        detail: String,
+    },
+}
+
+/// The audio could not be decoded: what was wrong with the client's bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error(
@@ -27,9 +50,6 @@ pub enum CodecError {
     /// One packet could not be decoded; it was concealed.
     #[error("{0}")]
     DamagedPacket(String),
-    /// The decoder itself could not be set up.
-    #[error("Opus decoder: {0}")]
-    Opus(String),
 }
 
 /// What the session should do after a decoder error.
@@ -45,7 +65,7 @@ pub enum Recovery {
 impl CodecError {
     pub fn recovery(&self) -> Recovery {
         match self {
-            CodecError::PartialFrame { .. } | CodecError::Opus(_) => Recovery::EndStream,
+            CodecError::PartialFrame { .. } => Recovery::EndStream,
             CodecError::DamagedPacket(_) => Recovery::Concealed,
         }
     }

@@ -17,6 +17,7 @@
 //! than 0, undefined header flags, a broken first page) is an error.
 
 use super::container::{DemuxError, DemuxEvent, Demuxer, OpusHead};
+use super::limit::LimitError;
 
 /// Every page starts with this capture pattern.
 const CAPTURE: &[u8; 4] = b"OggS";
@@ -30,7 +31,8 @@ pub const MAX_PACKET_LEN: usize = 1 << 20;
 /// fake page claiming up to 64 KiB every few bytes (uncapped, 2 MB of it took
 /// 7 s of CPU). Work on rejected bytes is therefore capped at this multiple
 /// of the input, plus [`RESYNC_SLACK`], which honest damage (each bad page
-/// scanned about once) never comes near; past it the stream is Malformed.
+/// scanned about once) never comes near; past it the stream is over a limit
+/// ([`LimitError::OggResyncWork`]).
 const RESYNC_RATIO: u64 = 4;
 const RESYNC_SLACK: u64 = 16 * MAX_PAGE_LEN as u64;
 
@@ -295,9 +297,11 @@ impl OggDemuxer {
         self.resync_work = self.resync_work.saturating_add(self.page.len() as u64);
         let budget = RESYNC_SLACK.saturating_add(self.consumed.saturating_mul(RESYNC_RATIO));
         if self.resync_work > budget {
-            return Err(DemuxError::Malformed(
-                "too much damage to resynchronise on Ogg pages".into(),
-            ));
+            return Err(LimitError::OggResyncWork {
+                work_bytes: self.resync_work,
+                budget_bytes: budget,
+            }
+            .into());
         }
         let rest = self.page.get(from..).unwrap_or_default();
         let skip = match rest.windows(CAPTURE.len()).position(|w| w == CAPTURE) {
@@ -448,9 +452,10 @@ impl OggDemuxer {
                 continue;
             }
             if self.packet.len().saturating_add(segment.len()) > MAX_PACKET_LEN {
-                return Err(DemuxError::Malformed(format!(
-                    "an Ogg packet is larger than {MAX_PACKET_LEN} bytes"
-                )));
+                return Err(LimitError::OggPacket {
+                    max_bytes: MAX_PACKET_LEN,
+                }
+                .into());
             }
             self.packet.extend_from_slice(segment);
             self.assembly = Assembly::Building;
@@ -559,6 +564,7 @@ fn duplicate(error: &DemuxError) -> DemuxError {
     match error {
         DemuxError::Unsupported(m) => DemuxError::Unsupported(m.clone()),
         DemuxError::Malformed(m) => DemuxError::Malformed(m.clone()),
+        DemuxError::Limit(l) => DemuxError::Limit(l.clone()),
     }
 }
 
@@ -1074,11 +1080,17 @@ mod tests {
             evil.extend_from_slice(b"OggS\0\0");
         }
         for run in [whole(&evil), bytewise(&evil)] {
-            assert!(
-                matches!(&run.result, Err(DemuxError::Malformed(m)) if m.contains("too much damage")),
-                "{:?}",
-                run.result
-            );
+            let Err(DemuxError::Limit(LimitError::OggResyncWork {
+                work_bytes,
+                budget_bytes,
+            })) = run.result
+            else {
+                panic!("expected the resync work limit, got {:?}", run.result);
+            };
+            assert!(work_bytes > budget_bytes);
+            // The budget is the slack plus a multiple of the input, and
+            // the input is all there was.
+            assert!(budget_bytes <= RESYNC_SLACK + RESYNC_RATIO * evil.len() as u64);
         }
     }
 
@@ -1169,7 +1181,7 @@ mod tests {
     }
 
     #[test]
-    fn an_oversized_packet_is_malformed_and_errors_are_final() {
+    fn an_oversized_packet_is_over_the_limit_and_errors_are_final() {
         let mut data = page(FLAG_BOS, 0, 1, 0, &[19], &opus_head(1));
         data.extend(page(0, 0, 1, 1, &[8], b"OpusTags"));
         let full = vec![255u8; 255];
@@ -1181,8 +1193,43 @@ mod tests {
         let mut demuxer = OggDemuxer::new();
         let mut events = Vec::new();
         let result = demuxer.push(&data, &mut events);
-        assert!(matches!(result, Err(DemuxError::Malformed(m)) if m.contains("larger")));
+        let over = || {
+            Err(DemuxError::Limit(LimitError::OggPacket {
+                max_bytes: MAX_PACKET_LEN,
+            }))
+        };
+        assert_eq!(result, over());
         assert_eq!(demuxer.buffered_bytes(), 0);
-        assert!(demuxer.push(&data[..10], &mut events).is_err());
+        assert_eq!(demuxer.push(&data[..10], &mut events), over());
+        // A packet of exactly the cap is a packet like any other: 16 full
+        // pages, then a page whose lacing ends it.
+        let mut data = page(FLAG_BOS, 0, 1, 0, &[19], &opus_head(1));
+        data.extend(page(0, 0, 1, 1, &[8], b"OpusTags"));
+        let whole_pages = MAX_PACKET_LEN / body.len();
+        for seq in 0..whole_pages {
+            let flags = if seq == 0 { 0 } else { FLAG_CONTINUED };
+            data.extend(page(flags, -1, 1, seq as u32 + 2, &full, &body));
+        }
+        let tail = MAX_PACKET_LEN - whole_pages * body.len();
+        let mut lacing = vec![255u8; tail / 255];
+        lacing.push((tail % 255) as u8);
+        data.extend(page(
+            FLAG_CONTINUED,
+            960,
+            1,
+            whole_pages as u32 + 2,
+            &lacing,
+            &vec![0u8; tail],
+        ));
+        let mut demuxer = OggDemuxer::new();
+        let mut events = Vec::new();
+        assert_eq!(demuxer.push(&data, &mut events), Ok(()));
+        assert_eq!(
+            packets(&events)
+                .iter()
+                .map(|p| p.0.len())
+                .collect::<Vec<_>>(),
+            [MAX_PACKET_LEN]
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! multiples of 2.5 ms as libopus requires: asking for more on an oversized
 //! buffer would invent audio (up to 120 ms per call).
 
-use super::CodecError;
+use super::{CodecBuildError, CodecError};
 use crate::protocol::OPUS_SAMPLE_RATES;
 
 /// The longest Opus packet: 120 ms.
@@ -49,14 +49,22 @@ pub struct OpusDecoder {
 }
 
 impl OpusDecoder {
-    pub fn new(sample_rate: u32, channels: u16) -> Result<Self, CodecError> {
+    pub fn new(sample_rate: u32, channels: u16) -> Result<Self, CodecBuildError> {
         let layout = match channels {
             1 => opus::Channels::Mono,
             2 => opus::Channels::Stereo,
-            n => return Err(CodecError::Opus(format!("{n} channels are not supported"))),
+            channels => return Err(CodecBuildError::UnsupportedChannels { channels }),
         };
-        let decoder = opus::Decoder::new(sample_rate, layout)
-            .map_err(|e| CodecError::Opus(format!("cannot create decoder: {e}")))?;
+        if !OPUS_SAMPLE_RATES.contains(&sample_rate) {
+            return Err(CodecBuildError::UnsupportedSampleRate {
+                sample_rate_hz: sample_rate,
+            });
+        }
+        let decoder =
+            opus::Decoder::new(sample_rate, layout).map_err(|e| CodecBuildError::Libopus {
+                action: "create the decoder",
+                detail: e.to_string(),
+            })?;
         let max_frames = sample_rate as usize * MAX_PACKET_MS / 1000;
         Ok(Self {
             decoder,
@@ -72,10 +80,13 @@ impl OpusDecoder {
     }
 
     /// Applies a header's output gain (Q7.8 dB), as RFC 7845 asks.
-    pub fn set_gain_q8(&mut self, gain_q8: i16) -> Result<(), CodecError> {
+    pub fn set_gain_q8(&mut self, gain_q8: i16) -> Result<(), CodecBuildError> {
         self.decoder
             .set_gain(i32::from(gain_q8))
-            .map_err(|e| CodecError::Opus(format!("cannot set output gain: {e}")))
+            .map_err(|e| CodecBuildError::Libopus {
+                action: "set the output gain",
+                detail: e.to_string(),
+            })
     }
 
     /// Sample frames `packet` holds at this decoder's rate, from its TOC.
@@ -232,6 +243,28 @@ mod tests {
         assert_eq!(d.conceal(1000, None, &mut out), 1000);
         assert_eq!(out.len(), 960 + 2400 + 1000);
         assert!(out.iter().all(|s| s.is_finite()));
+    }
+
+    #[test]
+    fn a_decoder_that_cannot_be_built_says_why() {
+        assert_eq!(
+            OpusDecoder::new(48_000, 3).err(),
+            Some(CodecBuildError::UnsupportedChannels { channels: 3 })
+        );
+        assert_eq!(
+            OpusDecoder::new(44_100, 1).err(),
+            Some(CodecBuildError::UnsupportedSampleRate {
+                sample_rate_hz: 44_100
+            })
+        );
+        // Every Opus rate and both layouts build, and any Q7.8 gain applies.
+        for rate in OPUS_SAMPLE_RATES {
+            for channels in [1, 2] {
+                let mut d = OpusDecoder::new(rate, channels).unwrap();
+                assert_eq!(d.set_gain_q8(i16::MIN), Ok(()));
+                assert_eq!(d.set_gain_q8(i16::MAX), Ok(()));
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::codec::container::{DemuxError, DemuxEvent, Demuxer};
 use crate::codec::ogg::OggDemuxer;
 use crate::codec::opus::OpusDecoder;
 use crate::codec::webm::WebmDemuxer;
-use crate::codec::{frame_decoder_for, CodecError, Decoder};
+use crate::codec::{frame_decoder_for, CodecBuildError, CodecError, Decoder};
 use crate::protocol::{Encoding, Framing, ProtocolError, SeqHeader, StreamFormat};
+use crate::telemetry::names;
 
 /// A run of sample frames at a known media position, shared by every sink.
 ///
@@ -72,6 +73,10 @@ pub enum PipelineError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The Opus decoder could not be made (for a container, once its header
+    /// has said how many channels there are).
+    #[error(transparent)]
+    CodecBuild(#[from] CodecBuildError),
     #[error(transparent)]
     Demux(#[from] DemuxError),
 }
@@ -601,6 +606,9 @@ impl Pipeline {
             }
         }
         container.events = events;
+        if let Err(DemuxError::Limit(limit)) = &pushed {
+            metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => limit.name()).increment(1);
+        }
         pushed.map_err(PipelineError::from)
     }
 }

@@ -5,6 +5,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::error_code::ErrorCode;
 use super::format::StreamFormat;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -16,7 +17,7 @@ pub enum ServerMessage {
     Started(StartedInfo),
     Error {
         /// Machine-readable, stable: see the table in PROTOCOL.md.
-        code: &'static str,
+        code: ErrorCode,
         message: String,
         /// True when the server closes the connection right after.
         fatal: bool,
@@ -79,7 +80,8 @@ pub struct Transcript {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TranscribeErrorInfo {
-    pub code: &'static str,
+    /// `transcribe_failed` or `transcribe_shed`.
+    pub code: ErrorCode,
     pub message: String,
     /// Always false: transcription trouble never ends the stream.
     pub fatal: bool,
@@ -191,8 +193,10 @@ impl ServerMessage {
         // Serializing these plain structs cannot fail: no maps with non-string
         // keys, no failing Serialize impls.
         serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"internal_error","message":"the server could not encode a message","fatal":false}"#
-                .to_owned()
+            format!(
+                r#"{{"type":"error","code":"{}","message":"the server could not encode a message","fatal":false}}"#,
+                ErrorCode::InternalError
+            )
         })
     }
 }

@@ -5,6 +5,7 @@
 //! back typed requests or a [`ProtocolError`] that says exactly what was wrong.
 
 mod control;
+mod error_code;
 mod events;
 mod format;
 mod seq;
@@ -12,6 +13,7 @@ mod seq;
 pub use control::{
     parse_client_message, parse_connect, ClientMessage, ConnectRequest, StartRequest,
 };
+pub use error_code::ErrorCode;
 pub use events::{
     ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, TranscribeErrorInfo,
     Transcript, VadEvent, VadEventKind, PROTOCOL_VERSION,

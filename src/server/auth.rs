@@ -14,6 +14,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::protocol::ErrorCode;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Prefix of the tokens this server mints (format version 1).
@@ -40,12 +42,21 @@ pub enum AuthError {
 impl AuthError {
     /// Machine-readable code for the 401/403 body and the metric label.
     pub fn code(&self) -> &'static str {
+        self.error_code()
+            .map_or("origin_not_allowed", ErrorCode::as_str)
+    }
+
+    /// The code of the WebSocket `error` message for a credential refused
+    /// after the upgrade (`/twilio`). `None` for a refused Origin: that is
+    /// checked on the HTTP request only, and answered with a 403 there, so
+    /// `origin_not_allowed` is an HTTP code and no `error` message code.
+    pub fn error_code(&self) -> Option<ErrorCode> {
         match self {
-            AuthError::Missing => "auth_missing",
-            AuthError::WrongKey => "auth_wrong_key",
-            AuthError::BadToken(_) => "auth_bad_token",
-            AuthError::Expired => "auth_expired",
-            AuthError::Origin(_) => "origin_not_allowed",
+            AuthError::Missing => Some(ErrorCode::AuthMissing),
+            AuthError::WrongKey => Some(ErrorCode::AuthWrongKey),
+            AuthError::BadToken(_) => Some(ErrorCode::AuthBadToken),
+            AuthError::Expired => Some(ErrorCode::AuthExpired),
+            AuthError::Origin(_) => None,
         }
     }
 
@@ -277,6 +288,43 @@ mod tests {
             "secret",
             &["https://app.example".into()],
         )
+    }
+
+    /// The HTTP refusal body keeps its codes; the four a `/twilio` session
+    /// can also be refused with after the upgrade are `ErrorCode`s.
+    #[test]
+    fn refusal_codes() {
+        let cases = [
+            (
+                AuthError::Missing,
+                "auth_missing",
+                Some(ErrorCode::AuthMissing),
+            ),
+            (
+                AuthError::WrongKey,
+                "auth_wrong_key",
+                Some(ErrorCode::AuthWrongKey),
+            ),
+            (
+                AuthError::BadToken("x"),
+                "auth_bad_token",
+                Some(ErrorCode::AuthBadToken),
+            ),
+            (
+                AuthError::Expired,
+                "auth_expired",
+                Some(ErrorCode::AuthExpired),
+            ),
+            (
+                AuthError::Origin("https://evil.example".into()),
+                "origin_not_allowed",
+                None,
+            ),
+        ];
+        for (error, http_code, error_code) in cases {
+            assert_eq!(error.code(), http_code);
+            assert_eq!(error.error_code(), error_code);
+        }
     }
 
     #[test]

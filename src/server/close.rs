@@ -3,10 +3,10 @@
 //! table is this file in prose; keep them together.
 
 use crate::codec::container::DemuxError;
-use crate::codec::CodecError;
+use crate::codec::{CodecBuildError, CodecError};
 use crate::pipeline::resample::ResampleError;
 use crate::pipeline::PipelineError;
-use crate::protocol::ProtocolError;
+use crate::protocol::{ErrorCode, ProtocolError};
 use crate::sinks::SinkError;
 
 use super::dialect::DialectError;
@@ -32,6 +32,8 @@ pub enum SessionError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    CodecBuild(#[from] CodecBuildError),
     #[error(transparent)]
     Demux(#[from] DemuxError),
     #[error(transparent)]
@@ -87,6 +89,7 @@ impl From<PipelineError> for SessionError {
         match e {
             PipelineError::Protocol(e) => SessionError::Protocol(e),
             PipelineError::Codec(e) => SessionError::Codec(e),
+            PipelineError::CodecBuild(e) => SessionError::CodecBuild(e),
             PipelineError::Demux(e) => SessionError::Demux(e),
         }
     }
@@ -94,79 +97,98 @@ impl From<PipelineError> for SessionError {
 
 impl SessionError {
     /// `(error code, close code)`.
-    pub fn codes(&self) -> (&'static str, u16) {
+    pub fn codes(&self) -> (ErrorCode, u16) {
         use codes::*;
         match self {
             SessionError::Protocol(e) => protocol_codes(e),
             SessionError::Dialect(e) => match e {
                 DialectError::Protocol(e) => protocol_codes(e),
-                DialectError::BinaryNotAllowed { .. } => ("binary_not_allowed", UNSUPPORTED_DATA),
-                DialectError::UnsupportedMediaFormat { .. } => {
-                    ("unsupported_media_format", UNSUPPORTED_DATA)
+                DialectError::BinaryNotAllowed { .. } => {
+                    (ErrorCode::BinaryNotAllowed, UNSUPPORTED_DATA)
                 }
-                DialectError::InvalidPayload { .. } => ("invalid_media_payload", INVALID_PAYLOAD),
-                DialectError::UnknownTrack { .. } => ("unknown_track", PROTOCOL_ERROR),
-                DialectError::UnknownMessageType { .. } => ("unknown_message_type", PROTOCOL_ERROR),
-                DialectError::Auth(e) => (e.code(), POLICY_VIOLATION),
-                DialectError::KeyFull { .. } => ("key_full", TRY_AGAIN_LATER),
+                DialectError::UnsupportedMediaFormat { .. } => {
+                    (ErrorCode::UnsupportedMediaFormat, UNSUPPORTED_DATA)
+                }
+                DialectError::InvalidPayload { .. } => {
+                    (ErrorCode::InvalidMediaPayload, INVALID_PAYLOAD)
+                }
+                DialectError::UnknownTrack { .. } => (ErrorCode::UnknownTrack, PROTOCOL_ERROR),
+                DialectError::UnknownMessageType { .. } => {
+                    (ErrorCode::UnknownMessageType, PROTOCOL_ERROR)
+                }
+                DialectError::Auth(e) => match e.error_code() {
+                    Some(code) => (code, POLICY_VIOLATION),
+                    // A refused Origin is answered on the HTTP request (403)
+                    // and never reaches a session; if one did, that is a bug
+                    // of ours, not the client's.
+                    None => (ErrorCode::InternalError, INTERNAL_ERROR),
+                },
+                DialectError::KeyFull { .. } => (ErrorCode::KeyFull, TRY_AGAIN_LATER),
             },
             SessionError::Codec(e) => match e {
-                CodecError::PartialFrame { .. } => ("partial_frame", INVALID_PAYLOAD),
+                CodecError::PartialFrame { .. } => (ErrorCode::PartialFrame, INVALID_PAYLOAD),
                 // Concealed in the pipeline and reported with fatal:false;
                 // never ends a session, but has a code like everything else.
-                CodecError::DamagedPacket(_) => ("audio_damaged", INVALID_PAYLOAD),
-                CodecError::Opus(_) => ("decoder_failed", INTERNAL_ERROR),
+                CodecError::DamagedPacket(_) => (ErrorCode::AudioDamaged, INVALID_PAYLOAD),
             },
+            // Bad configuration on our side, whichever it is: no client
+            // input gets this far (see CodecBuildError).
+            SessionError::CodecBuild(_) => (ErrorCode::DecoderFailed, INTERNAL_ERROR),
             SessionError::Demux(e) => match e {
-                DemuxError::Unsupported(_) => ("unsupported_container", UNSUPPORTED_DATA),
-                DemuxError::Malformed(_) => ("malformed_container", INVALID_PAYLOAD),
+                DemuxError::Unsupported(_) => (ErrorCode::UnsupportedContainer, UNSUPPORTED_DATA),
+                DemuxError::Malformed(_) => (ErrorCode::MalformedContainer, INVALID_PAYLOAD),
+                // The stream asks more of the server than it gives one
+                // client: a policy, not a broken payload.
+                DemuxError::Limit(_) => (ErrorCode::LimitExceeded, POLICY_VIOLATION),
             },
             SessionError::Sink(e) => match e {
-                SinkError::UnknownSink { .. } => ("unknown_sink", UNSUPPORTED_DATA),
-                SinkError::UnknownBackend(_) => ("unknown_backend", UNSUPPORTED_DATA),
+                SinkError::UnknownSink { .. } => (ErrorCode::UnknownSink, UNSUPPORTED_DATA),
+                SinkError::UnknownBackend(_) => (ErrorCode::UnknownBackend, UNSUPPORTED_DATA),
                 SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
-                    ("sink_failed", INTERNAL_ERROR)
+                    (ErrorCode::SinkFailed, INTERNAL_ERROR)
                 }
             },
-            SessionError::ServerFull { .. } => ("server_full", TRY_AGAIN_LATER),
-            SessionError::KeyFull { .. } => ("key_full", TRY_AGAIN_LATER),
-            SessionError::MaxDuration { .. } => ("max_duration_reached", POLICY_VIOLATION),
-            SessionError::TooFast { .. } => ("audio_too_fast", POLICY_VIOLATION),
-            SessionError::SinkOverloaded { .. } => ("sink_overloaded", INTERNAL_ERROR),
-            SessionError::IdleTimeout { close_code, .. } => ("idle_timeout", *close_code),
-            SessionError::ShuttingDown => ("shutting_down", GOING_AWAY),
-            SessionError::Resume(_) => ("resume_rejected", POLICY_VIOLATION),
-            SessionError::Resample(_) => ("resample_failed", INTERNAL_ERROR),
+            SessionError::ServerFull { .. } => (ErrorCode::ServerFull, TRY_AGAIN_LATER),
+            SessionError::KeyFull { .. } => (ErrorCode::KeyFull, TRY_AGAIN_LATER),
+            SessionError::MaxDuration { .. } => (ErrorCode::MaxDurationReached, POLICY_VIOLATION),
+            SessionError::TooFast { .. } => (ErrorCode::AudioTooFast, POLICY_VIOLATION),
+            SessionError::SinkOverloaded { .. } => (ErrorCode::SinkOverloaded, INTERNAL_ERROR),
+            SessionError::IdleTimeout { close_code, .. } => (ErrorCode::IdleTimeout, *close_code),
+            SessionError::ShuttingDown => (ErrorCode::ShuttingDown, GOING_AWAY),
+            SessionError::Resume(_) => (ErrorCode::ResumeRejected, POLICY_VIOLATION),
+            SessionError::Resample(_) => (ErrorCode::ResampleFailed, INTERNAL_ERROR),
         }
     }
 
-    /// Short text for the close frame (RFC 6455 allows 123 bytes).
+    /// Short text for the close frame (RFC 6455 allows 123 bytes): the code.
     pub fn close_reason(&self) -> &'static str {
-        self.codes().0
+        self.codes().0.as_str()
     }
 }
 
 /// `(error code, close code)` of the native protocol's errors.
-fn protocol_codes(e: &ProtocolError) -> (&'static str, u16) {
+fn protocol_codes(e: &ProtocolError) -> (ErrorCode, u16) {
     use codes::*;
     match e {
-        ProtocolError::MalformedJson(_) => ("malformed_json", INVALID_PAYLOAD),
-        ProtocolError::InvalidUtf8 => ("invalid_utf8", INVALID_PAYLOAD),
-        ProtocolError::InvalidMessage(_) => ("invalid_message", PROTOCOL_ERROR),
-        ProtocolError::UnknownMessageType(_) => ("unknown_message_type", PROTOCOL_ERROR),
-        ProtocolError::UnknownParameter(_) => ("unknown_parameter", PROTOCOL_ERROR),
-        ProtocolError::UnsupportedEncoding(_) => ("unsupported_encoding", UNSUPPORTED_DATA),
-        ProtocolError::UnsupportedSampleRate(_) => ("unsupported_sample_rate", UNSUPPORTED_DATA),
-        ProtocolError::UnsupportedChannels(_) => ("unsupported_channels", UNSUPPORTED_DATA),
-        ProtocolError::UnsupportedFraming(_) => ("unsupported_framing", UNSUPPORTED_DATA),
-        ProtocolError::MissingSampleRate(_) => ("missing_sample_rate", PROTOCOL_ERROR),
-        ProtocolError::AudioBeforeStart => ("audio_before_start", PROTOCOL_ERROR),
-        ProtocolError::AlreadyStarted => ("already_started", PROTOCOL_ERROR),
-        ProtocolError::MessageTooBig { .. } => ("message_too_big", MESSAGE_TOO_BIG),
-        ProtocolError::WebSocket(_) => ("websocket_protocol", PROTOCOL_ERROR),
-        ProtocolError::SeqHeaderTruncated { .. } => ("seq_header_truncated", PROTOCOL_ERROR),
-        ProtocolError::TimestampBackwards { .. } => ("timestamp_backwards", PROTOCOL_ERROR),
-        ProtocolError::GapTooLarge { .. } => ("gap_too_large", POLICY_VIOLATION),
+        ProtocolError::MalformedJson(_) => (ErrorCode::MalformedJson, INVALID_PAYLOAD),
+        ProtocolError::InvalidUtf8 => (ErrorCode::InvalidUtf8, INVALID_PAYLOAD),
+        ProtocolError::InvalidMessage(_) => (ErrorCode::InvalidMessage, PROTOCOL_ERROR),
+        ProtocolError::UnknownMessageType(_) => (ErrorCode::UnknownMessageType, PROTOCOL_ERROR),
+        ProtocolError::UnknownParameter(_) => (ErrorCode::UnknownParameter, PROTOCOL_ERROR),
+        ProtocolError::UnsupportedEncoding(_) => (ErrorCode::UnsupportedEncoding, UNSUPPORTED_DATA),
+        ProtocolError::UnsupportedSampleRate(_) => {
+            (ErrorCode::UnsupportedSampleRate, UNSUPPORTED_DATA)
+        }
+        ProtocolError::UnsupportedChannels(_) => (ErrorCode::UnsupportedChannels, UNSUPPORTED_DATA),
+        ProtocolError::UnsupportedFraming(_) => (ErrorCode::UnsupportedFraming, UNSUPPORTED_DATA),
+        ProtocolError::MissingSampleRate(_) => (ErrorCode::MissingSampleRate, PROTOCOL_ERROR),
+        ProtocolError::AudioBeforeStart => (ErrorCode::AudioBeforeStart, PROTOCOL_ERROR),
+        ProtocolError::AlreadyStarted => (ErrorCode::AlreadyStarted, PROTOCOL_ERROR),
+        ProtocolError::MessageTooBig { .. } => (ErrorCode::MessageTooBig, MESSAGE_TOO_BIG),
+        ProtocolError::WebSocket(_) => (ErrorCode::WebsocketProtocol, PROTOCOL_ERROR),
+        ProtocolError::SeqHeaderTruncated { .. } => (ErrorCode::SeqHeaderTruncated, PROTOCOL_ERROR),
+        ProtocolError::TimestampBackwards { .. } => (ErrorCode::TimestampBackwards, PROTOCOL_ERROR),
+        ProtocolError::GapTooLarge { .. } => (ErrorCode::GapTooLarge, POLICY_VIOLATION),
     }
 }
 
@@ -181,5 +203,66 @@ pub fn from_ws_error(error: actix_ws::ProtocolError, max_message_bytes: usize) -
             ProtocolError::InvalidUtf8
         }
         other => ProtocolError::WebSocket(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_errors_keep_their_codes_whichever_kind() {
+        let cases: [(SessionError, ErrorCode, u16); 4] = [
+            (
+                CodecError::PartialFrame {
+                    len_bytes: 641,
+                    frame_bytes: 2,
+                }
+                .into(),
+                ErrorCode::PartialFrame,
+                codes::INVALID_PAYLOAD,
+            ),
+            (
+                CodecError::DamagedPacket("empty Opus packet".into()).into(),
+                ErrorCode::AudioDamaged,
+                codes::INVALID_PAYLOAD,
+            ),
+            (
+                CodecBuildError::UnsupportedChannels { channels: 3 }.into(),
+                ErrorCode::DecoderFailed,
+                codes::INTERNAL_ERROR,
+            ),
+            (
+                // A container's decoder is built inside the pipeline.
+                PipelineError::CodecBuild(CodecBuildError::UnsupportedSampleRate {
+                    sample_rate_hz: 44_100,
+                })
+                .into(),
+                ErrorCode::DecoderFailed,
+                codes::INTERNAL_ERROR,
+            ),
+        ];
+        for (error, code, close_code) in cases {
+            assert_eq!(error.codes(), (code, close_code), "{error}");
+        }
+    }
+
+    #[test]
+    fn limits_are_their_own_code_apart_from_malformed_streams() {
+        use crate::codec::limit::LimitError;
+        let over: SessionError = PipelineError::Demux(DemuxError::Limit(LimitError::OggPacket {
+            max_bytes: 1 << 20,
+        }))
+        .into();
+        assert_eq!(
+            over.codes(),
+            (ErrorCode::LimitExceeded, codes::POLICY_VIOLATION)
+        );
+        assert_eq!(over.close_reason(), "limit_exceeded");
+        let broken: SessionError = DemuxError::Malformed("not a WebM stream".into()).into();
+        assert_eq!(
+            broken.codes(),
+            (ErrorCode::MalformedContainer, codes::INVALID_PAYLOAD)
+        );
     }
 }

@@ -551,7 +551,7 @@ async fn refuse_in_span(
 ) {
     let (code, close_code) = error.codes();
     tracing::warn!(%error, "session refused");
-    metrics::counter!(names::SESSIONS_REJECTED_TOTAL, "reason" => code).increment(1);
+    metrics::counter!(names::SESSIONS_REJECTED_TOTAL, "reason" => code.as_str()).increment(1);
     let mut frames = Vec::new();
     dialect.render(
         &ServerMessage::Error {
@@ -568,7 +568,7 @@ async fn refuse_in_span(
     let _ = ws
         .close(Some(CloseReason {
             code: CloseCode::from(close_code),
-            description: Some(code.to_owned()),
+            description: Some(code.as_str().to_owned()),
         }))
         .await;
 }

@@ -12,8 +12,8 @@ use crate::config::Config;
 use crate::pipeline::convert::{Converter, OutputFormat};
 use crate::pipeline::{AudioBlock, Pipeline, PipelineStats};
 use crate::protocol::{
-    ClosedSummary, Framing, ProtocolError, ServerMessage, StartRequest, StartedInfo, StreamStats,
-    PROTOCOL_VERSION,
+    ClosedSummary, ErrorCode, Framing, ProtocolError, ServerMessage, StartRequest, StartedInfo,
+    StreamStats, PROTOCOL_VERSION,
 };
 use crate::server::close::{codes, SessionError};
 use crate::server::dialect::{Dialect, Inbound};
@@ -939,7 +939,7 @@ impl SessionCore {
         active.damage_reported_at = Some(now);
         tracing::warn!(%damage, damaged_so_far, "damaged audio concealed");
         self.send(&ServerMessage::Error {
-            code: "audio_damaged",
+            code: ErrorCode::AudioDamaged,
             message: format!("{damage}; concealed ({damaged_so_far} damaged so far)"),
             fatal: false,
         });
@@ -975,7 +975,7 @@ impl SessionCore {
                 metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_realtime_factor")
                     .increment(1);
                 self.send(&ServerMessage::Error {
-                    code: "audio_too_fast",
+                    code: ErrorCode::AudioTooFast,
                     message: format!(
                         "audio arrives {factor:.1}x faster than real time (limit {limit:.1}x); slow down or the session closes in 1 s"
                     ),
@@ -1289,9 +1289,9 @@ impl SessionCore {
         let mut close_text = why;
         if let Some(error) = &error {
             let (code, _) = error.codes();
-            close_text = code;
-            tracing::warn!(%error, code, close_code, "session error");
-            metrics::counter!(names::SESSION_ERRORS_TOTAL, "kind" => code).increment(1);
+            close_text = code.as_str();
+            tracing::warn!(%error, code = code.as_str(), close_code, "session error");
+            metrics::counter!(names::SESSION_ERRORS_TOTAL, "kind" => code.as_str()).increment(1);
             self.send(&ServerMessage::Error {
                 code,
                 message: error.to_string(),
@@ -1414,7 +1414,7 @@ impl SessionCore {
         tracing::error!(%error, "sink failed while finishing");
         if let Phase::Finishing(finishing) = &mut self.phase {
             finishing.close_code = close_code;
-            finishing.close_text = code;
+            finishing.close_text = code.as_str();
             finishing.summary.close_code = close_code;
         }
         self.send(&ServerMessage::Error {

@@ -301,6 +301,59 @@ async fn wrong_or_broken_containers_close_with_their_codes() {
     assert_server_still_serves(&server).await;
 }
 
+/// Length of the Ogg page at the start of `bytes`: header, lacing, body.
+fn ogg_page_len(bytes: &[u8]) -> usize {
+    let segments = usize::from(bytes[26]);
+    27 + segments
+        + bytes[27..27 + segments]
+            .iter()
+            .map(|&l| usize::from(l))
+            .sum::<usize>()
+}
+
+#[tokio::test]
+async fn hostile_containers_close_with_limit_exceeded() {
+    let server = Server::start();
+    // WebM: the fixture's header (unknown-size Segment, Opus on track 1),
+    // then an unknown-size Cluster and a SimpleBlock on track 1 declaring
+    // 2,000,000 bytes: over the 1 MiB the demuxer would buffer.
+    let webm = std::fs::read(fixture("speech-ffmpeg.webm")).unwrap();
+    let cluster = webm
+        .windows(4)
+        .position(|w| w == [0x1F, 0x43, 0xB6, 0x75])
+        .unwrap();
+    let mut big_block = webm[..cluster].to_vec();
+    big_block.extend([
+        0x1F, 0x43, 0xB6, 0x75, 0x01, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+    ]);
+    big_block.extend([0xA3, 0x10, 0x1E, 0x84, 0x80, 0x81, 0, 0, 0x80, 0xFC]);
+    // Ogg: the fixture's two header pages, then "OggS\0\0" over and over:
+    // every 6 bytes a fake page claiming about 6 KiB that fails its CRC, so
+    // resynchronising would rescan the input a thousand times over.
+    let ogg = std::fs::read(fixture("speech-opusenc.opus")).unwrap();
+    let head = ogg_page_len(&ogg);
+    let headers = head + ogg_page_len(&ogg[head..]);
+    let mut fake_pages = ogg[..headers].to_vec();
+    while fake_pages.len() < 60_000 {
+        fake_pages.extend_from_slice(b"OggS\0\0");
+    }
+    for (query, bytes, bound) in [
+        ("encoding=webm_opus", big_block, "limit of 1048576 bytes"),
+        ("encoding=ogg_opus", fake_pages, "rescanning"),
+    ] {
+        let mut client = Client::connect(&server, query).await;
+        client.send_binary(bytes).await;
+        let transcript = client.finish().await;
+        transcript.assert_error("limit_exceeded", 1008);
+        let message = transcript.one("error")["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains(bound), "{query}: {message}");
+    }
+    assert_server_still_serves(&server).await;
+}
+
 /// libopus on its own: `packets` decoded one after the other at `rate_hz`,
 /// mono, converted to 16-bit as the recorder converts
 /// (`(s * 32768).round().clamp(..)`).

@@ -21,9 +21,11 @@ mod lacing;
 use self::ebml::*;
 use self::lacing::*;
 use super::container::{DemuxError, DemuxEvent, Demuxer, OpusHead};
+use super::limit::LimitError;
 
 /// Largest element whose contents we buffer. Opus packets are at most a few
-/// KiB, so anything bigger on the Opus track is garbage, not audio.
+/// KiB, so anything bigger on the Opus track is garbage, not audio; over it
+/// the stream is refused with [`LimitError::WebmElement`].
 const MAX_ELEMENT: u64 = 1 << 20;
 /// Nesting cap. The elements we descend into nest at most 3 deep, so this
 /// only guards the invariant.
@@ -328,14 +330,25 @@ impl WebmDemuxer {
             Class::Master => self.open(id, false, end)?,
             Class::Skip => self.phase = Phase::Skip { remaining: size },
             Class::Leaf => {
-                let max = match id {
-                    TRACK_NUMBER | TRACK_TYPE | CODEC_DELAY | CHANNELS | SAMPLING_FREQUENCY => 8,
-                    _ => MAX_ELEMENT,
-                };
-                if size > max {
+                // Integers and floats are at most 8 bytes by the EBML spec:
+                // a larger one is malformed. Strings and binary may be any
+                // size, so a cap on them is our limit.
+                let numeric = matches!(
+                    id,
+                    TRACK_NUMBER | TRACK_TYPE | CODEC_DELAY | CHANNELS | SAMPLING_FREQUENCY
+                );
+                if numeric && size > 8 {
                     return Err(malformed(format!(
                         "element 0x{id:X} too large ({size} bytes)"
                     )));
+                }
+                if size > MAX_ELEMENT {
+                    return Err(LimitError::WebmElement {
+                        id,
+                        size_bytes: size,
+                        max_bytes: MAX_ELEMENT,
+                    }
+                    .into());
                 }
                 // size ≤ MAX_ELEMENT fits usize.
                 self.phase = Phase::Leaf {
@@ -530,9 +543,12 @@ impl WebmDemuxer {
             return Ok(());
         }
         if size > MAX_ELEMENT {
-            return Err(malformed(format!(
-                "element too large: {size}-byte Opus block"
-            )));
+            return Err(LimitError::WebmElement {
+                id,
+                size_bytes: size,
+                max_bytes: MAX_ELEMENT,
+            }
+            .into());
         }
         // The block body follows; `buf` already holds the track number.
         self.phase = Phase::Leaf {
@@ -1011,16 +1027,20 @@ mod tests {
     }
 
     #[test]
-    fn oversized_opus_block_is_malformed_without_buffering() {
+    fn oversized_opus_block_is_over_the_limit_without_buffering() {
         let mut data = stream(&[opus_track(1)], &[unknown(CLUSTER)]);
         data.extend(el_header(SIMPLE_BLOCK, 100_000_000));
         data.extend([0x81, 0, 0, 0x80, 0x08]);
         let mut demuxer = WebmDemuxer::new();
         let mut events = Vec::new();
-        let Err(DemuxError::Malformed(msg)) = demuxer.push(&data, &mut events) else {
-            panic!("expected Malformed");
-        };
-        assert!(msg.contains("too large"), "{msg}");
+        assert_eq!(
+            demuxer.push(&data, &mut events),
+            Err(DemuxError::Limit(LimitError::WebmElement {
+                id: SIMPLE_BLOCK,
+                size_bytes: 100_000_000,
+                max_bytes: MAX_ELEMENT,
+            }))
+        );
         assert_eq!(demuxer.buffered_bytes(), 0);
         // A used-up demuxer keeps refusing, without panicking.
         assert!(demuxer.push(&[0], &mut events).is_err());
@@ -1035,10 +1055,55 @@ mod tests {
             el_header(CODEC_PRIVATE, 2_000_000),
         ]
         .concat();
-        let Err(DemuxError::Malformed(msg)) = demux(&data) else {
-            panic!("expected Malformed");
-        };
-        assert!(msg.contains("too large"), "{msg}");
+        assert_eq!(
+            demux(&data),
+            Err(DemuxError::Limit(LimitError::WebmElement {
+                id: CODEC_PRIVATE,
+                size_bytes: 2_000_000,
+                max_bytes: MAX_ELEMENT,
+            }))
+        );
+        // A number wider than EBML allows is malformed, not over a limit.
+        let entry = el_header(TRACK_ENTRY, 9 + 2);
+        let data = [
+            ebml_header(b"webm"),
+            unknown(SEGMENT),
+            el_header(TRACKS, 9 + 2 + entry.len() as u64),
+            entry,
+            el(TRACK_NUMBER, &[0; 9]),
+        ]
+        .concat();
+        assert_eq!(
+            demux(&data),
+            Err(malformed(format!(
+                "element 0x{TRACK_NUMBER:X} too large (9 bytes)"
+            )))
+        );
+    }
+
+    #[test]
+    fn elements_of_exactly_the_limit_are_taken() {
+        // A block on the Opus track: track number 1 (1 byte), timecode (2),
+        // flags (1), then the packet, MAX_ELEMENT bytes in all.
+        let packet = vec![0x08; MAX_ELEMENT as usize - 4];
+        let data = stream(
+            &[opus_track(1)],
+            &[cluster(&[simple_block(1, 0x80, &packet)])],
+        );
+        let events = demux(&data).unwrap();
+        let (_, packets) = split_events(&events);
+        assert_eq!(packets, [packet]);
+        // One byte more is over.
+        let packet = vec![0x08; MAX_ELEMENT as usize - 3];
+        let data = stream(
+            &[opus_track(1)],
+            &[cluster(&[simple_block(1, 0x80, &packet)])],
+        );
+        assert!(matches!(
+            demux(&data),
+            Err(DemuxError::Limit(LimitError::WebmElement { size_bytes, .. }))
+                if size_bytes == MAX_ELEMENT + 1
+        ));
     }
 
     #[test]

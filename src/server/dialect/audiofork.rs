@@ -201,7 +201,7 @@ impl Dialect for AudioFork {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{TranscribeErrorInfo, Transcript};
+    use crate::protocol::{ErrorCode, TranscribeErrorInfo, Transcript};
 
     fn pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
         query
@@ -303,7 +303,7 @@ mod tests {
         );
         dialect.render(
             &ServerMessage::TranscribeError(TranscribeErrorInfo {
-                code: "transcribe_failed",
+                code: ErrorCode::TranscribeFailed,
                 message: "backend down".into(),
                 fatal: false,
                 channel: 0,
@@ -316,7 +316,7 @@ mod tests {
         );
         dialect.render(
             &ServerMessage::Error {
-                code: "partial_frame",
+                code: ErrorCode::PartialFrame,
                 message: "641 bytes".into(),
                 fatal: true,
             },

@@ -575,8 +575,8 @@ impl Dialect for Deepgram {
 mod tests {
     use super::*;
     use crate::protocol::{
-        ClosedSummary, Framing, StartedInfo, StreamFormat, TranscribeErrorInfo, VadEvent,
-        VadEventKind,
+        ClosedSummary, ErrorCode, Framing, StartedInfo, StreamFormat, TranscribeErrorInfo,
+        VadEvent, VadEventKind,
     };
 
     fn pairs(query: &str) -> Vec<(String, String)> {
@@ -911,7 +911,7 @@ mod tests {
         let failed = render(
             &mut dialect,
             ServerMessage::TranscribeError(TranscribeErrorInfo {
-                code: "transcribe_failed",
+                code: ErrorCode::TranscribeFailed,
                 message: "down".into(),
                 fatal: false,
                 channel: 0,
@@ -928,7 +928,7 @@ mod tests {
         let warning = render(
             &mut dialect,
             ServerMessage::Error {
-                code: "audio_too_fast",
+                code: ErrorCode::AudioTooFast,
                 message: "slow down".into(),
                 fatal: false,
             },
@@ -937,7 +937,7 @@ mod tests {
         let fatal = render(
             &mut dialect,
             ServerMessage::Error {
-                code: "partial_frame",
+                code: ErrorCode::PartialFrame,
                 message: "641 bytes".into(),
                 fatal: true,
             },

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tokio::sync::mpsc;
 
-use crate::protocol::{ServerMessage, TranscribeErrorInfo};
+use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo};
 use crate::sinks::SinkEvent;
 
 /// What the orderer learns, from the sink and the request tasks.
@@ -108,7 +108,7 @@ pub(super) async fn order(
 
 fn shed_message(channel: u16, dropped: u64) -> ServerMessage {
     ServerMessage::TranscribeError(TranscribeErrorInfo {
-        code: "transcribe_shed",
+        code: ErrorCode::TranscribeShed,
         message: format!(
             "the transcription backend is not keeping up: {dropped} utterance{} of channel {channel} dropped unsent",
             if dropped == 1 { "" } else { "s" }
@@ -142,7 +142,7 @@ mod tests {
 
     fn failed(id: u64, channel: u16) -> ServerMessage {
         ServerMessage::TranscribeError(TranscribeErrorInfo {
-            code: "transcribe_failed",
+            code: ErrorCode::TranscribeFailed,
             message: format!("utterance {id}: HTTP 500"),
             fatal: false,
             channel,
@@ -174,10 +174,10 @@ mod tests {
     fn describe(message: &ServerMessage) -> String {
         match message {
             ServerMessage::Transcript(t) => format!("{}@{}", t.text, t.channel),
-            ServerMessage::TranscribeError(e) if e.code == "transcribe_failed" => {
+            ServerMessage::TranscribeError(e) if e.code == ErrorCode::TranscribeFailed => {
                 format!("failed {}@{}", e.utterance_id.unwrap(), e.channel)
             }
-            ServerMessage::TranscribeError(e) if e.code == "transcribe_shed" => {
+            ServerMessage::TranscribeError(e) if e.code == ErrorCode::TranscribeShed => {
                 format!("shed {}@{}", e.dropped.unwrap(), e.channel)
             }
             _ => panic!("the orderer sends only transcripts and transcription errors"),
@@ -296,7 +296,7 @@ mod tests {
         let ServerMessage::TranscribeError(error) = &due[0] else {
             panic!("a transcription error");
         };
-        assert_eq!(error.code, "transcribe_shed");
+        assert_eq!(error.code, ErrorCode::TranscribeShed);
         assert_eq!((error.channel, error.dropped), (3, Some(3)));
         assert!(!error.fatal);
         assert_eq!(error.utterance_id, None);

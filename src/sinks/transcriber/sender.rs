@@ -12,7 +12,7 @@ use super::backend::{Backend, UtteranceRequest};
 use super::order::Outcome;
 use super::queue::{Queue, Utterance};
 use super::TranscriptionService;
-use crate::protocol::{ServerMessage, TranscribeErrorInfo, Transcript};
+use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript};
 use crate::telemetry::names;
 
 /// Takes utterances off the queue as request slots free up.
@@ -124,7 +124,7 @@ impl Sender {
 
 fn failed_message(utterance: &Utterance, reason: String) -> ServerMessage {
     ServerMessage::TranscribeError(TranscribeErrorInfo {
-        code: "transcribe_failed",
+        code: ErrorCode::TranscribeFailed,
         message: format!(
             "utterance {} (channel {}, {:.2}-{:.2} s): {reason}",
             utterance.id,
@@ -366,7 +366,7 @@ mod tests {
         else {
             panic!("a transcription error");
         };
-        assert_eq!(error.code, "transcribe_failed");
+        assert_eq!(error.code, ErrorCode::TranscribeFailed);
         assert_eq!(
             error.message,
             "utterance 4 (channel 1, 1.00-1.50 s): HTTP 503: busy"
