@@ -42,7 +42,8 @@ fi
 # lets the stable toolchain take them.
 export RUSTC_BOOTSTRAP=1
 
-targets=(ogg_demux webm_demux opus_packets seq_header control_messages pcm_g711)
+targets=(ogg_demux webm_demux opus_packets seq_header control_messages pcm_g711
+  dialect_twilio dialect_vonage dialect_audiofork dialect_deepgram)
 fixtures=$root/tests/fixtures
 
 # ---- seeds -----------------------------------------------------------------
@@ -89,7 +90,9 @@ seed_control_messages() {
 }
 
 # opus_packets ([mode][len u8][message]...) from the Ogg fixtures' packets,
-# and pcm_g711 ([mode][len u16 LE][message]...) from the WAV fixtures.
+# pcm_g711 ([mode][len u16 LE][message]...) from the WAV fixtures, and the
+# dialect targets (QUERY\n[tag][len u16 LE][message]...) from each
+# platform's documented messages and the fixtures.
 seed_with_python() {
   local target=$1
   if ! command -v python3 >/dev/null 2>&1; then
@@ -183,6 +186,83 @@ elif target == "pcm_g711":
     write("seed-mulaw-seq", seq_stream(0b10_1_0_00_10, mulaw, 1, 160, order))
     write("seed-alaw-stereo-seq", seq_stream(0b11_1_1_00_11, alaw, 2, 80, order))
     write("seed-f32-seq", seq_stream(0b00_1_0_01_01, f32, 4, 80, [0, 1, 3, 2]))
+elif target.startswith("dialect_"):
+    import base64, json
+
+    def connection(query, *messages):
+        """QUERY\n, then [tag][len u16 LE][payload]: tag 0 text, 1 binary."""
+        body = query.encode() + b"\n"
+        for message in messages:
+            if isinstance(message, (dict, list)):
+                message = json.dumps(message)
+            binary = isinstance(message, bytes)
+            payload = message if binary else message.encode()
+            body += bytes([1 if binary else 0]) + struct.pack("<H", len(payload)) + payload
+        return body
+
+    def chunks(data, size, count):
+        return [data[i * size : (i + 1) * size] for i in range(count)]
+
+    if target == "dialect_twilio":
+        mulaw = wav_data(fixtures / "speech-8k-mulaw.wav")[8000:]
+
+        def media(seq, track, chunk, timestamp, audio):
+            return {"event": "media", "sequenceNumber": str(seq), "streamSid": "MZ1",
+                    "media": {"track": track, "chunk": str(chunk), "timestamp": str(timestamp),
+                              "payload": base64.b64encode(audio).decode()}}
+
+        def start(tracks, custom):
+            return {"event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
+                    "start": {"streamSid": "MZ1", "accountSid": "AC1", "callSid": "CA1",
+                              "tracks": tracks, "customParameters": custom,
+                              "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+
+        connected = {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+        audio = chunks(mulaw, 160, 6)
+        write("seed-inbound", connection("", connected, start(["inbound"], {"agent": "ana"}),
+              *[media(k + 2, "inbound", k + 1, k * 20, a) for k, a in enumerate(audio)],
+              {"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "5"}},
+              {"event": "mark", "mark": {"name": "m1"}}, {"event": "stop"}))
+        both = []
+        for k, a in enumerate(audio):
+            both.append(media(2 * k + 2, "inbound", k + 1, k * 20, a))
+            both.append(media(2 * k + 3, "outbound", k + 1, k * 20 + 40, a[::-1]))
+        write("seed-both-tracks", connection("sinks=record", connected,
+              start(["inbound", "outbound"], {"transcribe": "none"}), *both, {"event": "stop"}))
+        # A timestamp jump on one of two tracks (issue 15), then normal media.
+        write("seed-jump", connection("", connected, start(["inbound", "outbound"], {}),
+              media(2, "inbound", 1, 0, audio[0]), media(3, "inbound", 2, 99999999999999999, audio[1]),
+              media(4, "outbound", 1, 20, audio[2]), {"event": "stop"}))
+        # The last millisecond whose first sample frame still fits in u64.
+        write("seed-last-timestamp", connection("", connected, start(["inbound"], {}),
+              media(2, "inbound", 1, 2**64 // 8 - 1, audio[0]), {"event": "stop"}))
+    elif target == "dialect_vonage":
+        l16 = wav_data(fixtures / "speech-16k.wav")[32000:]
+        write("seed-16k", connection("transcribe=none",
+              {"event": "websocket:connected", "content-type": "audio/l16;rate=16000", "call": {"id": 42}},
+              *chunks(l16, 640, 4), {"event": "websocket:dtmf", "digit": "5", "duration": 260},
+              {"event": "websocket:other"}, *chunks(l16[2560:], 640, 2)))
+        write("seed-8k", connection("", {"event": "websocket:connected", "content-type": "audio/l16; rate=8000"},
+              *chunks(wav_data(fixtures / "speech-8k.wav")[16000:], 320, 4)))
+    elif target == "dialect_audiofork":
+        l16 = wav_data(fixtures / "call-stereo-8k.wav")[32000:]
+        write("seed-stereo", connection("mix_type=stereo&sampling_rate=8k",
+              {"to": "6173333456", "callid": "abc"}, *chunks(l16, 640, 4), "dtmf 5", *chunks(l16[2560:], 640, 2)))
+        write("seed-audio-first", connection("sampling_rate=16k",
+              *chunks(wav_data(fixtures / "speech-16k.wav")[32000:], 640, 3), "call 42"))
+    elif target == "dialect_deepgram":
+        s16 = wav_data(fixtures / "speech-16k.wav")[32000:]
+        # Raw PCM cut inside sample frames, then the control messages.
+        write("seed-linear16", connection("encoding=linear16&sample_rate=16000&channels=1&vad_events=true&utterance_end_ms=1000&model=nova-2",
+              *chunks(s16, 641, 4), {"type": "KeepAlive"}, {"type": "Finalize"},
+              {"type": "Configure", "keyterms": ["x"]}, {"type": "CloseStream"}))
+        write("seed-mulaw", connection("encoding=mulaw&sample_rate=8000",
+              *chunks(wav_data(fixtures / "speech-8k-mulaw.wav")[8000:], 157, 4), b""))
+        # Containers without `encoding`, sniffed from their first bytes.
+        for name, cut in (("speech-8k.wav", 30), ("call-stereo-8k.wav", 7),
+                          ("speech-opusenc.opus", 100), ("speech-ffmpeg.webm", 300)):
+            data = (fixtures / name).read_bytes()[:4000]
+            write(f"seed-{name}", connection("", data[:cut], data[cut:cut + 1000], data[cut + 1000:]))
 PY
 }
 
@@ -195,7 +275,7 @@ for target in "${targets[@]}"; do
     webm_demux) seed_container "$target" speech-ffmpeg.webm ;;
     seq_header) seed_seq_header ;;
     control_messages) seed_control_messages ;;
-    opus_packets | pcm_g711) seed_with_python "$target" ;;
+    opus_packets | pcm_g711 | dialect_*) seed_with_python "$target" ;;
   esac
 done
 

@@ -216,6 +216,15 @@ impl Twilio {
                 dialect: NAME,
                 detail: e.to_string(),
             })?;
+        // The chunk's end must be a media time too: past u64 it wrapped, and
+        // the chunk stuck at the head of its track hid all later audio
+        // (found by the dialect_twilio fuzz target).
+        if at.checked_add(audio.len() as u64).is_none() {
+            return Err(ProtocolError::InvalidMessage(format!(
+                "twilio media.timestamp {timestamp_ms} is out of range"
+            ))
+            .into());
+        }
         interleaver.push(track, at, &audio);
         interleaver.drain(out);
         Ok(())
@@ -501,7 +510,7 @@ impl Interleaver {
                 self.emitted = end;
                 continue;
             }
-            let end = end.min(pos + MAX_BLOCK_FRAMES);
+            let end = end.min(pos.saturating_add(MAX_BLOCK_FRAMES));
             let frames = (end - pos) as usize;
             let mut message = Vec::with_capacity(SEQ_HEADER_BYTES + frames * channels);
             message.extend_from_slice(&self.next_seq.to_le_bytes());
@@ -788,6 +797,28 @@ mod tests {
             t.on_text(&start_message(r#"["inbound"]"#, "{}"), &mut out),
             Err(DialectError::Protocol(ProtocolError::AlreadyStarted))
         ));
+    }
+
+    #[test]
+    fn a_timestamp_whose_chunk_ends_past_u64_is_refused() {
+        // Found by the dialect_twilio fuzz target: the chunk's end overflowed
+        // (a panic in debug builds; in release it wrapped, and the chunk
+        // stuck at the head of its track hid every later one).
+        let mut t = twilio(&[]);
+        let mut out = Vec::new();
+        t.on_text(&start_message(r#"["inbound"]"#, "{}"), &mut out)
+            .unwrap();
+        let last_ms = u64::MAX / FRAMES_PER_MS;
+        let media = format!(
+            r#"{{"event":"media","media":{{"track":"inbound","timestamp":"{last_ms}","payload":"{}"}}}}"#,
+            base64::engine::general_purpose::STANDARD.encode([0xFF; 160])
+        );
+        let error = t.on_text(&media, &mut out).unwrap_err().to_string();
+        assert!(error.contains("out of range"), "{error}");
+        // The first sample frame of that millisecond is still a media time.
+        let mut il = Interleaver::new(1, 8000);
+        il.push(0, u64::MAX - 1, &[1]);
+        il.finish(&mut out);
     }
 
     #[test]
