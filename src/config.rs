@@ -228,14 +228,17 @@ pub struct Config {
     )]
     pub max_session_duration_ms: u64,
     /// Media time a client may send per wall second beyond the burst; 0: unlimited.
+    /// On by default: a timestamp gap is media too, so without this limit a
+    /// few bytes can make the server fill seconds of audio on disk.
     #[arg(
         long,
         env = "COCHLEA_MAX_REALTIME_FACTOR",
         value_name = "FACTOR",
-        default_value_t = 0.0
+        default_value_t = 4.0
     )]
     pub max_realtime_factor: f64,
-    /// Media a client may send ahead of the real-time allowance.
+    /// Media a client may send ahead of the real-time allowance: room for a
+    /// short file sent at once, or for catching up after a stall.
     #[arg(
         long,
         env = "COCHLEA_REALTIME_BURST_MS",
@@ -768,7 +771,8 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(config.api_keys.is_empty() && config.token_secret.is_empty());
         assert!(!config.allow_unauthenticated);
-        assert_eq!(config.max_realtime_factor, 0.0);
+        assert_eq!(config.max_realtime_factor, 4.0);
+        assert_eq!(config.realtime_burst_ms, 10_000);
         assert_eq!(config.tls_cert_path, None);
         assert_eq!(config.recorder.sample_format, SampleFormatSetting::Auto);
         assert_eq!(config.recorder.channels, ChannelsSetting::Keep);

@@ -10,6 +10,20 @@ use crate::protocol::OPUS_SAMPLE_RATES;
 /// The longest Opus packet: 120 ms.
 const MAX_PACKET_MS: usize = 120;
 
+/// The longest stretch of one gap that packet-loss concealment fills; the
+/// rest of a longer gap is silence (see [`OpusDecoder::gap_split`]).
+///
+/// Concealment bridges a few lost packets by extrapolating the audio before
+/// them; there is nothing to extrapolate for long. On speech libopus fades to
+/// about -70 dBFS within 100 ms (on the speech fixture, the RMS of successive
+/// 40 ms of concealment after speech at -14 dBFS was -16, -29, -62, -70, -74
+/// dBFS); on a CELT-coded tone it settles into a steady noise about 20 dB
+/// under the tone, a made-up sound. Past this bound silence is the honest
+/// fill, and it costs nothing: concealment costs CPU in proportion to its
+/// length, and without the bound one 50-byte message with a 10 s timestamp
+/// jump made the server conceal 10 s.
+pub const MAX_PLC_MS: usize = 200;
+
 /// The rate to decode an Opus stream declared at `stream_rate_hz` at, when
 /// its sinks want `sink_rates_hz` (`None`: the stream's own rate).
 ///
@@ -141,6 +155,30 @@ impl OpusDecoder {
         self.scratch.len() / self.channels
     }
 
+    /// The end of a gap that in-band FEC from the packet after it can fill:
+    /// one packet's worth, as long as the last good packet (libopus conceals
+    /// in multiples of 2.5 ms).
+    fn fec_frames(&self) -> usize {
+        let step = self.sample_rate as usize / 400;
+        self.last_packet_frames.clamp(step, self.max_frames())
+    }
+
+    /// How to fill a gap of `frames`, so that the work does not grow with
+    /// its length: `(concealed, silent)`. The first `concealed` frames are
+    /// for [`Self::conceal`] without a next packet, the `silent` ones after
+    /// them are silence, and the rest, the gap's last packet's worth, for
+    /// [`Self::conceal`] with the next packet (FEC). `silent` is 0 for a gap
+    /// no longer than [`MAX_PLC_MS`] plus that last stretch: then the whole
+    /// gap goes to one [`Self::conceal`] call with the next packet.
+    pub fn gap_split(&self, frames: usize) -> (usize, usize) {
+        let plc_frames = self.sample_rate as usize * MAX_PLC_MS / 1000;
+        let fec_frames = self.fec_frames();
+        if frames <= plc_frames + fec_frames {
+            return (frames, 0);
+        }
+        (plc_frames, frames - plc_frames - fec_frames)
+    }
+
     /// Fills `frames` of missing audio: packet-loss concealment, and for the
     /// final stretch in-band FEC from `next_packet` when it carries some.
     /// Appends exactly `frames` sample frames to `out`.
@@ -152,7 +190,7 @@ impl OpusDecoder {
     ) -> usize {
         // libopus conceals in multiples of 2.5 ms.
         let step = self.sample_rate as usize / 400;
-        let chunk_max = self.last_packet_frames.clamp(step, self.max_frames());
+        let chunk_max = self.fec_frames();
         let fec_frames = match next_packet {
             Some(p) if !p.is_empty() => (frames / step * step).min(chunk_max),
             _ => 0,
@@ -264,6 +302,65 @@ mod tests {
                 assert_eq!(d.set_gain_q8(i16::MIN), Ok(()));
                 assert_eq!(d.set_gain_q8(i16::MAX), Ok(()));
             }
+        }
+    }
+
+    #[test]
+    fn a_gap_is_concealed_for_at_most_max_plc_ms_plus_one_packet() {
+        let packets = encoded_tone(960, 2);
+        let mut d = OpusDecoder::new(48_000, 1).unwrap();
+        d.decode(&packets[0], &mut Vec::new()).unwrap();
+        // 200 ms of PLC and a 20 ms packet's FEC: concealed whole.
+        assert_eq!(d.gap_split(9_600 + 960), (10_560, 0));
+        assert_eq!(d.gap_split(100), (100, 0));
+        // Longer: 200 ms of PLC, silence, the last 20 ms for FEC.
+        assert_eq!(d.gap_split(9_600 + 960 + 1), (9_600, 1));
+        assert_eq!(d.gap_split(480_000), (9_600, 480_000 - 9_600 - 960));
+        // The FEC stretch follows the last packet's duration (here 10 ms).
+        let short = encoded_tone(480, 1);
+        d.decode(&short[0], &mut Vec::new()).unwrap();
+        assert_eq!(d.gap_split(480_000), (9_600, 480_000 - 9_600 - 480));
+    }
+
+    /// Why concealment may stop at MAX_PLC_MS: on speech, libopus has faded
+    /// to near silence well before, so silence after it changes nothing.
+    #[test]
+    fn concealment_of_speech_has_faded_out_before_max_plc_ms() {
+        use crate::codec::container::{DemuxEvent, Demuxer};
+        use crate::codec::ogg::OggDemuxer;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/speech-opusenc.opus"
+        );
+        let mut events = Vec::new();
+        OggDemuxer::new()
+            .push(&std::fs::read(path).unwrap(), &mut events)
+            .unwrap();
+        let packets: Vec<Vec<u8>> = events
+            .into_iter()
+            .filter_map(|e| match e {
+                DemuxEvent::Packet { data, .. } => Some(data),
+                _ => None,
+            })
+            .collect();
+        let rms = |s: &[f32]| (s.iter().map(|x| x * x).sum::<f32>() / s.len() as f32).sqrt();
+        // Lost in the middle of three different stretches of speech.
+        for lost_at in [20, 40, 60] {
+            let mut d = OpusDecoder::new(48_000, 1).unwrap();
+            let mut decoded = Vec::new();
+            for packet in &packets[..lost_at] {
+                d.decode(packet, &mut decoded).unwrap();
+            }
+            let before = rms(&decoded[decoded.len() - 960..]);
+            let mut concealed = Vec::new();
+            d.conceal(48 * MAX_PLC_MS, None, &mut concealed);
+            // The last 40 ms before the bound: 40 dB down at least.
+            let end = rms(&concealed[concealed.len() - 1_920..]);
+            assert!(before > 0.1, "speech before packet {lost_at}: {before}");
+            assert!(
+                end < before / 100.0,
+                "concealment still at {end} (speech {before}) after {MAX_PLC_MS} ms"
+            );
         }
     }
 

@@ -93,7 +93,8 @@ pub struct PipelineStats {
     pub duplicate_messages: u64,
     /// Opus packets or container pages that could not be decoded.
     pub damaged_packets: u64,
-    /// Sample frames made up by packet-loss concealment or FEC.
+    /// Sample frames made up by packet-loss concealment or FEC (and the
+    /// silent middle of an Opus gap longer than `codec::opus::MAX_PLC_MS`).
     pub concealed_frames: u64,
     /// Sample frames of silence put in for gaps (PCM and G.711; Opus gaps
     /// are concealed instead and counted in `concealed_frames`).
@@ -456,18 +457,29 @@ impl Pipeline {
                         (self.to_block_position(gap_start + gap_frames) - block_start) as usize;
                     if let Source::Packets(decoder) = &mut self.source {
                         // A gap in Opus is concealed (PLC, then FEC from this
-                        // packet) rather than left silent.
-                        let mut concealed = Vec::new();
-                        decoder.conceal(block_frames, Some(&payload), &mut concealed);
-                        self.stats.concealed_frames += gap_frames;
-                        if block_frames > 0 {
+                        // packet) rather than left silent; past MAX_PLC_MS,
+                        // where PLC has faded out, it is silence, which costs
+                        // nothing to make however long the gap.
+                        let channels = self.format.channels;
+                        let (plc_frames, silent_frames) = decoder.gap_split(block_frames);
+                        let mut at = block_start;
+                        if silent_frames > 0 {
+                            let mut head = Vec::new();
+                            decoder.conceal(plc_frames, None, &mut head);
+                            push_filled(out, &mut at, channels, plc_frames, head);
                             out.push(AudioBlock {
-                                start_frame: block_start,
-                                frames: block_frames,
-                                channels: self.format.channels,
-                                samples: BlockSamples::Audio(concealed),
+                                start_frame: at,
+                                frames: silent_frames,
+                                channels,
+                                samples: BlockSamples::Silence,
                             });
+                            at += silent_frames as u64;
                         }
+                        let rest = block_frames - (at - block_start) as usize;
+                        let mut tail = Vec::new();
+                        decoder.conceal(rest, Some(&payload), &mut tail);
+                        push_filled(out, &mut at, channels, rest, tail);
+                        self.stats.concealed_frames += gap_frames;
                     }
                 }
                 // Validated when it was buffered, so this cannot fail; Opus
@@ -621,6 +633,25 @@ impl PipelineStats {
     }
 }
 
+/// Appends `frames` of concealed audio at `*at` (if any) and moves `*at` on.
+fn push_filled(
+    out: &mut Vec<AudioBlock>,
+    at: &mut u64,
+    channels: u16,
+    frames: usize,
+    samples: Vec<f32>,
+) {
+    if frames > 0 {
+        out.push(AudioBlock {
+            start_frame: *at,
+            frames,
+            channels,
+            samples: BlockSamples::Audio(samples),
+        });
+        *at += frames as u64;
+    }
+}
+
 /// Counts a packet that was concealed instead of decoded, for its duration
 /// in stream frames.
 fn note_damage(
@@ -709,6 +740,105 @@ mod tests {
         // Audio has been decoded: the rate no longer changes.
         p.decode_for_sinks(&[None]).unwrap();
         assert_eq!(p.block_rate(), 16_000);
+    }
+
+    /// Blocks as (start, frames, concealed audio or silence).
+    fn layout(out: &[AudioBlock]) -> Vec<(u64, usize, bool)> {
+        out.iter()
+            .map(|b| {
+                let audio = matches!(b.samples, BlockSamples::Audio(_));
+                (b.start_frame, b.frames, audio)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_opus_gap_is_concealed_for_max_plc_ms_then_silent() {
+        let opus_48k = StreamFormat {
+            encoding: Encoding::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            framing: Framing::Seq,
+        };
+        let mut p = Pipeline::new(opus_48k, 10_000).unwrap();
+        let packets = opus_packets_20ms_48k(2);
+        let message = |seq: u32, timestamp: u64| {
+            let mut m = SeqHeader { seq, timestamp }.encode().to_vec();
+            m.extend_from_slice(&packets[seq as usize]);
+            m
+        };
+        let mut out = Vec::new();
+        p.push(&message(0, 0), Instant::now(), &mut out).unwrap();
+        // The next seq, 10 s later: the 50-byte message.
+        let gap = 480_000;
+        p.push(&message(1, 960 + gap), Instant::now(), &mut out)
+            .unwrap();
+        let plc = 48 * crate::codec::opus::MAX_PLC_MS as u64;
+        assert_eq!(
+            layout(&out),
+            [
+                (0, 960, true),
+                // 200 ms of PLC, silence, the last 20 ms from FEC.
+                (960, plc as usize, true),
+                (960 + plc, (gap - plc - 960) as usize, false),
+                (gap, 960, true),
+                (960 + gap, 960, true),
+            ]
+        );
+        // Only the concealed stretches hold samples: the work and memory
+        // are those of 220 ms, not of 10 s.
+        let made: usize = out[1..4]
+            .iter()
+            .map(|b| match &b.samples {
+                BlockSamples::Audio(samples) => samples.len(),
+                BlockSamples::Silence => 0,
+            })
+            .sum();
+        assert_eq!(made as u64, plc + 960);
+        let stats = p.stats();
+        assert_eq!(stats.gap_frames, gap);
+        assert_eq!(stats.concealed_frames, gap, "the whole gap was filled");
+        assert_eq!(p.media_frames(), gap + 2 * 960);
+    }
+
+    #[test]
+    fn an_opus_gap_up_to_max_plc_ms_and_a_packet_is_concealed_whole() {
+        let opus_16k = StreamFormat {
+            encoding: Encoding::Opus,
+            sample_rate: 16_000,
+            channels: 1,
+            framing: Framing::Seq,
+        };
+        let packets = opus_packets_20ms_48k(2);
+        for (gap, blocks) in [(3_520u64, 3), (3_560, 5)] {
+            let mut p = Pipeline::new(opus_16k, 10_000).unwrap();
+            let mut out = Vec::new();
+            let mut first = SeqHeader {
+                seq: 0,
+                timestamp: 0,
+            }
+            .encode()
+            .to_vec();
+            first.extend_from_slice(&packets[0]);
+            let mut second = SeqHeader {
+                seq: 1,
+                timestamp: 320 + gap,
+            }
+            .encode()
+            .to_vec();
+            second.extend_from_slice(&packets[1]);
+            p.push(&first, Instant::now(), &mut out).unwrap();
+            p.push(&second, Instant::now(), &mut out).unwrap();
+            // 220 ms (200 of PLC, 20 of FEC) is one concealed block; 2.5 ms
+            // more is PLC, silence, FEC.
+            assert_eq!(out.len(), blocks, "gap {gap}: {:?}", layout(&out));
+            let mut at = 0;
+            for block in &out {
+                assert_eq!(block.start_frame, at, "contiguous");
+                at = block.end_frame();
+            }
+            assert_eq!(at, 320 + gap + 320);
+        }
     }
 
     #[test]

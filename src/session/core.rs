@@ -946,8 +946,15 @@ impl SessionCore {
     }
 
     /// Checks the audio rate against `max_realtime_factor`: a client over it
-    /// is warned once, and closed if it is still over a second later.
+    /// is warned once, and closed if it is still over a second later, or at
+    /// once if in that second it goes on past what the limit allows in one.
+    ///
+    /// Media is the stream's position, gaps included: a timestamp jump costs
+    /// the server the disk of the audio it fills, whatever the client sent.
+    /// Counted from the first audio, so time lost to a stall or a dropped
+    /// connection is room to catch up afterwards.
     fn check_rate(&mut self, now: Instant) -> Result<(), SessionError> {
+        const TOO_FAST_GRACE: Duration = Duration::from_secs(1);
         let limit = self.config.max_realtime_factor;
         let Some(active) = self.active.as_ref() else {
             return Ok(());
@@ -960,16 +967,27 @@ impl SessionCore {
         let rate = f64::from(active.pipeline.declared_format().sample_rate);
         let media = active.pipeline.media_frames() as f64 / rate;
         let burst = self.config.realtime_burst_ms as f64 / 1000.0;
-        if media <= burst + elapsed * limit {
+        let allowed = burst + elapsed * limit;
+        if media <= allowed {
             self.too_fast_since = None;
             return Ok(());
         }
-        let factor = if elapsed > 0.0 {
-            (media - burst).max(0.0) / elapsed
-        } else {
-            f64::INFINITY
-        };
+        // At elapsed 0 any excess is "infinitely" fast; a millisecond keeps
+        // the message a number.
+        let factor = (media - burst).max(0.0) / elapsed.max(0.001);
+        // The grace second is for slowing down, not for sending more: a
+        // client past the allowance by more than the limit lets through in a
+        // second is closed now. Without this, one second of 10 s timestamp
+        // jumps could claim unbounded disk.
+        let grace_ceiling = allowed + limit * TOO_FAST_GRACE.as_secs_f64();
         match self.too_fast_since {
+            _ if media > grace_ceiling => {
+                if self.too_fast_since.is_none() {
+                    metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_realtime_factor")
+                        .increment(1);
+                }
+                Err(SessionError::TooFast { factor, limit })
+            }
             None => {
                 self.too_fast_since = Some(now);
                 metrics::counter!(names::LIMIT_HITS_TOTAL, "limit" => "max_realtime_factor")
@@ -977,13 +995,13 @@ impl SessionCore {
                 self.send(&ServerMessage::Error {
                     code: ErrorCode::AudioTooFast,
                     message: format!(
-                        "audio arrives {factor:.1}x faster than real time (limit {limit:.1}x); slow down or the session closes in 1 s"
+                        "audio arrives {factor:.1}x faster than real time (limit {limit:.1}x); slow down or the session closes within 1 s"
                     ),
                     fatal: false,
                 });
                 Ok(())
             }
-            Some(since) if now.saturating_duration_since(since) >= Duration::from_secs(1) => {
+            Some(since) if now.saturating_duration_since(since) >= TOO_FAST_GRACE => {
                 Err(SessionError::TooFast { factor, limit })
             }
             Some(_) => Ok(()),

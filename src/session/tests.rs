@@ -1439,6 +1439,29 @@ fn a_client_that_slows_down_after_the_warning_is_not_closed() {
     assert_eq!(close_of(&evs), (1000, "stop".into(), false));
 }
 
+#[test]
+fn a_warned_client_going_a_limit_second_further_is_closed_at_once() {
+    let mut h = Harness::with_config(rate_limited(), PCM16K);
+    h.drain();
+    assert_eq!(kinds(&h.audio(one_second())), ["warning:audio_too_fast"]);
+    // At 0.1 s the allowance is 0.4 s, and the grace second's ceiling 2.4 s
+    // (what a 2x limit lets through in it): 2 s of media is still a warned
+    // client slowing down, 2.5 s is not. Waiting out the second would let
+    // any amount of media (or of timestamp gaps) in.
+    assert!(h.at(100).audio(one_second()).is_empty());
+    let evs = h.at(100).audio(s16(&ramp(0, 8_000)));
+    assert_ends_with_error(&mut h, evs, "audio_too_fast", 1008);
+}
+
+#[test]
+fn one_message_far_past_the_allowance_is_closed_without_a_warning_first() {
+    let mut h = Harness::with_config(rate_limited(), PCM16K);
+    h.drain();
+    // 2.3 s in one message: over 0.2 s of burst + 2 s of grace.
+    let evs = h.audio(s16(&ramp(0, 36_800)));
+    assert_ends_with_error(&mut h, evs, "audio_too_fast", 1008);
+}
+
 // ───────────────────────────── flush ─────────────────────────────
 
 #[test]

@@ -102,9 +102,16 @@ fn sixty_seconds() -> Vec<i16> {
         .collect()
 }
 
+/// These tests send a minute of audio as fast as the socket takes it: a
+/// replay, not a live call, so the real-time limit is off (PROTOCOL.md §9's
+/// resume, not pacing, is what they test).
+fn replay_server() -> Server {
+    Server::start_with(&["--max-realtime-factor", "0"], &[])
+}
+
 #[tokio::test]
 async fn sixty_seconds_with_three_disconnects_is_sample_exact() {
-    let server = Server::start();
+    let server = replay_server();
     let samples = sixty_seconds();
     let frames: Vec<&[i16]> = samples.chunks(320).collect();
     let mut client =
@@ -152,7 +159,7 @@ async fn sixty_seconds_with_three_disconnects_is_sample_exact() {
 
 #[tokio::test]
 async fn opus_resume_keeps_exact_duration_and_the_same_audio() {
-    let server = Server::start();
+    let server = replay_server();
     let packets: Vec<Vec<u8>> = ogg_packets_independently(&fixture("speech-opusenc.opus"));
     // 24 rounds of the 2.5 s fixture: 60 s of packets.
     let stream: Vec<&Vec<u8>> = (0..24).flat_map(|_| packets.iter()).collect();
@@ -197,6 +204,48 @@ async fn opus_resume_keeps_exact_duration_and_the_same_audio() {
     let correlation = dot / (na.sqrt() * nb.sqrt());
     eprintln!("opus resume: correlation with the uninterrupted run {correlation:.6}");
     assert!(correlation >= 0.99, "correlation {correlation}");
+}
+
+/// A live client (20 ms every 20 ms) loses its connection for 1.5 s, goes on
+/// capturing meanwhile, then resumes and sends its backlog at once. That
+/// catch-up is not "too fast", under the default limit and even with a burst
+/// (0.5 s) smaller than the backlog: the allowance counts from the first
+/// audio, so the time lost to the drop is room to catch up.
+#[tokio::test]
+async fn a_live_client_catching_up_after_a_dropped_connection_is_not_too_fast() {
+    let server = Server::start_with(&["--realtime-burst-ms", "500"], &[]);
+    let samples: Vec<i16> = (0..3 * 16000)
+        .map(|i| ((i * 3) % 4000 - 2000) as i16)
+        .collect();
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+    let message = |i: usize| seq_message(i as u32, i as u64 * 320, &s16_bytes(frames[i]));
+    let mut client =
+        ResumingClient::start(&server, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for i in 0..50 {
+        tick.tick().await;
+        client.send(message(i)).await;
+    }
+    client.drop_connection();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.resume().await;
+    // 1.5 s captured while disconnected, at once.
+    for i in 50..125 {
+        client.send(message(i)).await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for i in 125..frames.len() {
+        tick.tick().await;
+        client.send(message(i)).await;
+    }
+    let transcript = client.stop().await;
+    let errors = transcript.of_type("error");
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(transcript.close_code(), 1000);
+    let wav = read_wav_i16(Path::new(
+        transcript.one("recording")["path"].as_str().unwrap(),
+    ));
+    assert!(wav.samples == samples, "recording differs from the source");
 }
 
 #[tokio::test]

@@ -275,6 +275,107 @@ async fn a_client_far_faster_than_real_time_is_warned_then_closed_1008() {
     assert_eq!(transcript.close_code(), 1008);
 }
 
+/// Issue 15 item 5: `framing=seq` messages each opening a 10 s timestamp
+/// gap (the largest `max_gap_ms` allows), sent as fast as the socket takes
+/// them, then `stop`. Returns what the client saw and how long it took.
+async fn ten_second_jumps(
+    server: &Server,
+    query: &str,
+    payload: &[u8],
+    payload_frames: u64,
+    messages: u32,
+) -> (Transcript, Duration) {
+    let started_at = Instant::now();
+    let mut client = Client::connect(server, query).await;
+    client.expect("started").await;
+    let step = payload_frames + 480_000; // 10 s at 48 kHz
+    for seq in 0..messages {
+        let message = seq_message(seq, u64::from(seq) * step, payload);
+        if client.ws.send(Message::binary(message)).await.is_err() {
+            break;
+        }
+    }
+    let _ = client
+        .ws
+        .send(Message::text(r#"{"type":"stop"}"#.to_string()))
+        .await;
+    let transcript = client.finish().await;
+    (transcript, started_at.elapsed())
+}
+
+/// SECURITY.md's bound on the media a session can claim within `elapsed` of
+/// its first audio, with the defaults: the 10 s burst, 4x real time for
+/// `elapsed` and for the one grace second, and the one message that crosses
+/// the line (a 10 s gap and its own payload).
+fn default_media_bound_seconds(elapsed: Duration, payload_seconds: f64) -> f64 {
+    10.0 + 4.0 * (elapsed.as_secs_f64() + 1.0) + 10.0 + payload_seconds
+}
+
+/// Closed `audio_too_fast` (1008) well before the stream's end, with a
+/// recording, and the disk it took within the bound at `bytes_per_second`.
+fn assert_amplification_stopped(
+    transcript: &Transcript,
+    elapsed: Duration,
+    sent_seconds: f64,
+    payload_seconds: f64,
+    bytes_per_second: f64,
+) {
+    let errors = transcript.of_type("error");
+    let last = errors.last().expect("an error");
+    assert_eq!(last["code"], "audio_too_fast", "{:#?}", transcript.messages);
+    assert_eq!(last["fatal"], true);
+    assert_eq!(transcript.close_code(), 1008);
+    let recording = transcript.one("recording");
+    let seconds = recording["duration_seconds"].as_f64().unwrap();
+    let bound = default_media_bound_seconds(elapsed, payload_seconds);
+    assert!(
+        seconds <= bound && seconds < sent_seconds,
+        "{seconds} s recorded of {sent_seconds} s sent; bound {bound:.1} s"
+    );
+    let path = recording["path"].as_str().unwrap();
+    let on_disk = std::fs::metadata(path).unwrap().len();
+    assert_eq!(on_disk, recording["bytes"].as_u64().unwrap());
+    let max_bytes = bound * bytes_per_second + 4096.0;
+    eprintln!("{seconds} s, {on_disk} bytes recorded in {elapsed:?}; bound {bound:.1} s, {max_bytes:.0} bytes");
+    assert!(
+        (on_disk as f64) <= max_bytes,
+        "{on_disk} bytes on disk, bound {max_bytes:.0}"
+    );
+}
+
+#[tokio::test]
+async fn opus_messages_jumping_10_s_each_are_closed_audio_too_fast_by_default() {
+    let server = Server::start();
+    let packets = ogg_packets_independently(&fixture("speech-opusenc.opus"));
+    // 20 messages: 200 s of concealed audio, 19 MB on disk, for 2 KB sent.
+    let (transcript, elapsed) = ten_second_jumps(
+        &server,
+        "encoding=opus&sample_rate=48000&framing=seq",
+        &packets[10],
+        960,
+        20,
+    )
+    .await;
+    // The recording is 16-bit mono at 48 kHz: 96000 bytes a second.
+    assert_amplification_stopped(&transcript, elapsed, 200.4, 0.02, 96_000.0);
+}
+
+#[tokio::test]
+async fn header_only_f32_stereo_messages_jumping_10_s_are_closed_audio_too_fast_by_default() {
+    let server = Server::start();
+    // 12 bytes each: a seq header and no audio. Each wrote 3.84 MB of
+    // 32-bit float stereo silence.
+    let (transcript, elapsed) = ten_second_jumps(
+        &server,
+        "encoding=pcm_f32le&sample_rate=48000&channels=2&framing=seq",
+        &[],
+        0,
+        20,
+    )
+    .await;
+    assert_amplification_stopped(&transcript, elapsed, 190.0, 0.0, 384_000.0);
+}
+
 #[tokio::test]
 async fn a_slowloris_upgrade_is_cut_off() {
     let server = Server::start_with(&["--request-timeout-ms", "500"], &[]);

@@ -305,6 +305,10 @@ async fn a_full_backlog_sheds_the_oldest_and_says_how_many() {
             "1",
             "--transcribe-max-pending-utterances",
             "1",
+            // 28.6 s sent at once, to fill the backlog: a replay, past the
+            // default real-time limit.
+            "--max-realtime-factor",
+            "0",
         ],
     );
     let (samples, _) = speech_stream(5, 0.8);
