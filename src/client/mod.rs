@@ -9,6 +9,7 @@
 //! transcript, or why a file failed. The exit status is 0 only if every file
 //! was recorded in full.
 
+mod connection;
 pub mod source;
 pub mod stream;
 
