@@ -125,7 +125,9 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_gap_ms: u64,
-    /// Blocks queued per sink before the session waits for it.
+    /// No longer used (sinks are called in place and queue their own slow
+    /// work; `max_pending_bytes_per_sink` bounds it); accepted so that older
+    /// config files still load.
     #[arg(
         long,
         env = "COCHLEA_SINK_QUEUE_BLOCKS",
