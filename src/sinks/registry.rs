@@ -165,10 +165,6 @@ impl SinkPlan {
         self.specs.iter().map(|s| s.name().to_owned()).collect()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.specs.is_empty()
-    }
-
     /// Builds every sink, in plan order. The built sinks carry the spec's
     /// name alongside (a split recorder yields several sinks of one name).
     pub fn build(

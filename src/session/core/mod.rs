@@ -318,10 +318,6 @@ impl SessionCore {
         &self.id
     }
 
-    pub fn dialect_name(&self) -> &'static str {
-        self.dialect.kind().name()
-    }
-
     /// Takes the connection's query: the stream starts at once when it
     /// names the format; an error in it ends the session.
     pub fn open(&mut self, query: Result<StartRequest, ProtocolError>, now: Instant) {
@@ -439,7 +435,8 @@ impl SessionCore {
         self.resume_token.is_some() && self.active.is_some()
     }
 
-    /// Whether `token` is this session's resume token (constant time).
+    /// The token a resuming connection must show (`framing=seq` sessions);
+    /// the resume registry compares it in constant time.
     pub fn resume_token(&self) -> Option<&str> {
         self.resume_token.as_deref()
     }
