@@ -30,6 +30,7 @@ use crate::sinks::recorder::{ChannelsSetting, RecorderSettings, SampleFormatSett
 use crate::sinks::registry::{self, SinkConfig};
 use crate::sinks::transcriber::backend::BackendKind;
 use crate::sinks::transcriber::{TranscriptionConfig, DEFAULT_BACKEND};
+use crate::storage::RecordingsUrl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -74,6 +75,11 @@ pub struct Config {
         default_value = "./recordings"
     )]
     pub recordings_dir: PathBuf,
+    /// Where recordings are kept: `file:///path` (that directory instead of
+    /// `recordings_dir`) or `s3://bucket/prefix` (uploaded while the stream
+    /// runs; `recordings_dir` then holds the spool). Unset: `recordings_dir`.
+    #[arg(long, env = "COCHLEA_RECORDINGS_URL", value_name = "URL")]
+    pub recordings_url: Option<String>,
     /// HTTP worker threads; 0 means one per CPU core.
     #[arg(long, env = "COCHLEA_WORKERS", value_name = "N", default_value_t = 0)]
     pub workers: usize,
@@ -527,6 +533,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.recordings_location()?;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.api_keys.is_empty()
             && !self.listen.ip().is_loopback()
@@ -604,9 +611,28 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
+    /// `recordings_url`, parsed; `None` when unset.
+    pub fn recordings_location(&self) -> Result<Option<RecordingsUrl>, ConfigError> {
+        self.recordings_url
+            .as_deref()
+            .map(RecordingsUrl::parse)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// The directory the recorder writes into: `recordings_url`'s when it is
+    /// a `file://` URL, else `recordings_dir` (the recordings themselves, or
+    /// the spool of an object store).
+    pub fn recorder_dir(&self) -> PathBuf {
+        match self.recordings_location() {
+            Ok(Some(RecordingsUrl::File(dir))) => dir,
+            _ => self.recordings_dir.clone(),
+        }
+    }
+
     pub fn recorder_settings(&self) -> RecorderSettings {
         RecorderSettings {
-            dir: self.recordings_dir.clone(),
+            dir: self.recorder_dir(),
             flush_interval: Duration::from_millis(self.recorder.flush_interval_ms),
             fsync: self.recorder.fsync,
             sample_format: self.recorder.sample_format,
@@ -812,7 +838,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 45);
+        assert_eq!(count, 46);
     }
 
     #[test]

@@ -37,4 +37,5 @@ pub mod rlimit;
 pub mod server;
 pub mod session;
 pub mod sinks;
+pub mod storage;
 pub mod telemetry;

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::protocol::{parse_connect, ConnectRequest, ProtocolError, StartRequest};
+use crate::storage::Storage;
 use actix_web::http::header;
 use close::SessionError;
 use dialect::DialectKind;
@@ -42,11 +43,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot create recordings directory {path}: {source}")]
-    RecordingsDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("recordings: {0}")]
+    Storage(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("transcription: {0}")]
@@ -63,6 +61,8 @@ struct AppState {
     registry: Arc<SessionRegistry>,
     prometheus: PrometheusHandle,
     ready: Arc<AtomicBool>,
+    /// Where recordings are kept, for the routes that read them back.
+    storage: Storage,
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains sessions and returns.
@@ -71,14 +71,15 @@ struct AppState {
 /// with the real port when the configuration asked for port 0.
 pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), ServerError> {
     // Fail at startup, not at the first session, if recordings cannot be kept.
-    std::fs::create_dir_all(&config.recordings_dir).map_err(|source| {
-        ServerError::RecordingsDir {
-            path: config.recordings_dir.clone(),
-            source,
-        }
-    })?;
+    let storage = config
+        .recordings_location()
+        .map_err(|e| ServerError::Storage(e.to_string()))
+        .and_then(|url| {
+            Storage::open(url.as_ref(), &config.recorder_dir())
+                .map_err(|e| ServerError::Storage(e.to_string()))
+        })?;
     // Before any session can write there: repair what a crash left unfinished.
-    crate::sinks::recorder::recover::recover_unfinished(&config.recordings_dir);
+    crate::sinks::recorder::recover::recover_unfinished(storage.spool_dir());
 
     let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
         &config.transcription,
@@ -116,6 +117,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         registry: registry.clone(),
         prometheus: prometheus.clone(),
         ready: ready.clone(),
+        storage,
     });
 
     let workers = match config.workers {

@@ -118,7 +118,7 @@ async fn recording(
             "a recording is named <session_id>.wav (or <session_id>.ch0.wav / .ch1.wav)",
         );
     };
-    let dir = &state.env.config.recordings_dir;
+    let dir = state.storage.spool_dir();
     // Only finished recordings: the sidecar says so once the WAV is final.
     let complete = match std::fs::read(dir.join(&sidecar)) {
         Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
