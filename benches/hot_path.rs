@@ -284,6 +284,7 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         fsync: false,
         sample_format: SampleFormatSetting::Auto,
         instance: None,
+        uploader: None,
     };
     // Nothing is asked of the recorder that it reports (no flush, no
     // commit): the receiving end may go.

@@ -56,6 +56,9 @@ if [ ! -f "$clients_dir/node_modules/ws/package.json" ]; then
   (cd "$clients_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# moto's S3 server for the object-storage tests (a venv under target/).
+"$(dirname "$0")/moto-venv.sh" >/dev/null
+
 if ! command -v cc >/dev/null 2>&1; then
   log "no C compiler (cc) found; some dependencies need one"
   exit 1

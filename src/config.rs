@@ -639,6 +639,7 @@ impl Config {
             sample_rate: (self.recorder.sample_rate != 0).then_some(self.recorder.sample_rate),
             channels: self.recorder.channels,
             instance: None,
+            uploader: None,
         }
     }
 }

@@ -40,6 +40,9 @@ pub mod names {
     pub const TRANSCRIBE_REQUESTS_TOTAL: &str = "cochlea_transcribe_requests_total";
     pub const TRANSCRIBE_REQUEST_SECONDS: &str = "cochlea_transcribe_request_seconds";
     pub const TRANSCRIBE_INFLIGHT_REQUESTS: &str = "cochlea_transcribe_inflight_requests";
+    pub const UPLOADS_TOTAL: &str = "cochlea_uploads_total";
+    pub const UPLOAD_BYTES_TOTAL: &str = "cochlea_upload_bytes_total";
+    pub const UPLOAD_FAILURES_TOTAL: &str = "cochlea_upload_failures_total";
 }
 
 /// Installs the global tracing subscriber. `RUST_LOG` filters (default `info`).
@@ -119,6 +122,9 @@ fn register_at_zero() {
         RECORDINGS_TOTAL,
         TRANSCRIBE_UTTERANCES_TOTAL,
         TRANSCRIBE_UTTERANCES_SHED_TOTAL,
+        UPLOADS_TOTAL,
+        UPLOAD_BYTES_TOTAL,
+        UPLOAD_FAILURES_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -209,7 +215,20 @@ fn describe() {
         LIMIT_HITS_TOTAL,
         "Limits reached, by limit (also counted in session errors when fatal)."
     );
-    describe_counter!(RECORDINGS_TOTAL, "WAV recordings completed.");
+    describe_counter!(RECORDINGS_TOTAL, "Recordings completed.");
+    describe_counter!(
+        UPLOADS_TOTAL,
+        "Recordings uploaded to the object store, sidecar included."
+    );
+    describe_counter!(
+        UPLOAD_BYTES_TOTAL,
+        Unit::Bytes,
+        "Recording bytes sent to the object store."
+    );
+    describe_counter!(
+        UPLOAD_FAILURES_TOTAL,
+        "Object store requests that failed (each is retried with backoff)."
+    );
     describe_counter!(
         TRANSCRIBE_UTTERANCES_TOTAL,
         "Utterances cut by voice activity detection for transcription."

@@ -78,6 +78,9 @@ error_codes! {
     UnknownBackend = "unknown_backend",
     BinaryNotAllowed = "binary_not_allowed",
     UnsupportedMediaFormat = "unsupported_media_format",
+    /// Not fatal: the object store failed; the audio waits in the spool and
+    /// the upload is retried.
+    StorageUnavailable = "storage_unavailable",
     InvalidMediaPayload = "invalid_media_payload",
     UnknownTrack = "unknown_track",
     /// Also the `error` of an HTTP 401 before the upgrade.

@@ -164,6 +164,14 @@ pub struct RecordingInfo {
     pub bytes: u64,
     /// Lowercase hex SHA-256 of the whole WAV file.
     pub sha256: String,
+    /// With an object store (`recordings_url = s3://…`): the object's URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// With an object store: whether the object was complete in the store
+    /// when this message was sent. `false`: the store was slow or down, and
+    /// the upload goes on from the server's spool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::protocol::{parse_connect, ConnectRequest, ProtocolError, StartRequest};
+use crate::storage::upload::Uploader;
 use crate::storage::Storage;
 use actix_web::http::header;
 use close::SessionError;
@@ -80,6 +81,12 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         })?;
     // Before any session can write there: repair what a crash left unfinished.
     crate::sinks::recorder::recover::recover_unfinished(storage.spool_dir());
+    let uploader = Uploader::start(&storage)?;
+    if let Some(uploader) = &uploader {
+        tracing::info!(storage = ?storage, "recordings go to the object store");
+        // What a killed server left in the spool goes up in the background.
+        uploader.recover_spool();
+    }
 
     let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
         &config.transcription,
@@ -112,6 +119,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             sinks: Arc::new(crate::sinks::registry::Registry::new(
                 &config,
                 transcription.clone(),
+                uploader.as_ref(),
             )?),
         },
         registry: registry.clone(),
@@ -212,6 +220,13 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     });
 
     server.await?;
+    if let Some(uploader) = uploader {
+        // Sessions waited for their own uploads as they ended; this is for
+        // recoveries and for uploads that were retrying.
+        uploader
+            .shutdown(shutdown_timeout.min(Duration::from_secs(5)))
+            .await;
+    }
     Ok(())
 }
 

@@ -56,6 +56,7 @@ use super::transcriber::{self, TranscriptionService};
 use super::{Sink, SinkContext, SinkError, SinkEvent};
 use crate::config::Config;
 use crate::protocol::ServerMessage;
+use crate::storage::upload::Uploader;
 
 /// What a configured sink is, before any session uses it.
 pub trait SinkSpec: Send + Sync {
@@ -237,6 +238,8 @@ pub trait SinkKind {
 pub struct SpecEnv<'a> {
     pub config: &'a Config,
     pub transcription: &'a Arc<TranscriptionService>,
+    /// Uploads recordings to the object store (`None`: local storage).
+    pub uploader: Option<&'a Arc<Uploader>>,
 }
 
 /// Declares [`SinkConfig`] from one line per kind, so that a kind's variant
@@ -383,10 +386,12 @@ impl Registry {
     pub fn new(
         config: &Config,
         transcription: Arc<TranscriptionService>,
+        uploader: Option<&Arc<Uploader>>,
     ) -> Result<Self, RegistryError> {
         let env = SpecEnv {
             config,
             transcription: &transcription,
+            uploader,
         };
         let config_error = |name: &str| {
             let name = name.to_owned();
@@ -497,7 +502,7 @@ backend = "default"
 
     fn registry(config: &Config) -> Registry {
         let service = TranscriptionService::new(&config.transcription).unwrap();
-        Registry::new(config, Arc::new(service)).unwrap()
+        Registry::new(config, Arc::new(service), None).unwrap()
     }
 
     fn plan(

@@ -12,8 +12,11 @@
 //! Remote stores are built from the standard `AWS_*` environment variables
 //! (endpoint, keys, region, `AWS_ALLOW_HTTP`) by the `object_store` crate.
 
+pub mod upload;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
@@ -140,10 +143,28 @@ impl Storage {
                     path: recordings_dir.to_path_buf(),
                     source,
                 })?;
-                // The process installs ring as rustls' provider at startup;
-                // object_store signs with ring too (no aws-lc in the build).
+                // reqwest is built without a crypto provider and takes the
+                // process default: ring, as everywhere else (installing it
+                // twice is refused harmlessly). object_store signs with ring
+                // too: no aws-lc in the build.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                // Few quick retries inside object_store: the upload task
+                // retries for as long as it takes, with its own backoff,
+                // and tells the client while the store is down.
+                let retry = object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(20),
+                    ..Default::default()
+                };
+                // Timeouts as configuration keys: `with_client_options`
+                // would replace what the environment set (AWS_ALLOW_HTTP).
+                use object_store::aws::AmazonS3ConfigKey::Client;
+                use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .with_config(Client(ConnectTimeout), "5s")
+                    .with_config(Client(Timeout), "60s")
                     .build()
                     .map_err(|source| StorageError::Store {
                         url: base_url.clone(),

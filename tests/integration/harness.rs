@@ -47,6 +47,12 @@ impl Server {
         Self::start_in(Some(recordings.to_owned()), args, &[])
     }
 
+    /// A server recording into `recordings` (when given), with `args` and
+    /// environment `env`.
+    pub fn start_full(recordings: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_in(recordings.map(Path::to_owned), args, env)
+    }
+
     fn start_in(recordings: Option<PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let recordings = recordings.unwrap_or_else(|| dir.path().join("recordings"));

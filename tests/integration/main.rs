@@ -42,6 +42,7 @@ mod harness;
 mod lifecycle;
 mod loadgen;
 mod named_sinks;
+mod object_storage;
 mod opus;
 mod page;
 mod resume;

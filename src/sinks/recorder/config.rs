@@ -72,6 +72,7 @@ impl RecordSinkConfig {
             fsync: self.fsync.unwrap_or(base.fsync),
             sample_format: self.sample_format.unwrap_or(base.sample_format),
             instance: (name != NAME).then(|| name.to_owned()),
+            uploader: base.uploader.clone(),
         }
     }
 }
@@ -90,7 +91,13 @@ impl SinkKind for RecordSinkConfig {
     fn spec(&self, name: &str, env: &SpecEnv<'_>) -> Result<Arc<dyn SinkSpec>, String> {
         Ok(Arc::new(RecordSpec {
             name: name.to_owned(),
-            settings: self.settings(&env.config.recorder_settings(), name),
+            settings: self.settings(
+                &RecorderSettings {
+                    uploader: env.uploader.cloned(),
+                    ..env.config.recorder_settings()
+                },
+                name,
+            ),
         }))
     }
 }
@@ -142,6 +149,7 @@ mod tests {
             fsync: true,
             sample_format: SampleFormatSetting::F32,
             instance: None,
+            uploader: None,
         }
     }
 

@@ -38,11 +38,14 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::sync::Arc;
+
 use super::registry::Emitter;
 use super::{Completion, Sink, SinkContext, SinkError};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
-use crate::protocol::{Encoding, RecordingInfo, ServerMessage};
+use crate::protocol::{Encoding, ErrorCode, RecordingInfo, ServerMessage};
+use crate::storage::upload::{Upload, Uploader};
 use offthread::{FileSide, Job, OffThread, Report};
 use sidecar::Sidecar;
 pub use wav::{f32_to_i16, samples_to_i16};
@@ -91,7 +94,15 @@ pub struct RecorderSettings {
     /// The `[sinks.<name>]` instance this recorder is, which goes into its
     /// file names; `None` for the built-in `record`.
     pub instance: Option<String>,
+    /// With an object store: streams each recording there while it is
+    /// written (`dir` is then the spool).
+    pub uploader: Option<Arc<Uploader>>,
 }
+
+/// How long the end of a session waits for its recording's upload to
+/// complete before it reports the recording as still uploading (the upload
+/// goes on in the background).
+const UPLOAD_WAIT: Duration = Duration::from_secs(10);
 
 impl RecorderSettings {
     /// The recordings to make for a stream with `channels` channels.
@@ -134,6 +145,11 @@ impl WavFormat {
 /// The RIFF size fields are 32-bit: a WAV file cannot hold more data bytes
 /// than this (the header is at most 68 bytes).
 const MAX_WAV_DATA_BYTES: u64 = u32::MAX as u64 - 68;
+
+/// The last component of a path the recorder made (always a file name).
+fn file_name(path: &Path) -> Option<String> {
+    path.file_name().map(|n| n.to_string_lossy().into_owned())
+}
 
 /// Builds the mapper from an IO error on `path` to a [`SinkError`].
 /// The path is copied only if there is an error: this runs once per block.
@@ -197,6 +213,10 @@ struct RecordingFile {
     fsync: bool,
     /// The `[sinks.<name>]` instance, named in `recording`.
     instance: Option<String>,
+    /// The object store's side, if recordings are uploaded.
+    upload: Option<Upload>,
+    /// Where the upload puts the file (`s3://…`).
+    uri: Option<String>,
 }
 
 impl Recorder {
@@ -241,6 +261,24 @@ impl Recorder {
             channels,
             channel,
         );
+        let file_name = format!("{stem}.wav");
+        let uri = settings
+            .uploader
+            .as_ref()
+            .and_then(|uploader| uploader.storage().object_url(&file_name));
+        let upload = settings.uploader.as_ref().map(|uploader| {
+            let emitter = emitter.clone();
+            uploader.begin(
+                &file_name,
+                Box::new(move |message: &str| {
+                    emitter.message(ServerMessage::Error {
+                        code: ErrorCode::StorageUnavailable,
+                        message: message.to_owned(),
+                        fatal: false,
+                    });
+                }),
+            )
+        });
         let file = RecordingFile {
             channel,
             wav: None,
@@ -253,6 +291,8 @@ impl Recorder {
             frames_written: 0,
             fsync: settings.fsync,
             instance: settings.instance.clone(),
+            upload,
+            uri,
         };
         let write_seconds =
             metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME);
@@ -386,6 +426,12 @@ impl RecordingFile {
             self.sample_rate,
             reason,
         );
+        // What was kept goes to the store too (not waited for: the session
+        // has failed and reports no recording).
+        if let Some(upload) = self.upload {
+            let len = fs::metadata(&self.wav_path).map_or(0, |m| m.len());
+            let _ = upload.finish(len, file_name(&self.sidecar_path));
+        }
     }
 
     /// The end of a recording: the header final, the hash, the sidecar, and
@@ -396,6 +442,7 @@ impl RecordingFile {
             return Ok(Vec::new());
         };
         let path = &self.wav_path;
+        let upload = self.upload;
         let fail = |sidecar, frames, error: SinkError| {
             let reason = error.to_string();
             Self::record_failure(
@@ -442,6 +489,22 @@ impl RecordingFile {
         }
         sidecar.write(&self.sidecar_path)?;
 
+        // With an object store: the rest of the file and the sidecar go up
+        // now; the message says where the object is, and whether it is
+        // there yet (if the store is slow or down, the upload goes on from
+        // the spool in the background).
+        let uploaded = upload.map(|upload| {
+            let finishing = upload.finish(bytes, file_name(&self.sidecar_path));
+            match finishing.wait(UPLOAD_WAIT) {
+                Some(Ok(_)) => true,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "recording not uploaded");
+                    false
+                }
+                None => false,
+            }
+        });
+
         Ok(vec![ServerMessage::Recording(RecordingInfo {
             path: self.wav_path.display().to_string(),
             sidecar_path: self.sidecar_path.display().to_string(),
@@ -454,6 +517,8 @@ impl RecordingFile {
             sink: self.instance,
             bytes,
             sha256,
+            uri: self.uri,
+            uploaded,
         })])
     }
 }
@@ -480,6 +545,13 @@ impl FileSide for RecordingFile {
             wav.file()
                 .sync_data()
                 .map_err(io_error("syncing", &self.wav_path))?;
+        }
+        if let Some(upload) = &self.upload {
+            // Past the header, the file only grows: what is on disk now can
+            // go up in whole parts.
+            if let Ok(meta) = wav.file().metadata() {
+                upload.durable(meta.len());
+            }
         }
         Ok(())
     }

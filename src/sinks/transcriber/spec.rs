@@ -148,6 +148,7 @@ mod tests {
         let env = SpecEnv {
             config: &config,
             transcription: &service,
+            uploader: None,
         };
         let spec = TranscribeSinkConfig {
             backend: "crm".into(),
