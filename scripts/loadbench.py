@@ -185,17 +185,51 @@ class Child:
         return code
 
 
-def start_server(kind, tmp, scenario, max_sessions, keepalive_ms):
-    """cochlea (recording into tmp) or the baseline sink; returns (child, addr)."""
-    if kind == "cochlea":
+# Extra `cochlea serve` arguments (--server-arg), for every cochlea kind.
+SERVER_ARGS = []
+
+
+def start_moto(tmp):
+    """moto's S3 server on a free loopback port with a bucket `bench`;
+    returns (child, endpoint)."""
+    server = subprocess.run([str(ROOT / "scripts" / "moto-venv.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = Child([server, "-H", "127.0.0.1", "-p", str(port)], tmp / "moto.log")
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/", timeout=1).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                child.stop()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    urllib.request.urlopen(urllib.request.Request(endpoint + "/bench", method="PUT"), timeout=5).read()
+    return child, endpoint
+
+
+def start_server(kind, tmp, scenario, max_sessions, keepalive_ms, s3_endpoint=None):
+    """cochlea (recording into tmp, or into moto's S3 for cochlea-s3) or the
+    baseline sink; returns (child, addr)."""
+    if kind in ("cochlea", "cochlea-s3"):
         argv = [str(COCHLEA), "serve", "--listen", "127.0.0.1:0",
                 "--recordings-dir", str(tmp / "recordings"),
-                "--max-sessions", str(max_sessions)]
+                "--max-sessions", str(max_sessions)] + SERVER_ARGS
         if scenario == "opus":
             argv += ["--recorder-sample-rate", "16000"]
         if scenario == "idle" and keepalive_ms > 25_000:
             argv += ["--idle-timeout-ms", str(3 * keepalive_ms)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("COCHLEA_")}
+        if kind == "cochlea-s3":
+            argv += ["--recordings-url", "s3://bench/recordings"]
+            env.update(AWS_ENDPOINT=s3_endpoint, AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1",
+                       AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
         pattern = r"cochlea listening on http://(\S+)"
     else:
         argv = [str(BASELINE), "--listen", "127.0.0.1:0"]
@@ -226,7 +260,9 @@ def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms, sink
 
 def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sinks):
     """One load against one server; returns the figures of the window."""
-    server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100, keepalive_ms)
+    moto, endpoint = start_moto(tmp) if kind == "cochlea-s3" else (None, None)
+    server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100, keepalive_ms,
+                                endpoint)
     pid = server.proc.pid
     try:
         time.sleep(1.0)
@@ -244,12 +280,12 @@ def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sink
         window_end = t_start + duration_s - 1.0
         if window_end - time.monotonic() < 2.0:
             raise RuntimeError("no steady-state window: raise --duration-s or lower --ramp-s")
-        buckets0 = ingest_buckets(addr) if kind == "cochlea" else None
+        buckets0 = ingest_buckets(addr) if kind != "baseline" else None
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         time.sleep(window_end - t0)
         cpu1, t1 = cpu_seconds(pid), time.monotonic()
         rss_load = status_kib(pid, "VmRSS")
-        buckets1 = ingest_buckets(addr) if kind == "cochlea" else None
+        buckets1 = ingest_buckets(addr) if kind != "baseline" else None
         opens = [int(m.group(1)) for m in
                  (re.search(r"open\s+(\d+)/", line) for line in list(gen.lines)) if m]
         open_now = opens[-1] if opens else streams
@@ -285,6 +321,8 @@ def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sink
         return result
     finally:
         server.stop()
+        if moto:
+            moto.stop()
 
 
 def scenario_runs(args, scenario, tmp_root):
@@ -293,6 +331,8 @@ def scenario_runs(args, scenario, tmp_root):
     duration = args.duration_s if scenario != "idle" else ramp + SETTLE_S + args.idle_window_s + 3
     results = {}
     kinds = ["cochlea"] if scenario == "idle" else ["cochlea", "baseline"]
+    if args.s3 and scenario != "idle":
+        kinds.append("cochlea-s3")
     for kind in kinds:
         tmp = Path(tempfile.mkdtemp(prefix=f"loadbench-{scenario}-{kind}-", dir=tmp_root))
         try:
@@ -307,6 +347,10 @@ def scenario_runs(args, scenario, tmp_root):
         c, b = results["cochlea"], results["baseline"]
         results["cpu_ratio"] = c["cpu_ms_per_stream_s"] / b["cpu_ms_per_stream_s"] \
             if b["cpu_ms_per_stream_s"] > 0 else None
+    if "cochlea-s3" in results:
+        c, s3 = results["cochlea"], results["cochlea-s3"]
+        results["s3_extra_cpu_ms_per_stream_s"] = s3["cpu_ms_per_stream_s"] - c["cpu_ms_per_stream_s"]
+        results["s3_extra_rss_per_session_kib"] = s3["rss_per_session_kib"] - c["rss_per_session_kib"]
     return results
 
 
@@ -320,7 +364,7 @@ def table(all_results):
             "send lateness p99 ms | failures |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, results in all_results.items():
-        for kind in ("cochlea", "baseline"):
+        for kind in ("cochlea", "baseline", "cochlea-s3"):
             r = results.get(kind)
             if not r:
                 continue
@@ -335,6 +379,9 @@ def table(all_results):
                 f"{fmt(lg['lateness']['p99_ms'])} | {lg['failures']} |")
         if results.get("cpu_ratio") is not None:
             rows.append(f"| {scenario} | **ratio** | | | **{results['cpu_ratio']:.2f}×** | | | | | | | |")
+        if results.get("s3_extra_cpu_ms_per_stream_s") is not None:
+            rows.append(f"| {scenario} | **S3 adds** | | | **{results['s3_extra_cpu_ms_per_stream_s']:+.3f}** | | | "
+                        f"**{results['s3_extra_rss_per_session_kib']:+.1f}** | | | | |")
     return "\n".join(rows)
 
 
@@ -400,7 +447,14 @@ def main():
     p.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     p.add_argument("--keep", action="store_true", help="keep temporary directories and logs")
     p.add_argument("--json", type=Path, help="also write all figures to this file")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="an extra `cochlea serve` argument (repeat it), e.g. "
+                        "--server-arg=--recorder-format --server-arg=ogg_opus")
+    p.add_argument("--s3", action="store_true",
+                   help="also run cochlea recording into moto's S3 server (cochlea-s3), "
+                        "and give what S3 adds per stream over local files")
     args = p.parse_args()
+    SERVER_ARGS.extend(args.server_arg)
 
     if not args.no_build:
         log("building release binaries")
