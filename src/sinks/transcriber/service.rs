@@ -1,6 +1,7 @@
 //! What all transcribing sessions share.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Semaphore};
@@ -19,6 +20,9 @@ pub struct TranscriptionService {
     /// Set when the server shuts down: every pending transcript is given
     /// up by then, so that shutdown fits `shutdown_timeout_ms`.
     pub(super) shutdown_deadline: watch::Sender<Option<tokio::time::Instant>>,
+    /// Where final transcripts are kept (`<session_id>.transcript.jsonl`,
+    /// beside the recordings); `None`: not kept.
+    transcripts_dir: Option<PathBuf>,
 }
 
 impl TranscriptionService {
@@ -39,7 +43,19 @@ impl TranscriptionService {
             client,
             global_requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             shutdown_deadline: watch::channel(None).0,
+            transcripts_dir: None,
         })
+    }
+
+    /// Keeps every session's final transcripts in `dir` (the recordings'
+    /// directory), where the recordings API reads them back.
+    pub fn with_transcripts_dir(mut self, dir: &Path) -> Self {
+        self.transcripts_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub(super) fn transcripts_dir(&self) -> Option<&Path> {
+        self.transcripts_dir.as_deref()
     }
 
     /// The server is shutting down: transcripts not in by `at` are given
