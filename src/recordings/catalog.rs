@@ -422,14 +422,33 @@ impl Catalog {
         Ok(index)
     }
 
-    /// The session `session_id` from the index, listing again (within
-    /// [`MISS_REFRESH_INTERVAL`]) if the index does not know it yet.
+    /// The session `session_id` from the index. If the index does not know
+    /// it yet (it may have started since the last listing), the store is
+    /// asked for its usual files: if one is there, the store is listed again
+    /// at once; if not (only named recorders' files, or no such session), at
+    /// most every [`MISS_REFRESH_INTERVAL`], so made-up ids cannot make the
+    /// server list the store continuously.
     pub async fn session(&self, session_id: &str) -> Result<Option<Session>, RecordingsError> {
         let index = self.index(REFRESH_INTERVAL).await?;
         if let Some(session) = index.get(session_id) {
             return Ok(Some(session.clone()));
         }
-        let index = self.index(MISS_REFRESH_INTERVAL).await?;
+        let mut max_age = MISS_REFRESH_INTERVAL;
+        for suffix in [".json", ".ch0.json", TRANSCRIPT_SUFFIX] {
+            match self
+                .objects()
+                .head(&self.key(&format!("{session_id}{suffix}")))
+                .await
+            {
+                Ok(_) => {
+                    max_age = Duration::ZERO;
+                    break;
+                }
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let index = self.index(max_age).await?;
         Ok(index.get(session_id).cloned())
     }
 
