@@ -263,6 +263,7 @@ function showTranscript(lines, duration) {
       chip.title = line.text;
       chip.textContent = line.text;
       chip.style.left = `${Math.min(100, (line.start / duration) * 100)}%`;
+      chip.style.top = `${Math.min(line.channel, 1) * 1.5}rem`;
       chip.style.width = `${Math.max(0.5, ((line.end - line.start) / duration) * 100)}%`;
       chip.addEventListener("click", () => seek(line.start));
       ui.timeline.append(chip);
