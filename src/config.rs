@@ -289,6 +289,8 @@ pub struct Config {
     #[command(flatten)]
     pub recorder: RecorderConfig,
     #[command(flatten)]
+    pub recordings: RecordingsConfig,
+    #[command(flatten)]
     pub transcription: TranscriptionConfig,
     /// Named sink instances (`[sinks.<name>]`, tagged by `kind`), which
     /// sessions pick by name in `sinks=`. File only.
@@ -353,6 +355,39 @@ impl Default for Config {
 impl Default for RecorderConfig {
     fn default() -> Self {
         defaults_from_attributes()
+    }
+}
+
+/// `[recordings]`: what happens to recordings once written (the recordings
+/// API, retention); flags and variables carry the `recordings` prefix.
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingsConfig {
+    /// Days a recording is kept, counted from its start; older ones (audio,
+    /// sidecars, transcripts) are deleted. 0 keeps them forever.
+    #[arg(
+        long = "recordings-retention-days",
+        env = "COCHLEA_RECORDINGS_RETENTION_DAYS",
+        value_name = "DAYS",
+        default_value_t = 0
+    )]
+    pub retention_days: u32,
+}
+
+impl Default for RecordingsConfig {
+    fn default() -> Self {
+        defaults_from_attributes()
+    }
+}
+
+impl RecordingsConfig {
+    /// The longest retention accepted: a century.
+    pub const MAX_RETENTION_DAYS: u32 = 36_525;
+
+    /// How long recordings are kept; `None`: forever.
+    pub fn retention(&self) -> Option<std::time::Duration> {
+        (self.retention_days > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400))
     }
 }
 
@@ -535,6 +570,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.recordings_location()?;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.recordings.retention_days > RecordingsConfig::MAX_RETENTION_DAYS {
+            return invalid(format!(
+                "recordings.retention_days = {} is more than {} (a century); 0 keeps recordings forever",
+                self.recordings.retention_days,
+                RecordingsConfig::MAX_RETENTION_DAYS
+            ));
+        }
         if self.api_keys.is_empty()
             && !self.listen.ip().is_loopback()
             && !self.allow_unauthenticated
@@ -839,7 +881,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 46);
+        assert_eq!(count, 47);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod healthcheck;
 pub mod loadgen;
 pub mod pipeline;
 pub mod protocol;
+pub mod recordings;
 pub mod rlimit;
 pub mod server;
 pub mod session;

@@ -164,6 +164,9 @@ pub struct RecordingInfo {
     pub bytes: u64,
     /// Lowercase hex SHA-256 of the whole WAV file.
     pub sha256: String,
+    /// Where the client can fetch the file through this server (the
+    /// recordings API), relative to its address.
+    pub url: String,
     /// With an object store (`recordings_url = s3://…`): the object's URL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,

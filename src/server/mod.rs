@@ -9,6 +9,7 @@ pub mod close;
 pub mod dialect;
 mod frame_limit;
 pub mod page;
+mod recordings;
 mod registry;
 mod resume;
 pub mod session;
@@ -62,8 +63,8 @@ struct AppState {
     registry: Arc<SessionRegistry>,
     prometheus: PrometheusHandle,
     ready: Arc<AtomicBool>,
-    /// Where recordings are kept, for the routes that read them back.
-    storage: Storage,
+    /// The recordings the store holds, for the routes that read them back.
+    catalog: Arc<crate::recordings::Catalog>,
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains sessions and returns.
@@ -88,14 +89,17 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         uploader.recover_spool();
     }
 
-    let transcription = Arc::new(crate::sinks::transcriber::TranscriptionService::new(
-        &config.transcription,
-    )?);
+    // Final transcripts are kept beside the recordings, for the recordings API.
+    let transcription = Arc::new(
+        crate::sinks::transcriber::TranscriptionService::new(&config.transcription)?
+            .with_transcripts(storage.spool_dir(), uploader.clone()),
+    );
     for name in transcription.backend_names() {
         if let Some(backend) = transcription.backend(&name) {
             tracing::info!(backend = %name, url = backend.url(), "transcription backend");
         }
     }
+    let catalog = Arc::new(crate::recordings::Catalog::new(storage));
     let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let registry = SessionRegistry::new(config.max_sessions, config.max_sessions_per_key);
@@ -125,7 +129,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         registry: registry.clone(),
         prometheus: prometheus.clone(),
         ready: ready.clone(),
-        storage,
+        catalog: catalog.clone(),
     });
 
     let workers = match config.workers {
@@ -145,6 +149,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
             .configure(page::routes)
+            .configure(recordings::routes)
     })
     .workers(workers)
     // Signals are ours: sessions must finish their sinks before workers stop.
@@ -182,6 +187,25 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
 
     let server = server.run();
     let handle = server.handle();
+
+    // The index is built once at start (the first list request need not
+    // wait for it); with retention on, the sweep's first pass does that.
+    match config.recordings.retention() {
+        Some(retention) => {
+            tracing::info!(
+                days = config.recordings.retention_days,
+                "recordings retention on"
+            );
+            actix_web::rt::spawn(crate::recordings::retention::run(catalog, retention));
+        }
+        None => {
+            actix_web::rt::spawn(async move {
+                if let Err(error) = catalog.index(Duration::ZERO).await {
+                    tracing::warn!(%error, "cannot list recordings");
+                }
+            });
+        }
+    }
 
     let upkeep = prometheus.clone();
     actix_web::rt::spawn(async move {

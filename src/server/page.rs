@@ -1,23 +1,21 @@
-//! The browser page (`/`, sources in samples/web/, compiled into the binary
-//! so it works from any directory) and finished recordings over HTTP
-//! (`/v1/recordings/<session_id>.wav`), which the page links to.
+//! The browser pages, compiled into the binary so they work from any
+//! directory (sources in samples/web/): the microphone page (`/`) and the
+//! recordings page (`/recordings`). Recordings themselves are served by the
+//! recordings API (`server/recordings.rs`), which both pages call.
 //!
-//! The page is public: it holds no secret, and a visitor still needs a
-//! credential (its `?token=`) to stream. Recordings take exactly the
-//! credentials `/v1/stream` takes, and their names are checked against the
-//! server's own session-id format before any path is built, so no request
-//! can name another file.
+//! The pages are public: they hold no secret, and a visitor still needs a
+//! credential (the page's `?token=`) to stream or to see any recording.
 
-use actix_web::http::header::{self, ContentType};
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
-
-use super::AppState;
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
 
 const INDEX_HTML: &str = include_str!("../../samples/web/index.html");
 const APP_JS: &str = include_str!("../../samples/web/app.js");
 const WORKLET_JS: &str = include_str!("../../samples/web/worklet.js");
 const STYLE_CSS: &str = include_str!("../../samples/web/style.css");
+const RECORDINGS_HTML: &str = include_str!("../../samples/web/recordings.html");
+const RECORDINGS_JS: &str = include_str!("../../samples/web/recordings.js");
+const RECORDINGS_CSS: &str = include_str!("../../samples/web/recordings.css");
 
 /// The page may talk to its own server only, run only its own scripts, and
 /// play recordings from its own server; nothing from elsewhere.
@@ -31,7 +29,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/app.js", web::get().to(app_js))
         .route("/worklet.js", web::get().to(worklet_js))
         .route("/style.css", web::get().to(style_css))
-        .route("/v1/recordings/{name}", web::get().to(recording));
+        .route("/recordings", web::get().to(recordings_html))
+        .route("/recordings.js", web::get().to(recordings_js))
+        .route("/recordings.css", web::get().to(recordings_css));
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
@@ -61,121 +61,14 @@ async fn style_css() -> HttpResponse {
     asset("text/css; charset=utf-8", STYLE_CSS)
 }
 
-/// True for a session id exactly as the server makes them: a UUID,
-/// lowercase and hyphenated (36 characters).
-pub fn is_session_id(text: &str) -> bool {
-    text.len() == 36
-        && uuid::Uuid::parse_str(text).is_ok_and(|id| id.hyphenated().to_string() == text)
+async fn recordings_html() -> HttpResponse {
+    asset("text/html; charset=utf-8", RECORDINGS_HTML)
 }
 
-/// The recording a file name stands for: `<id>.wav`, or `<id>.ch0.wav` /
-/// `<id>.ch1.wav` with `recorder.channels = "split"`. Returns the WAV and
-/// sidecar file names.
-pub fn recording_files(name: &str) -> Option<(String, String)> {
-    let stem = name.strip_suffix(".wav")?;
-    let (id, channel) = match stem.split_once('.') {
-        Some((id, channel @ ("ch0" | "ch1"))) => (id, Some(channel)),
-        Some(_) => return None,
-        None => (stem, None),
-    };
-    if !is_session_id(id) {
-        return None;
-    }
-    let base = match channel {
-        Some(channel) => format!("{id}.{channel}"),
-        None => id.to_owned(),
-    };
-    Some((format!("{base}.wav"), format!("{base}.json")))
+async fn recordings_js() -> HttpResponse {
+    asset("text/javascript; charset=utf-8", RECORDINGS_JS)
 }
 
-fn not_found(message: &str) -> HttpResponse {
-    HttpResponse::NotFound()
-        .content_type(ContentType::json())
-        .json(json!({ "error": "not_found", "message": message }))
-}
-
-/// `GET /v1/recordings/<session_id>.wav`: a finished recording, with the
-/// same authentication as `/v1/stream` (`Authorization: Bearer`, `?token=`).
-async fn recording(
-    req: HttpRequest,
-    name: web::Path<String>,
-    state: web::Data<AppState>,
-) -> HttpResponse {
-    let token = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-        .ok()
-        .and_then(|pairs| {
-            pairs
-                .into_inner()
-                .into_iter()
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v)
-        });
-    if let Err(error) = super::authenticate(&req, &state.auth, token.as_deref()) {
-        return super::refuse_http(&error);
-    }
-    let Some((wav, sidecar)) = recording_files(&name) else {
-        return not_found(
-            "a recording is named <session_id>.wav (or <session_id>.ch0.wav / .ch1.wav)",
-        );
-    };
-    let dir = state.storage.spool_dir();
-    // Only finished recordings: the sidecar says so once the WAV is final.
-    let complete = match std::fs::read(dir.join(&sidecar)) {
-        Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
-            .map(|v| v["complete"] == true)
-            .unwrap_or(false),
-        Err(_) => return not_found("no such recording"),
-    };
-    if !complete {
-        return HttpResponse::Conflict().json(json!({
-            "error": "recording_unfinished",
-            "message": "the recording is not finished yet (or its session failed); try again after `closed`",
-        }));
-    }
-    let path = dir.join(&wav);
-    match web::block(move || actix_files::NamedFile::open(path)).await {
-        Ok(Ok(file)) => file
-            .set_content_type(
-                "audio/wav"
-                    .parse()
-                    .unwrap_or(actix_web::mime::APPLICATION_OCTET_STREAM),
-            )
-            .use_etag(true)
-            .into_response(&req),
-        Ok(Err(_)) | Err(_) => not_found("no such recording"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_server_made_names_are_recordings() {
-        let id = "01a1fe8b-654d-72fd-99f9-7c0fa87dd94a";
-        assert_eq!(
-            recording_files(&format!("{id}.wav")),
-            Some((format!("{id}.wav"), format!("{id}.json")))
-        );
-        assert_eq!(
-            recording_files(&format!("{id}.ch1.wav")),
-            Some((format!("{id}.ch1.wav"), format!("{id}.ch1.json")))
-        );
-        for bad in [
-            format!("{id}.json"),
-            format!("{id}.ch2.wav"),
-            id.to_string(),
-            format!("../{id}.wav"),
-            format!("{}.wav", id.to_uppercase()),
-            format!("{}.wav", id.replace('-', "")),
-            format!("{{{id}}}.wav"),
-            "..%2F..%2Fetc%2Fpasswd.wav".into(),
-            "/etc/passwd".into(),
-            ".wav".into(),
-            format!("{id}.wav.wav"),
-            format!("{id}.x.ch0.wav"),
-        ] {
-            assert_eq!(recording_files(&bad), None, "{bad}");
-        }
-    }
+async fn recordings_css() -> HttpResponse {
+    asset("text/css; charset=utf-8", RECORDINGS_CSS)
 }

@@ -325,6 +325,7 @@ impl Sink for FakeSink {
             sink: None,
             bytes: 44 + self.frames * 2 * u64::from(self.channels),
             sha256: "0".repeat(64),
+            url: String::new(),
             uri: None,
             uploaded: None,
         })])

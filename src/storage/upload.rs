@@ -36,6 +36,7 @@ use object_store::{MultipartId, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::Storage;
+use crate::sinks::transcriber::persist::TRANSCRIPT_SUFFIX;
 use crate::telemetry::names;
 
 /// Size of every part but the last: S3's smallest (5 MiB). Equal parts also
@@ -158,26 +159,44 @@ impl Uploader {
             let leftovers = tokio::task::spawn_blocking(move || spool_leftovers(&dir))
                 .await
                 .unwrap_or_default();
-            for (recording, sidecar) in leftovers {
-                tracing::info!(file = %recording, "uploading a recording left in the spool");
-                let (tx, rx) = mpsc::unbounded_channel();
-                let task = UploadTask::new(&uploader, &recording, None);
-                let path = task.spool_path.clone();
-                let len = tokio::task::spawn_blocking(move || std::fs::metadata(path))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map_or(0, |m| m.len());
-                let (done_tx, _done_rx) = std::sync::mpsc::channel();
-                let _ = tx.send(Command::Finish {
-                    final_len: len,
-                    sidecar: Some(sidecar),
-                    done: done_tx,
-                });
-                task.run(rx).await;
+            for (file, sidecar) in leftovers {
+                tracing::info!(file = %file, "uploading a file left in the spool");
+                uploader.upload_whole(&file, sidecar).await;
             }
             uploader.active.send_modify(|n| *n = n.saturating_sub(1));
         });
+    }
+
+    /// Uploads the finished spool file `file_name` (a session's kept
+    /// transcripts, say) in the background, then deletes it from the spool.
+    pub fn upload_file(self: &Arc<Self>, file_name: &str) {
+        let uploader = self.clone();
+        let file_name = file_name.to_owned();
+        self.active.send_modify(|n| *n += 1);
+        self.runtime.spawn(async move {
+            uploader.upload_whole(&file_name, None).await;
+            uploader.active.send_modify(|n| *n = n.saturating_sub(1));
+        });
+    }
+
+    /// Uploads a spool file that is final, then its sidecar (if any), then
+    /// deletes both; retries until it is done or the runtime stops.
+    async fn upload_whole(&self, file_name: &str, sidecar: Option<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = UploadTask::new(self, file_name, None);
+        let path = task.spool_path.clone();
+        let len = tokio::task::spawn_blocking(move || std::fs::metadata(path))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map_or(0, |m| m.len());
+        let (done, _) = std::sync::mpsc::channel();
+        let _ = tx.send(Command::Finish {
+            final_len: len,
+            sidecar,
+            done,
+        });
+        task.run(rx).await;
     }
 
     /// Waits up to `timeout` for the uploads under way, then stops them
@@ -197,16 +216,25 @@ impl Uploader {
     }
 }
 
-/// `(recording file name, sidecar file name)` of every sidecar in `dir`
-/// whose recording is there and not held by a live recorder.
-fn spool_leftovers(dir: &Path) -> Vec<(String, String)> {
+/// What a previous process left in the spool `dir`: `(recording file name,
+/// Some(sidecar file name))` for every sidecar whose recording is there and
+/// not held by a live recorder, and `(file name, None)` for every kept
+/// transcript file.
+fn spool_leftovers(dir: &Path) -> Vec<(String, Option<String>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".json") || name.starts_with('.') {
+        if name.starts_with('.') {
+            continue;
+        }
+        if name.ends_with(TRANSCRIPT_SUFFIX) {
+            found.push((name, None));
+            continue;
+        }
+        if !name.ends_with(".json") {
             continue;
         }
         let Ok(bytes) = std::fs::read(entry.path()) else {
@@ -231,7 +259,7 @@ fn spool_leftovers(dir: &Path) -> Vec<(String, String)> {
         if file.try_lock().is_err() {
             continue;
         }
-        found.push((recording, name));
+        found.push((recording, Some(name)));
     }
     found.sort();
     found

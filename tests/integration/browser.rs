@@ -634,3 +634,149 @@ async fn snippet_capture_once(binary: &Path) -> (f64, usize, String) {
     );
     (tracked.correlation, jumps, format!("{:?}", tracked.windows))
 }
+
+/// The recordings page (`/recordings`) on a real recording with kept
+/// transcripts: it lists it, opens it to a player whose source is the Range
+/// download route, draws one waveform lane per channel from the decoded
+/// audio, shows the transcript lines, and a click on a line seeks the player.
+#[tokio::test]
+async fn browser_recordings_page_plays_draws_and_seeks() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let stub = crate::stt_stub::Stub::start(|n, _| {
+        crate::stt_stub::Reply::text(&format!("utterance number {n}"))
+    })
+    .await;
+    let key = "recordings-page-key-0123456789abcdef";
+    let server = Server::start_with(
+        &["--transcribe-url", stub.url.as_str(), "--api-key", key],
+        &[],
+    );
+    // A stereo call: speech on the left, the same speech a second later on
+    // the right, so both lanes hold sound and both channels get transcripts.
+    let speech = read_wav_i16(&crate::harness::fixture("speech-16k.wav")).samples;
+    let second = 16_000;
+    let frames = speech.len() + 3 * second;
+    let mut stereo = vec![0i16; frames * 2];
+    for (i, &s) in speech.iter().enumerate() {
+        stereo[(i + second / 2) * 2] = s;
+        stereo[(i + second + second / 2) * 2 + 1] = s / 2;
+    }
+    let mut client = Client::connect(
+        &server,
+        &format!("encoding=pcm_s16le&sample_rate=16000&channels=2&token={key}"),
+    )
+    .await;
+    let started = client.expect("started").await;
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    client.send_chunks(&s16_bytes(&stereo), 1280).await;
+    let transcript = client.stop().await;
+    let sent = transcript.of_type("transcript");
+    assert!(sent.len() >= 2, "{:?}", transcript.types());
+    let mut starts: Vec<f64> = sent.iter().map(|t| t["start"].as_f64().unwrap()).collect();
+    starts.sort_by(f64::total_cmp);
+
+    // The list trails new recordings by up to 2 s (the index's refresh).
+    crate::recordings_api::list_until(&server, &format!("token={key}"), 1);
+    let url = format!("http://{}/recordings?token={key}&open={id}", server.addr);
+    let microphone = crate::harness::fixture("speech-16k.wav");
+    let browser = Browser::launch(&binary, &url, &microphone, true);
+    let mut page = Page::attach(&browser).await;
+    page.wait_loaded(&url).await;
+    let deadline = Instant::now() + WAIT;
+    let state = loop {
+        let text = page
+            .eval("JSON.stringify(window.cochleaRecordings || null)")
+            .await;
+        let state: Value =
+            serde_json::from_str(text.as_str().unwrap_or("null")).unwrap_or(Value::Null);
+        if state["phase"] == "open" && state["waveformDrawn"] == true || state["phase"] == "failed"
+        {
+            break state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page did not open the recording: {state}\nconsole:\n{}",
+            page.console.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        state["phase"],
+        "open",
+        "{state}\nconsole:\n{}\nserver log:\n{}",
+        page.console.join("\n"),
+        server.log()
+    );
+    assert_eq!(state["listed"], 1);
+    assert_eq!(state["opened"], id.as_str());
+    assert_eq!(state["lanes"], 2, "one lane per channel");
+    assert!(state["peak"].as_f64().unwrap() > 0.05, "{state}");
+    assert_eq!(state["transcriptLines"], sent.len());
+    let src = state["playerSrc"].as_str().unwrap();
+    assert!(
+        src.contains(&format!("/v1/recordings/{id}/files/{id}.wav")),
+        "{src}"
+    );
+    // The canvas really has ink in both lanes.
+    let ink = page
+        .eval(
+            "(() => { const c = document.getElementById('waveform'); const x = c.getContext('2d');
+               const h = c.height / 2; const lane = (y) => { const d = x.getImageData(0, y, c.width, h).data;
+               let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; };
+               return [lane(0), lane(h)]; })()",
+        )
+        .await;
+    assert!(
+        ink[0].as_u64().unwrap() > 500 && ink[1].as_u64().unwrap() > 500,
+        "{ink}"
+    );
+    let shown = page
+        .eval("[...document.querySelectorAll('#transcript button')].map(b => b.textContent)")
+        .await;
+    assert!(
+        shown[0].as_str().unwrap().contains("utterance number"),
+        "{shown}"
+    );
+
+    // The player has the audio's metadata (its Range requests worked), then
+    // a click on the second line seeks it there.
+    let deadline = Instant::now() + WAIT;
+    while page
+        .eval("document.getElementById('player').readyState")
+        .await
+        .as_u64()
+        < Some(1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the player never loaded its source"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    page.eval("document.querySelectorAll('#transcript button')[1].click()")
+        .await;
+    let position = page
+        .eval("document.getElementById('player').currentTime")
+        .await
+        .as_f64()
+        .unwrap();
+    assert!(
+        (position - starts[1]).abs() < 0.05,
+        "player at {position}, line at {}",
+        starts[1]
+    );
+    let highlighted = page
+        .eval("document.querySelector('#transcript button.current').dataset.start")
+        .await;
+    assert_eq!(
+        highlighted.as_str().unwrap().parse::<f64>().unwrap(),
+        starts[1]
+    );
+    let shot = page.screenshot("recordings-page.png").await;
+    eprintln!("screenshot: {}", shot.display());
+    let _ = std::fs::copy(&shot, "/tmp/recordings-page.png");
+    drop(browser);
+}

@@ -12,6 +12,8 @@
 //!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
+//! - `recordings_api`: list (paging, filters), detail with transcripts, Range
+//!   downloads, delete, credentials, names, retention (proto/schemas/http)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
 //! - `snippets`:    the Python and Node sample clients
 //! - `stream_cli`:  `cochlea stream` on the sample files; killed servers; resumes
@@ -45,6 +47,7 @@ mod named_sinks;
 mod object_storage;
 mod opus;
 mod page;
+mod recordings_api;
 mod resume;
 mod security;
 mod signal;

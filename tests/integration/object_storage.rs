@@ -272,9 +272,55 @@ async fn a_recording_streams_to_the_bucket_as_a_multipart_upload_sample_exact() 
     assert_eq!(sidecar["recording"], name);
     // Uploaded: nothing is left in the spool.
     assert_eq!(spool_files(&server.recordings_dir()), Vec::<PathBuf>::new());
-    // Multipart: the log shows no failure, and the parts were sent while
-    // streaming (three parts for 11.5 MB).
     assert!(!server.log().contains("upload failed"), "{}", server.log());
+
+    // The recordings API reads the bucket: the session is listed, and its
+    // file downloads in ranges through cochlea.
+    let url = recording["url"].as_str().unwrap();
+    assert_eq!(url, format!("/v1/recordings/{id}/files/{name}"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_bytes(server.addr, &format!("/v1/recordings/{id}"), None);
+        if status == 200 {
+            let detail: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(detail["session_id"], id.as_str());
+            assert_eq!(detail["complete"], true, "{detail}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never listed: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, head) = http_bytes(server.addr, url, Some("bytes=0-99"));
+    assert_eq!(status, 206);
+    assert_eq!(head, wav[..100]);
+    let (status, tail) = http_bytes(server.addr, url, Some("bytes=-1000"));
+    assert_eq!(status, 206);
+    assert_eq!(tail, wav[wav.len() - 1000..]);
+}
+
+/// A GET with an optional Range header; (status, body bytes).
+fn http_bytes(addr: SocketAddr, path: &str, range: Option<&str>) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let range = range.map_or(String::new(), |r| format!("Range: {r}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{range}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "a download has a length: {head}"
+    );
+    (status, response[split + 4..].to_vec())
 }
 
 /// The store goes down in the middle of a stream: acks keep coming, the

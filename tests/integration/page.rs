@@ -88,6 +88,9 @@ fn the_page_is_embedded_and_served_from_any_directory() {
         ("/app.js", "app.js", "text/javascript"),
         ("/worklet.js", "worklet.js", "text/javascript"),
         ("/style.css", "style.css", "text/css"),
+        ("/recordings", "recordings.html", "text/html"),
+        ("/recordings.js", "recordings.js", "text/javascript"),
+        ("/recordings.css", "recordings.css", "text/css"),
     ] {
         let (status, head, body) = get(addr, path, "");
         assert_eq!(status, 200, "{path}");
@@ -104,8 +107,10 @@ fn the_page_is_embedded_and_served_from_any_directory() {
         assert!(body == on_disk, "{path} is not samples/web/{file}");
     }
     // Nothing from other sites: every script and stylesheet is our own.
-    let html = std::fs::read_to_string(Path::new(WEB).join("index.html")).unwrap();
-    assert!(!html.contains("http://") && !html.contains("https://"));
+    for page in ["index.html", "recordings.html"] {
+        let html = std::fs::read_to_string(Path::new(WEB).join(page)).unwrap();
+        assert!(!html.contains("http://") && !html.contains("https://"));
+    }
     let _ = child.kill();
     let _ = child.wait();
 }

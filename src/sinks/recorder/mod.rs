@@ -217,6 +217,7 @@ struct RecordingFile {
     upload: Option<Upload>,
     /// Where the upload puts the file (`s3://…`).
     uri: Option<String>,
+    session_id: String,
 }
 
 impl Recorder {
@@ -293,6 +294,7 @@ impl Recorder {
             instance: settings.instance.clone(),
             upload,
             uri,
+            session_id: context.session_id.clone(),
         };
         let write_seconds =
             metrics::histogram!(crate::telemetry::names::SINK_WRITE_SECONDS, "sink" => NAME);
@@ -517,6 +519,10 @@ impl RecordingFile {
             sink: self.instance,
             bytes,
             sha256,
+            url: crate::recordings::file_url(
+                &self.session_id,
+                &file_name(&self.wav_path).unwrap_or_default(),
+            ),
             uri: self.uri,
             uploaded,
         })])

@@ -38,12 +38,14 @@
 //! | `sender.rs`   | the sender task and each request's timeout and retries     |
 //! | `backend.rs`  | one HTTP request per utterance: OpenAI-style or webhook    |
 //! | `order.rs`    | results back in utterance order, gaps reported             |
+//! | `persist.rs`  | final transcripts appended to `<id>.transcript.jsonl`      |
 //! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
 
 pub mod backend;
 mod config;
 mod detector;
 mod order;
+pub mod persist;
 mod queue;
 pub mod segment;
 mod sender;

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tokio::sync::mpsc;
 
+use super::persist::TranscriptLog;
 use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo};
 use crate::sinks::SinkEvent;
 
@@ -92,17 +93,34 @@ impl Orderer {
 /// The orderer task: runs until every holder of the outcome sender (the
 /// sink, the sender task, the request tasks) is gone, so the session's
 /// event channel closes only after the last result.
+///
+/// With a `log`, final transcripts are appended to it after they are sent;
+/// the task waits for each append, so by the time the session reports
+/// `closed` its transcripts are on disk.
 pub(super) async fn order(
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
     events: mpsc::UnboundedSender<SinkEvent>,
+    log: Option<TranscriptLog>,
 ) {
     let mut orderer = Orderer::default();
     let mut due = Vec::new();
+    let mut finals = Vec::new();
     while let Some(outcome) = outcomes.recv().await {
         orderer.handle(outcome, &mut due);
         for message in due.drain(..) {
+            if log.is_some() && matches!(&message, ServerMessage::Transcript(t) if t.is_final) {
+                finals.push(message.clone());
+            }
             let _ = events.send(SinkEvent::Message(message));
         }
+        if let Some(log) = &log {
+            if !finals.is_empty() {
+                log.append(std::mem::take(&mut finals)).await;
+            }
+        }
+    }
+    if let Some(log) = log {
+        log.close().await;
     }
 }
 
@@ -359,6 +377,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_task_keeps_final_transcripts_in_order_before_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = TranscriptLog::new(dir.path(), "s1", None);
+        let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        for outcome in [
+            created(0, 0),
+            created(1, 0),
+            created(2, 0),
+            done(2, 0, transcript(2, 0)),
+            done(1, 0, failed(1, 0)),
+            done(0, 0, transcript(0, 0)),
+        ] {
+            outcomes.send(outcome).unwrap();
+        }
+        drop(outcomes);
+        order(outcomes_rx, events, Some(log)).await;
+        // Written when the task ends: only transcripts, in utterance order.
+        let text = std::fs::read_to_string(dir.path().join("s1.transcript.jsonl")).unwrap();
+        let texts: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].to_string())
+            .collect();
+        assert_eq!(texts, ["\"text 0\"", "\"text 2\""]);
+    }
+
+    #[tokio::test]
     async fn the_task_sends_released_results_and_ends_when_its_senders_are_gone() {
         let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
         let (events, mut events_rx) = mpsc::unbounded_channel();
@@ -372,7 +417,7 @@ mod tests {
         }
         drop(outcomes);
         // Completes: the last sender is gone.
-        order(outcomes_rx, events).await;
+        order(outcomes_rx, events, None).await;
         let mut sent = Vec::new();
         while let Some(event) = events_rx.recv().await {
             let SinkEvent::Message(message) = event else {

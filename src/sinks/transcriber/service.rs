@@ -1,6 +1,7 @@
 //! What all transcribing sessions share.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Semaphore};
@@ -8,6 +9,7 @@ use tokio::sync::{watch, Semaphore};
 use super::backend::{self, Backend, BackendError};
 use super::spec::unknown_backend;
 use super::{TranscriptionConfig, DEFAULT_BACKEND};
+use crate::storage::upload::Uploader;
 
 /// What every transcribing session shares: the backends, one HTTP client
 /// (pooled connections), and the global request limit.
@@ -19,6 +21,10 @@ pub struct TranscriptionService {
     /// Set when the server shuts down: every pending transcript is given
     /// up by then, so that shutdown fits `shutdown_timeout_ms`.
     pub(super) shutdown_deadline: watch::Sender<Option<tokio::time::Instant>>,
+    /// Where final transcripts are kept (`<session_id>.transcript.jsonl`,
+    /// beside the recordings); `None`: not kept.
+    transcripts_dir: Option<PathBuf>,
+    uploader: Option<Arc<Uploader>>,
 }
 
 impl TranscriptionService {
@@ -39,7 +45,27 @@ impl TranscriptionService {
             client,
             global_requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             shutdown_deadline: watch::channel(None).0,
+            transcripts_dir: None,
+            uploader: None,
         })
+    }
+
+    /// Keeps every session's final transcripts in `dir` (the recordings'
+    /// directory), where the recordings API reads them back.
+    /// Keeps final transcripts in `dir`; with an `uploader` (an object
+    /// store), `dir` is its spool and each session's file goes up at its end.
+    pub fn with_transcripts(mut self, dir: &Path, uploader: Option<Arc<Uploader>>) -> Self {
+        self.transcripts_dir = Some(dir.to_path_buf());
+        self.uploader = uploader;
+        self
+    }
+
+    pub(super) fn uploader(&self) -> Option<Arc<Uploader>> {
+        self.uploader.clone()
+    }
+
+    pub(super) fn transcripts_dir(&self) -> Option<&Path> {
+        self.transcripts_dir.as_deref()
     }
 
     /// The server is shutting down: transcripts not in by `at` are given

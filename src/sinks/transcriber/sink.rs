@@ -10,6 +10,7 @@ use tracing::Instrument;
 use super::backend::Backend;
 use super::detector::Earshot;
 use super::order::{order, Outcome};
+use super::persist::TranscriptLog;
 use super::queue::{Queue, Utterance};
 use super::segment::{Segment, Segmenter};
 use super::sender::Sender;
@@ -51,7 +52,10 @@ impl Transcriber {
         let queue = Arc::new(Queue::new());
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("transcribe", backend = %backend.name);
-        tokio::spawn(order(outcomes_rx, events.clone()).instrument(span.clone()));
+        let log = service
+            .transcripts_dir()
+            .map(|dir| TranscriptLog::new(dir, &context.session_id, service.uploader()));
+        tokio::spawn(order(outcomes_rx, events.clone(), log).instrument(span.clone()));
         let sender = Sender {
             queue: queue.clone(),
             backend,
