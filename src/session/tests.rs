@@ -320,6 +320,7 @@ impl Sink for FakeSink {
             sample_frames: self.frames,
             sample_rate: self.rate,
             channels: self.channels,
+            format: "wav",
             sample_format: "s16",
             channel: None,
             sink: None,
