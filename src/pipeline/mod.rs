@@ -999,6 +999,64 @@ mod tests {
         }
     }
 
+    /// Issue 16: a session whose sinks all take Opus packets never runs
+    /// libopus; the packets come out in media order with the hole marked,
+    /// durations from their TOCs, and no PCM block is made.
+    #[test]
+    fn packets_only_never_run_the_decoder() {
+        let opus_48k = StreamFormat {
+            encoding: Encoding::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            framing: Framing::Seq,
+        };
+        let packets = opus_packets_20ms_48k(4);
+        let message = |seq: u32| {
+            let mut m = SeqHeader {
+                seq,
+                timestamp: u64::from(seq) * 960,
+            }
+            .encode()
+            .to_vec();
+            m.extend_from_slice(&packets[seq as usize]);
+            m
+        };
+        for (pcm, decoded) in [(false, 0), (true, 4)] {
+            let mut p = Pipeline::new(opus_48k, 1000).unwrap();
+            p.set_outputs(pcm, true);
+            let mut out = Vec::new();
+            for seq in [0, 1, 3] {
+                p.push(&message(seq), Instant::now(), &mut out).unwrap();
+            }
+            p.finish(&mut out);
+            let mut taken = Vec::new();
+            p.take_packets(&mut taken);
+            let data = |seq: usize| OpusPacket::Data {
+                data: packets[seq].clone(),
+                frames_48k: 960,
+                end_trim_48k: 0,
+            };
+            assert_eq!(
+                taken,
+                [
+                    data(0),
+                    data(1),
+                    OpusPacket::Lost { frames_48k: 960 },
+                    data(3)
+                ]
+            );
+            let stats = p.stats();
+            assert_eq!(stats.decoded_packets, decoded, "pcm {pcm}");
+            assert_eq!(p.media_frames(), 4 * 960);
+            assert_eq!(stats.decoded_frames, 3 * 960);
+            if pcm {
+                assert_eq!(out.iter().map(|b| b.frames).sum::<usize>(), 4 * 960);
+            } else {
+                assert!(out.is_empty(), "no PCM without a sink for it");
+            }
+        }
+    }
+
     #[test]
     fn raw_blocks_are_contiguous() {
         let mut p = Pipeline::new(format(Framing::Raw), 1000).unwrap();

@@ -11,6 +11,8 @@
 //! - `named_sinks`: `[sinks.<name>]` instances: two recorders of one session
 //!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `record_formats`: FLAC and Ogg Opus recordings vs ffmpeg/opusdec/flac;
+//!   Opus kept as sent across lost packets; the client's choice of format
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `browser`:     the microphone page in headless Chromium with a fake microphone
 //! - `snippets`:    the Python and Node sample clients
@@ -44,6 +46,7 @@ mod loadgen;
 mod named_sinks;
 mod opus;
 mod page;
+mod record_formats;
 mod resume;
 mod security;
 mod signal;
