@@ -275,6 +275,8 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         format,
         metadata: Default::default(),
         started_at: SystemTime::now(),
+        record_format: None,
+        opus_pre_skip: 0,
     };
     let settings = RecorderSettings {
         sample_rate: output.sample_rate,
@@ -285,6 +287,8 @@ fn recorder(dir: &Path, n: usize, format: StreamFormat, output: OutputFormat) ->
         sample_format: SampleFormatSetting::Auto,
         instance: None,
         uploader: None,
+        format: Default::default(),
+        opus_bitrate_bps: 32_000,
     };
     // Nothing is asked of the recorder that it reports (no flush, no
     // commit): the receiving end may go.

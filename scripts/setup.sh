@@ -22,7 +22,7 @@ fi
 # the microphone page in the browser tests; node and npm run the Node sample
 # client (samples/clients/) in the snippet tests.
 requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3
-  chromium:chromium node:nodejs npm:npm)
+  chromium:chromium node:nodejs npm:npm ffmpeg:ffmpeg opusdec:opus-tools flac:flac)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do

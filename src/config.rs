@@ -25,8 +25,11 @@ use std::time::Duration;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
+use crate::sinks::recorder::config::check_opus_bitrate_bps;
 use crate::sinks::recorder::config::{check_flush_interval_ms, check_sample_rate};
-use crate::sinks::recorder::{ChannelsSetting, RecorderSettings, SampleFormatSetting};
+use crate::sinks::recorder::{
+    ChannelsSetting, RecordFormat, RecorderSettings, SampleFormatSetting,
+};
 use crate::sinks::registry::{self, SinkConfig};
 use crate::sinks::transcriber::backend::BackendKind;
 use crate::sinks::transcriber::{TranscriptionConfig, DEFAULT_BACKEND};
@@ -344,6 +347,32 @@ pub struct RecorderConfig {
         default_value_t = ChannelsSetting::Keep
     )]
     pub channels: ChannelsSetting,
+    /// File format: `wav`, `flac` (lossless) or `ogg_opus` (Opus input kept
+    /// as sent; other input encoded at `opus_bitrate_bps`).
+    #[arg(
+        long = "recorder-format",
+        env = "COCHLEA_RECORDER_FORMAT",
+        value_enum,
+        default_value_t = RecordFormat::Wav
+    )]
+    pub format: RecordFormat,
+    /// Bitrate of Ogg Opus recordings encoded from PCM (6000 to 510000).
+    #[arg(
+        long = "recorder-opus-bitrate-bps",
+        env = "COCHLEA_RECORDER_OPUS_BITRATE_BPS",
+        value_name = "BPS",
+        default_value_t = 32_000
+    )]
+    pub opus_bitrate_bps: u32,
+    /// Formats a client may choose with `record_format` (comma-separated;
+    /// empty: the client may not choose).
+    #[arg(
+        long = "recorder-client-formats",
+        env = "COCHLEA_RECORDER_CLIENT_FORMATS",
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub client_formats: Vec<RecordFormat>,
 }
 
 impl Default for Config {
@@ -633,6 +662,7 @@ impl Config {
         }
         check_flush_interval_ms(self.recorder.flush_interval_ms)
             .and_then(|()| check_sample_rate(self.recorder.sample_rate))
+            .and_then(|()| check_opus_bitrate_bps(self.recorder.opus_bitrate_bps))
             .map_err(|e| ConfigError::Invalid(format!("recorder.{e}")))?;
         self.transcription
             .validate()
@@ -682,6 +712,8 @@ impl Config {
             channels: self.recorder.channels,
             instance: None,
             uploader: None,
+            format: self.recorder.format,
+            opus_bitrate_bps: self.recorder.opus_bitrate_bps,
         }
     }
 }
@@ -881,7 +913,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 47);
+        assert_eq!(count, 50);
     }
 
     #[test]

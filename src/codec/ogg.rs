@@ -630,14 +630,14 @@ const CRC_TABLE: [u32; 256] = {
     table
 };
 
-fn crc32(crc: u32, bytes: &[u8]) -> u32 {
+pub(crate) fn crc32(crc: u32, bytes: &[u8]) -> u32 {
     bytes.iter().fold(crc, |crc, &b| {
         (crc << 8) ^ CRC_TABLE[usize::from((crc >> 24) as u8 ^ b)]
     })
 }
 
 /// The CRC of a whole page, computed with its CRC field (bytes 22..26) as zeros.
-fn page_crc(page: &[u8]) -> u32 {
+pub(crate) fn page_crc(page: &[u8]) -> u32 {
     let crc = crc32(0, page.get(..22).unwrap_or_default());
     let crc = crc32(crc, &[0; 4]);
     crc32(crc, page.get(26..).unwrap_or_default())

@@ -44,6 +44,23 @@ pub enum BlockSamples {
     Silence,
 }
 
+/// An Opus packet as the client sent it, or a stretch of lost ones, in
+/// media order: what a sink that records Opus without decoding takes
+/// ([`crate::sinks::Sink::write_packets`]). Durations are in 48 kHz samples,
+/// Opus's own clock, read from each packet's TOC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpusPacket {
+    Data {
+        data: Vec<u8>,
+        frames_48k: u32,
+        /// Samples at the end of this (last) packet that are padding: an
+        /// Ogg stream's end granule said the stream ends before it does.
+        end_trim_48k: u32,
+    },
+    /// Packets lost (a `seq` hole given up on): this much media time.
+    Lost { frames_48k: u64 },
+}
+
 impl AudioBlock {
     pub fn end_frame(&self) -> u64 {
         self.start_frame + self.frames as u64
@@ -103,6 +120,9 @@ pub struct PipelineStats {
     pub lost_messages: u64,
     /// Arrived after their place had been filled: discarded.
     pub late_messages: u64,
+    /// Opus packets run through libopus (decoded or concealed): none when
+    /// the session's sinks all take packets ([`Pipeline::set_outputs`]).
+    pub decoded_packets: u64,
     /// Media held back waiting for missing packets, and the hold limit.
     pub current_delay_ms: u32,
     pub target_delay_ms: u32,
@@ -122,6 +142,10 @@ enum Source {
 struct ContainerSource {
     demuxer: Box<dyn Demuxer>,
     decoder: Option<OpusDecoder>,
+    /// The header's pre-skip, once seen.
+    head_pre_skip: Option<u16>,
+    /// 48 kHz samples of the packets so far (for the end granule's trim).
+    packets_48k: u64,
     events: Vec<DemuxEvent>,
     /// Decoded frames still to drop for the header's pre-skip.
     skip_frames: usize,
@@ -159,6 +183,16 @@ pub struct Pipeline {
     /// jitter buffer, concealed once the packet
     /// after it is decoded (so in-band FEC can fill its end).
     pending_gap: Option<(u64, u64)>,
+    /// Whether the sinks take PCM: when not (Opus input whose sinks all
+    /// take packets), libopus never runs and no blocks are made.
+    decode_pcm: bool,
+    /// Whether the sinks take Opus packets: they go to `packets`.
+    emit_packets: bool,
+    /// Packets for the sinks that take them, in media order; taken with
+    /// [`Pipeline::take_packets`].
+    packets: Vec<OpusPacket>,
+    /// The last good packet's duration, for a packet too damaged to say.
+    last_packet_48k: u32,
 }
 
 impl Pipeline {
@@ -187,6 +221,8 @@ impl Pipeline {
             let container = ContainerSource {
                 demuxer,
                 decoder: None,
+                head_pre_skip: None,
+                packets_48k: 0,
                 events: Vec::new(),
                 skip_frames: 0,
                 pre_skip_48k: 0,
@@ -214,7 +250,53 @@ impl Pipeline {
                 },
             ),
             pending_gap: None,
+            decode_pcm: true,
+            emit_packets: false,
+            packets: Vec::new(),
+            last_packet_48k: 960,
         })
+    }
+
+    /// Says what the sinks take (before the first audio; later calls are
+    /// ignored): PCM blocks, Opus packets ([`Pipeline::take_packets`]), or
+    /// both. Only Opus input can give packets; for other encodings this
+    /// does nothing. Without PCM, libopus is never run: packet durations
+    /// come from their TOC bytes.
+    pub fn set_outputs(&mut self, pcm: bool, packets: bool) {
+        if self.stats.audio_messages > 0 || matches!(self.source, Source::Frames(_)) {
+            return;
+        }
+        self.decode_pcm = pcm || !packets;
+        self.emit_packets = packets;
+    }
+
+    /// Moves the packets made so far into `out` (emptied first), keeping
+    /// `out`'s buffer for the next ones: no allocation per message beyond
+    /// the packets themselves.
+    pub fn take_packets(&mut self, out: &mut Vec<OpusPacket>) {
+        out.clear();
+        std::mem::swap(out, &mut self.packets);
+    }
+
+    /// The Opus pre-skip of the stream (48 kHz samples): a container
+    /// header's once seen, else 0.
+    pub fn opus_pre_skip(&self) -> u16 {
+        match &self.source {
+            Source::Container(c) => c.head_pre_skip.unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// A packet's duration at 48 kHz from its TOC (the last good packet's
+    /// if it cannot be read).
+    fn packet_48k(&mut self, packet: &[u8]) -> u32 {
+        match opus::packet::get_nb_samples(packet, 48_000) {
+            Ok(n) if !packet.is_empty() => {
+                self.last_packet_48k = n as u32;
+                n as u32
+            }
+            _ => self.last_packet_48k,
+        }
     }
 
     /// Decodes Opus at the lowest rate that serves sinks wanting
@@ -431,7 +513,16 @@ impl Pipeline {
         match released {
             Released::Gap { timestamp, frames } => {
                 self.stats.gap_frames += frames;
+                if self.emit_packets {
+                    let frames_48k = frames * 48_000 / u64::from(self.format.sample_rate.max(1));
+                    self.packets.push(OpusPacket::Lost { frames_48k });
+                }
                 match self.source {
+                    Source::Packets(_) if !self.decode_pcm => {
+                        // Concealed by whoever decodes the packets.
+                        self.stats.concealed_frames += frames;
+                        self.next_frame = timestamp + frames;
+                    }
                     Source::Packets(_) => self.pending_gap = Some((timestamp, frames)),
                     _ => {
                         self.stats.silence_frames += frames;
@@ -449,6 +540,7 @@ impl Pipeline {
                 timestamp, payload, ..
             } => {
                 if let Some((gap_start, gap_frames)) = self.pending_gap.take() {
+                    self.stats.decoded_packets += 1;
                     // The gap in block frames: from where its start falls to
                     // where its end falls, so that successive blocks stay
                     // contiguous whatever the timestamps' alignment.
@@ -496,14 +588,32 @@ impl Pipeline {
         payload: &[u8],
         out: &mut Vec<AudioBlock>,
     ) -> Result<(), PipelineError> {
+        if self.emit_packets {
+            let frames_48k = self.packet_48k(payload);
+            self.packets.push(OpusPacket::Data {
+                data: payload.to_vec(),
+                frames_48k,
+                end_trim_48k: 0,
+            });
+        }
+        if let (Source::Packets(decoder), false) = (&self.source, self.decode_pcm) {
+            // Nothing takes PCM: the duration from the TOC, no decoding.
+            let stream_frames = self.to_stream_frames(decoder.nominal_frames(payload));
+            self.next_frame = start_frame + stream_frames;
+            self.stats.decoded_frames += stream_frames;
+            return Ok(());
+        }
         let mut samples = self.spare.pop().unwrap_or_default();
         samples.clear();
         let (block_frames, damage) = match &mut self.source {
             Source::Frames(decoder) => (decoder.decode(payload, &mut samples)?, None),
-            Source::Packets(decoder) => match decoder.decode(payload, &mut samples) {
-                Ok(frames) => (frames, None),
-                Err((frames, damage)) => (frames, Some(damage)),
-            },
+            Source::Packets(decoder) => {
+                self.stats.decoded_packets += 1;
+                match decoder.decode(payload, &mut samples) {
+                    Ok(frames) => (frames, None),
+                    Err((frames, damage)) => (frames, Some(damage)),
+                }
+            }
             Source::Container(_) => (0, None),
         };
         // Opus durations are multiples of 2.5 ms, whole at every Opus rate,
@@ -545,13 +655,18 @@ impl Pipeline {
         for event in events.drain(..) {
             match event {
                 DemuxEvent::Head(head) => {
-                    if container.decoder.is_some() {
+                    if container.head_pre_skip.is_some() {
                         continue;
                     }
                     let channels = u16::from(head.channels);
-                    let mut decoder = OpusDecoder::new(self.block_rate_hz, channels)?;
-                    decoder.set_gain_q8(head.output_gain_q8)?;
-                    container.decoder = Some(decoder);
+                    if self.decode_pcm {
+                        let mut decoder = OpusDecoder::new(self.block_rate_hz, channels)?;
+                        decoder.set_gain_q8(head.output_gain_q8)?;
+                        container.decoder = Some(decoder);
+                    } else if !(1..=2).contains(&channels) {
+                        return Err(CodecBuildError::UnsupportedChannels { channels }.into());
+                    }
+                    container.head_pre_skip = Some(head.pre_skip);
                     container.pre_skip_48k = u64::from(head.pre_skip);
                     // Dropped from the decoder's output: at its rate.
                     container.skip_frames = (u64::from(head.pre_skip)
@@ -561,15 +676,58 @@ impl Pipeline {
                     self.format_known = true;
                 }
                 DemuxEvent::Packet { data, end_granule } => {
-                    let Some(decoder) = container.decoder.as_mut() else {
+                    if container.head_pre_skip.is_none() {
                         return Err(
                             DemuxError::Malformed("audio before the Opus header".into()).into()
                         );
-                    };
-                    self.scratch.clear();
+                    }
                     // Frames here are the decoder's (block frames); a
                     // container's media position is a whole number of them.
                     let stream_frames_per_block_frame = self.stream_frames_per_block_frame;
+                    let frames_48k = match opus::packet::get_nb_samples(&data, 48_000) {
+                        Ok(n) if !data.is_empty() => {
+                            self.last_packet_48k = n as u32;
+                            n as u32
+                        }
+                        _ => self.last_packet_48k,
+                    };
+                    container.packets_48k += u64::from(frames_48k);
+                    let end_trim_48k = end_granule.map_or(0, |granule| {
+                        container
+                            .packets_48k
+                            .saturating_sub(granule)
+                            .min(u64::from(frames_48k)) as u32
+                    });
+                    let Some(decoder) = container.decoder.as_mut() else {
+                        // Nothing takes PCM: the packet goes on as it came,
+                        // media time from its TOC (pre-skip and end trim as
+                        // a decoder would apply them).
+                        let frames = (u64::from(frames_48k) * u64::from(self.block_rate_hz)
+                            / 48_000) as usize;
+                        let skip = container.skip_frames.min(frames);
+                        container.skip_frames -= skip;
+                        let trim = (u64::from(end_trim_48k) * u64::from(self.block_rate_hz)
+                            / 48_000) as usize;
+                        let keep = frames - skip - trim.min(frames - skip);
+                        let stream_frames = keep as u64 * stream_frames_per_block_frame;
+                        self.next_frame += stream_frames;
+                        self.stats.decoded_frames += stream_frames;
+                        self.packets.push(OpusPacket::Data {
+                            data,
+                            frames_48k,
+                            end_trim_48k,
+                        });
+                        continue;
+                    };
+                    if self.emit_packets {
+                        self.packets.push(OpusPacket::Data {
+                            data: data.clone(),
+                            frames_48k,
+                            end_trim_48k,
+                        });
+                    }
+                    self.scratch.clear();
+                    self.stats.decoded_packets += 1;
                     let frames = match decoder.decode(&data, &mut self.scratch) {
                         Ok(frames) => frames,
                         Err((frames, damage)) => {
@@ -838,6 +996,64 @@ mod tests {
                 at = block.end_frame();
             }
             assert_eq!(at, 320 + gap + 320);
+        }
+    }
+
+    /// Issue 16: a session whose sinks all take Opus packets never runs
+    /// libopus; the packets come out in media order with the hole marked,
+    /// durations from their TOCs, and no PCM block is made.
+    #[test]
+    fn packets_only_never_run_the_decoder() {
+        let opus_48k = StreamFormat {
+            encoding: Encoding::Opus,
+            sample_rate: 48_000,
+            channels: 1,
+            framing: Framing::Seq,
+        };
+        let packets = opus_packets_20ms_48k(4);
+        let message = |seq: u32| {
+            let mut m = SeqHeader {
+                seq,
+                timestamp: u64::from(seq) * 960,
+            }
+            .encode()
+            .to_vec();
+            m.extend_from_slice(&packets[seq as usize]);
+            m
+        };
+        for (pcm, decoded) in [(false, 0), (true, 4)] {
+            let mut p = Pipeline::new(opus_48k, 1000).unwrap();
+            p.set_outputs(pcm, true);
+            let mut out = Vec::new();
+            for seq in [0, 1, 3] {
+                p.push(&message(seq), Instant::now(), &mut out).unwrap();
+            }
+            p.finish(&mut out);
+            let mut taken = Vec::new();
+            p.take_packets(&mut taken);
+            let data = |seq: usize| OpusPacket::Data {
+                data: packets[seq].clone(),
+                frames_48k: 960,
+                end_trim_48k: 0,
+            };
+            assert_eq!(
+                taken,
+                [
+                    data(0),
+                    data(1),
+                    OpusPacket::Lost { frames_48k: 960 },
+                    data(3)
+                ]
+            );
+            let stats = p.stats();
+            assert_eq!(stats.decoded_packets, decoded, "pcm {pcm}");
+            assert_eq!(p.media_frames(), 4 * 960);
+            assert_eq!(stats.decoded_frames, 3 * 960);
+            if pcm {
+                assert_eq!(out.iter().map(|b| b.frames).sum::<usize>(), 4 * 960);
+            } else {
+                assert!(out.is_empty(), "no PCM without a sink for it");
+            }
         }
     }
 

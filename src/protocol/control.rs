@@ -22,6 +22,9 @@ pub struct StartRequest {
     /// Transcription backend by name; `none` for no transcription; `None`:
     /// the configured `default` backend, if any.
     pub transcribe: Option<String>,
+    /// Recording format (`wav`, `flac`, `ogg_opus`); checked against the
+    /// server's `recorder.client_formats` when the stream starts.
+    pub record_format: Option<String>,
     pub metadata: Map<String, Value>,
 }
 
@@ -43,6 +46,7 @@ impl StartRequest {
                 "framing" => request.framing = Some(value.to_owned()),
                 "sinks" => request.sinks = Some(parse_sink_list(value)),
                 "transcribe" => request.transcribe = Some(parse_backend_name(value)?),
+                "record_format" => request.record_format = Some(value.to_owned()),
                 other => return Err(ProtocolError::UnknownParameter(other.to_owned())),
             }
         }
@@ -73,6 +77,9 @@ impl StartRequest {
         }
         if start.transcribe.is_some() {
             self.transcribe = start.transcribe;
+        }
+        if start.record_format.is_some() {
+            self.record_format = start.record_format;
         }
         self.metadata.extend(start.metadata);
         self
@@ -224,6 +231,7 @@ struct StartMessage {
     framing: Option<String>,
     sinks: Option<Vec<String>>,
     transcribe: Option<String>,
+    record_format: Option<String>,
     metadata: Option<Map<String, Value>>,
 }
 
@@ -279,6 +287,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                     .as_deref()
                     .map(parse_backend_name)
                     .transpose()?,
+                record_format: m.record_format,
                 metadata: m.metadata.unwrap_or_default(),
             }))
         }

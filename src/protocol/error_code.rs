@@ -51,6 +51,9 @@ error_codes! {
     GapTooLarge = "gap_too_large",
     PartialFrame = "partial_frame",
     UnknownSink = "unknown_sink",
+    /// `record_format` names no format, or one the server does not let
+    /// clients choose (`recorder.client_formats`).
+    RecordFormatRefused = "record_format_refused",
     SinkFailed = "sink_failed",
     ServerFull = "server_full",
     IdleTimeout = "idle_timeout",

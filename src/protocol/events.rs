@@ -24,7 +24,8 @@ pub enum ServerMessage {
     },
     /// Every sink has committed what it had when the client sent `flush`.
     Flushed,
-    Recording(RecordingInfo),
+    /// Boxed: by far the largest message, and one per recording.
+    Recording(Box<RecordingInfo>),
     /// `framing=seq`: every message up to `seq` is safely with the sinks.
     Ack {
         seq: u32,
@@ -151,7 +152,9 @@ pub struct RecordingInfo {
     pub sample_frames: u64,
     pub sample_rate: u32,
     pub channels: u16,
-    /// `s16` or `f32`.
+    /// The file's format: `wav`, `flac` or `ogg_opus`.
+    pub format: &'static str,
+    /// `s16` or `f32` (WAV), `s16` (FLAC), `opus` (Ogg Opus).
     pub sample_format: &'static str,
     /// With `recorder.channels = "split"`: the stream channel this file holds.
     #[serde(skip_serializing_if = "Option::is_none")]

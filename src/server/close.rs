@@ -144,6 +144,9 @@ impl SessionError {
             SessionError::Sink(e) => match e {
                 SinkError::UnknownSink { .. } => (ErrorCode::UnknownSink, UNSUPPORTED_DATA),
                 SinkError::UnknownBackend(_) => (ErrorCode::UnknownBackend, UNSUPPORTED_DATA),
+                SinkError::RecordFormatRefused(_) => {
+                    (ErrorCode::RecordFormatRefused, UNSUPPORTED_DATA)
+                }
                 SinkError::Io { .. } | SinkError::Wav { .. } | SinkError::Failed { .. } => {
                     (ErrorCode::SinkFailed, INTERNAL_ERROR)
                 }

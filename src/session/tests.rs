@@ -313,13 +313,14 @@ impl Sink for FakeSink {
                 message: "could not finalize".into(),
             });
         }
-        Ok(vec![ServerMessage::Recording(RecordingInfo {
+        Ok(vec![ServerMessage::Recording(Box::new(RecordingInfo {
             path: format!("/recordings/{}.wav", self.fake.name),
             sidecar_path: format!("/recordings/{}.json", self.fake.name),
             duration_seconds: self.frames as f64 / f64::from(self.rate),
             sample_frames: self.frames,
             sample_rate: self.rate,
             channels: self.channels,
+            format: "wav",
             sample_format: "s16",
             channel: None,
             sink: None,
@@ -328,7 +329,7 @@ impl Sink for FakeSink {
             url: String::new(),
             uri: None,
             uploaded: None,
-        })])
+        }))])
     }
 
     fn abort(self: Box<Self>, reason: &str) {

@@ -20,8 +20,9 @@ use std::time::{Instant, SystemTime};
 use serde_json::{Map, Value};
 
 use crate::pipeline::convert::OutputFormat;
-use crate::pipeline::AudioBlock;
+use crate::pipeline::{AudioBlock, OpusPacket};
 use crate::protocol::{ServerMessage, StreamFormat};
+use recorder::RecordFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -30,6 +31,9 @@ pub enum SinkError {
     /// `transcribe=` named a backend that is not configured.
     #[error("{0}")]
     UnknownBackend(String),
+    /// `record_format=` named no format, or one clients may not choose.
+    #[error("{0}")]
+    RecordFormatRefused(String),
     #[error("{sink}: {action} {path}: {source}")]
     Io {
         sink: &'static str,
@@ -53,6 +57,12 @@ pub struct SinkContext {
     pub format: StreamFormat,
     pub metadata: Map<String, Value>,
     pub started_at: SystemTime,
+    /// The recording format the client chose (`record_format`), already
+    /// allowed by `recorder.client_formats`; `None`: the configured one.
+    pub record_format: Option<RecordFormat>,
+    /// The Opus pre-skip of the client's stream (48 kHz samples): an Ogg
+    /// or WebM header's, 0 for raw packets.
+    pub opus_pre_skip: u16,
 }
 
 /// A consumer of a session's audio.
@@ -72,6 +82,22 @@ pub trait Sink: Send + 'static {
 
     /// Takes the next block; blocks arrive in media order with no holes.
     fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError>;
+
+    /// True for a sink that takes the client's Opus packets as sent
+    /// ([`Sink::write_packets`]) instead of PCM blocks. A session whose
+    /// sinks all take packets never runs the Opus decoder. Asked once, when
+    /// the sink is built; its spec must say the same beforehand
+    /// ([`registry::SinkSpec::takes_opus_packets`]).
+    fn takes_opus_packets(&self) -> bool {
+        false
+    }
+
+    /// Takes the next packets (and holes), in media order, no overlaps;
+    /// only called on a sink that [`Sink::takes_opus_packets`].
+    fn write_packets(&mut self, packets: &[OpusPacket], now: Instant) -> Result<(), SinkError> {
+        let _ = (packets, now);
+        Ok(())
+    }
 
     /// Commits everything received so far (the client sent `flush`).
     /// [`Completion::Later`]: the sink reports [`SinkEvent::Flushed`] once

@@ -50,12 +50,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::recorder::RecordFormat;
 use super::recorder::{self, config::RecordSinkConfig};
 use super::transcriber::spec::{TranscribeSinkConfig, TranscribeSpec};
 use super::transcriber::{self, TranscriptionService};
 use super::{Sink, SinkContext, SinkError, SinkEvent};
 use crate::config::Config;
-use crate::protocol::ServerMessage;
+use crate::protocol::{Encoding, ServerMessage};
 use crate::storage::upload::Uploader;
 
 /// What a configured sink is, before any session uses it.
@@ -70,6 +71,14 @@ pub trait SinkSpec: Send + Sync {
     /// True for a transcribing sink: a session that picks one by name
     /// does not also get the default backend's `transcribe` sink.
     fn transcribes(&self) -> bool {
+        false
+    }
+
+    /// True if this sink, for a stream of `encoding`, takes the client's
+    /// Opus packets rather than PCM (see [`Sink::takes_opus_packets`]);
+    /// `record_format` is the session's choice of recording format.
+    fn takes_opus_packets(&self, encoding: Encoding, record_format: Option<RecordFormat>) -> bool {
+        let _ = (encoding, record_format);
         false
     }
 
@@ -164,6 +173,38 @@ impl SinkPlan {
 
     pub fn names(&self) -> Vec<String> {
         self.specs.iter().map(|s| s.name().to_owned()).collect()
+    }
+
+    /// As [`Self::wanted_rates`], of the sinks that take PCM only: a sink
+    /// that takes Opus packets does not make the decoder run faster.
+    pub fn wanted_pcm_rates(
+        &self,
+        encoding: Encoding,
+        record_format: Option<RecordFormat>,
+    ) -> Vec<Option<u32>> {
+        self.specs
+            .iter()
+            .filter(|s| !s.takes_opus_packets(encoding, record_format))
+            .map(|s| s.sample_rate())
+            .collect()
+    }
+
+    /// What the session's sinks take from a stream of `encoding`: `(pcm,
+    /// packets)`. The pipeline decodes only if some sink takes PCM, or if
+    /// none takes packets (a session without sinks still decodes, so that
+    /// damaged audio is found and reported as before).
+    pub fn wanted_inputs(
+        &self,
+        encoding: Encoding,
+        record_format: Option<RecordFormat>,
+    ) -> (bool, bool) {
+        let packets = self
+            .specs
+            .iter()
+            .filter(|s| s.takes_opus_packets(encoding, record_format))
+            .count();
+        let pcm = packets < self.specs.len() || packets == 0;
+        (pcm, packets > 0)
     }
 
     /// Builds every sink, in plan order. The built sinks carry the spec's

@@ -145,6 +145,7 @@ impl Uploader {
         Upload {
             commands: tx,
             store_down: self.store_down.clone(),
+            whole_parts_told: 0,
         }
     }
 
@@ -290,6 +291,9 @@ struct Finish {
 pub struct Upload {
     commands: mpsc::UnboundedSender<Command>,
     store_down: Arc<AtomicBool>,
+    /// Whole parts on disk as last told to the task: it hears only when one
+    /// more is complete, not at every checkpoint (four a second per stream).
+    whole_parts_told: u64,
 }
 
 /// The end of an upload, to wait for.
@@ -320,9 +324,14 @@ impl Finishing {
 }
 
 impl Upload {
-    /// The first `bytes` of the spool file are written.
-    pub fn durable(&self, bytes: u64) {
-        let _ = self.commands.send(Command::Durable(bytes));
+    /// The first `bytes` of the spool file are written. Only a new whole
+    /// part is worth waking the upload task for.
+    pub fn durable(&mut self, bytes: u64) {
+        let whole_parts = bytes / PART_BYTES;
+        if whole_parts > self.whole_parts_told {
+            self.whole_parts_told = whole_parts;
+            let _ = self.commands.send(Command::Durable(bytes));
+        }
     }
 
     /// The file is final: uploads the rest and the sidecar `sidecar` (a

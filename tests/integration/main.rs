@@ -11,6 +11,8 @@
 //! - `named_sinks`: `[sinks.<name>]` instances: two recorders of one session
 //!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
+//! - `record_formats`: FLAC and Ogg Opus recordings vs ffmpeg/opusdec/flac;
+//!   Opus kept as sent across lost packets; the client's choice of format
 //! - `page`:        the page's embedded files; recordings over HTTP (ids, auth)
 //! - `recordings_api`: list (paging, filters), detail with transcripts, Range
 //!   downloads, delete, credentials, names, retention (proto/schemas/http)
@@ -47,6 +49,7 @@ mod named_sinks;
 mod object_storage;
 mod opus;
 mod page;
+mod record_formats;
 mod recordings_api;
 mod resume;
 mod security;

@@ -68,6 +68,25 @@ impl SessionCore {
                 }
             }
         }
+        // Opus packets as sent, to the sinks that take them.
+        let mut packets = std::mem::take(&mut active.packets);
+        active.pipeline.take_packets(&mut packets);
+        if !packets.is_empty() {
+            for &index in &active.packet_sinks {
+                let Some(slot) = active.sinks.get_mut(index) else {
+                    continue;
+                };
+                let Some(sink) = slot.sink.as_mut() else {
+                    continue;
+                };
+                if let Err(error) = sink.write_packets(&packets, now) {
+                    slot.failed = true;
+                    failed.extend(slot.sink.take().map(|sink| (sink, error)));
+                }
+            }
+            packets.clear();
+        }
+        active.packets = packets;
         // The sample buffers serve the next message: no allocation per message.
         active.pipeline.recycle(&mut blocks);
         active.blocks = blocks;

@@ -17,13 +17,14 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::pipeline::convert::{Converter, OutputFormat};
-use crate::pipeline::{AudioBlock, Pipeline, PipelineStats};
+use crate::pipeline::{AudioBlock, OpusPacket, Pipeline, PipelineStats};
 use crate::protocol::{
     ClosedSummary, ErrorCode, Framing, ProtocolError, ServerMessage, StartRequest, StartedInfo,
     StreamStats, PROTOCOL_VERSION,
 };
 use crate::server::close::{codes, SessionError};
 use crate::server::dialect::{Dialect, Inbound};
+use crate::sinks::recorder::RecordFormat;
 use crate::sinks::registry::{SinkFactory, SinkPlan};
 use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
 use crate::telemetry::names;
@@ -175,6 +176,10 @@ struct Active {
     pipeline: Pipeline,
     sinks: Vec<SinkSlot>,
     groups: Vec<SinkGroup>,
+    /// Sinks that take the client's Opus packets instead of PCM.
+    packet_sinks: Vec<usize>,
+    /// Reused for the packets of each message.
+    packets: Vec<OpusPacket>,
     /// Sinks waiting for a container's header to tell the stream's format.
     pending: Option<PendingSinks>,
     /// Pipeline counters as last added to the server-wide metrics.
@@ -191,6 +196,7 @@ struct PendingSinks {
     plan: SinkPlan,
     transcribe: Option<String>,
     metadata: serde_json::Map<String, serde_json::Value>,
+    record_format: Option<RecordFormat>,
 }
 
 /// Where the session is in its life.

@@ -87,10 +87,19 @@ impl SessionCore {
         let planned = self
             .factory
             .plan(request.sinks.as_deref(), request.transcribe.as_deref())?;
+        let record_format = self.allowed_record_format(request.record_format.as_deref())?;
         let mut pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
         // Opus is decoded straight at the rate the sinks need, when that is
         // lower than the stream's: cheaper than decoding and resampling.
-        pipeline.decode_for_sinks(&planned.plan.wanted_rates())?;
+        pipeline.decode_for_sinks(
+            &planned
+                .plan
+                .wanted_pcm_rates(format.encoding, record_format),
+        )?;
+        // Sinks that record Opus as sent take the packets; with no sink
+        // wanting PCM, the decoder never runs.
+        let (pcm, packets) = planned.plan.wanted_inputs(format.encoding, record_format);
+        pipeline.set_outputs(pcm, packets);
         if format.framing == Framing::Seq
             && self.config.resume_window_ms > 0
             && self.dialect.resumable()
@@ -121,7 +130,10 @@ impl SessionCore {
                 plan: planned.plan,
                 transcribe: planned.transcribe,
                 metadata: request.metadata,
+                record_format,
             }),
+            packet_sinks: Vec::new(),
+            packets: Vec::new(),
             exported: PipelineStats::default(),
             damage_reported_at: None,
             blocks: Vec::with_capacity(2),
@@ -150,6 +162,8 @@ impl SessionCore {
             format,
             metadata: pending.metadata.clone(),
             started_at: self.started_at,
+            record_format: pending.record_format,
+            opus_pre_skip: active.pipeline.opus_pre_skip(),
         };
         let built = pending.plan.build(&context, events)?;
         // The blocks come at the pipeline's block rate, which for Opus may
@@ -157,7 +171,12 @@ impl SessionCore {
         // the declared one, so it is resolved before the converter is made.
         let block_rate = active.pipeline.block_rate();
         let mut groups: Vec<SinkGroup> = Vec::new();
+        let mut packet_sinks = Vec::new();
         for (index, (_, sink)) in built.iter().enumerate() {
+            if sink.takes_opus_packets() {
+                packet_sinks.push(index);
+                continue;
+            }
             let asked = sink.output_format();
             let wanted = OutputFormat {
                 sample_rate: Some(asked.rate(format.sample_rate)),
@@ -172,6 +191,7 @@ impl SessionCore {
             }
         }
         active.groups = groups;
+        active.packet_sinks = packet_sinks;
         active.sinks = built
             .into_iter()
             .map(|(name, sink)| SinkSlot {
@@ -212,6 +232,39 @@ impl SessionCore {
         self.send(&ServerMessage::Started(started.clone()));
         self.started_info = Some(started);
         Ok(())
+    }
+
+    /// The recording format a client asked for, if the server lets clients
+    /// choose it (`recorder.client_formats`).
+    fn allowed_record_format(
+        &self,
+        asked: Option<&str>,
+    ) -> Result<Option<RecordFormat>, SinkError> {
+        let Some(asked) = asked else {
+            return Ok(None);
+        };
+        let allowed = &self.config.recorder.client_formats;
+        let names = || {
+            if allowed.is_empty() {
+                "this server lets clients choose none (recorder.client_formats)".to_owned()
+            } else {
+                let names: Vec<&str> = allowed.iter().map(|f| f.name()).collect();
+                format!("this server allows: {}", names.join(", "))
+            }
+        };
+        match RecordFormat::parse(asked) {
+            Some(format) if allowed.contains(&format) => Ok(Some(format)),
+            Some(format) => Err(SinkError::RecordFormatRefused(format!(
+                "record_format '{}' is not allowed; {}",
+                format.name(),
+                names()
+            ))),
+            None => Err(SinkError::RecordFormatRefused(format!(
+                "unknown record_format '{}' (wav, flac or ogg_opus); {}",
+                asked.chars().take(32).collect::<String>(),
+                names()
+            ))),
+        }
     }
 
     /// Checks the stream parameters a resuming connection repeated: the

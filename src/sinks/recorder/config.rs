@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ChannelsSetting, Recorder, RecorderSettings, SampleFormatSetting, NAME};
+use super::{ChannelsSetting, RecordFormat, Recorder, RecorderSettings, SampleFormatSetting, NAME};
 use crate::config::Config;
+use crate::protocol::Encoding;
 use crate::protocol::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 use crate::sinks::registry::{Emitters, SinkKind, SinkSpec, SpecEnv};
 use crate::sinks::{Sink, SinkContext, SinkError};
@@ -29,6 +30,20 @@ pub struct RecordSinkConfig {
     pub fsync: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_interval_ms: Option<u64>,
+    /// `wav`, `flac` or `ogg_opus`; a session's `record_format` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<RecordFormat>,
+}
+
+/// libopus takes 500 to 512000 b/s; below 6 kb/s even speech falls apart,
+/// and above 510 kb/s (stereo fullband at its best) nothing is gained.
+pub fn check_opus_bitrate_bps(bitrate_bps: u32) -> Result<(), String> {
+    if !(6_000..=510_000).contains(&bitrate_bps) {
+        return Err(format!(
+            "opus_bitrate_bps must be from 6000 to 510000, not {bitrate_bps}"
+        ));
+    }
+    Ok(())
 }
 
 /// `sample_rate` is 0 (the stream's) or a rate the pipeline converts to.
@@ -73,6 +88,8 @@ impl RecordSinkConfig {
             sample_format: self.sample_format.unwrap_or(base.sample_format),
             instance: (name != NAME).then(|| name.to_owned()),
             uploader: base.uploader.clone(),
+            format: self.format.unwrap_or(base.format),
+            opus_bitrate_bps: base.opus_bitrate_bps,
         }
     }
 }
@@ -118,13 +135,18 @@ impl SinkSpec for RecordSpec {
         self.settings.sample_rate
     }
 
+    fn takes_opus_packets(&self, encoding: Encoding, record_format: Option<RecordFormat>) -> bool {
+        self.settings
+            .takes_opus_packets_for(encoding, record_format)
+    }
+
     fn build(
         &self,
         context: &SinkContext,
         emitters: &mut Emitters,
     ) -> Result<Vec<Box<dyn Sink>>, SinkError> {
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        for output in self.settings.outputs(context.format.channels) {
+        for output in self.settings.outputs_for(context) {
             sinks.push(Box::new(Recorder::create(
                 context,
                 &self.settings,
@@ -150,6 +172,8 @@ mod tests {
             sample_format: SampleFormatSetting::F32,
             instance: None,
             uploader: None,
+            format: RecordFormat::Wav,
+            opus_bitrate_bps: 32_000,
         }
     }
 
@@ -172,6 +196,7 @@ mod tests {
             sample_format: Some(SampleFormatSetting::S16),
             fsync: Some(false),
             flush_interval_ms: Some(250),
+            format: Some(RecordFormat::Flac),
         };
         let settings = config.settings(&base(), "asr16k");
         assert_eq!(settings.sample_rate, None);
@@ -179,6 +204,7 @@ mod tests {
         assert_eq!(settings.sample_format, SampleFormatSetting::S16);
         assert!(!settings.fsync);
         assert_eq!(settings.flush_interval, Duration::from_millis(250));
+        assert_eq!(settings.format, RecordFormat::Flac);
         let config = RecordSinkConfig {
             sample_rate: Some(16_000),
             ..RecordSinkConfig::default()

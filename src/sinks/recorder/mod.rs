@@ -1,6 +1,7 @@
-//! The crash-safe WAV recorder.
+//! The crash-safe recorder: WAV, FLAC or Ogg Opus ([`format`]).
 //!
-//! One `<session_id>.wav` per session, beside a `<session_id>.json` sidecar.
+//! One `<session_id>.wav` (`.flac`, `.opus`) per session, beside a
+//! `<session_id>.json` sidecar.
 //! The session calls the recorder in place for every block; the recorder
 //! only copies the samples into a batch. The file work (writing, header
 //! checkpoints, `fsync`, the sidecars, finalizing) runs on tokio's blocking
@@ -8,7 +9,8 @@
 //! holds up only its own recordings, never an async worker.
 //!
 //! Durability: before every `ack`, the header is patched to cover all audio
-//! handed over (and synced with `recorder.fsync`), and the ack waits for it;
+//! handed over (FLAC: pending samples encoded as a frame; Ogg: the page
+//! completed), synced with `recorder.fsync`, and the ack waits for it;
 //! otherwise the header is rewritten whenever more than `flush_interval_ms`
 //! has passed with audio it does not cover. A process killed at any moment
 //! leaves a valid file holding everything acknowledged (and, without acks,
@@ -25,6 +27,7 @@
 //! `<session_id>.<name>.wav`.
 
 pub mod config;
+pub mod format;
 mod offthread;
 pub mod recover;
 mod sidecar;
@@ -33,19 +36,22 @@ mod wav;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use std::sync::Arc;
-
 use super::registry::Emitter;
 use super::{Completion, Sink, SinkContext, SinkError};
 use crate::pipeline::convert::{Layout, OutputFormat};
-use crate::pipeline::{AudioBlock, BlockSamples};
+use crate::pipeline::{AudioBlock, BlockSamples, OpusPacket};
 use crate::protocol::{Encoding, ErrorCode, RecordingInfo, ServerMessage};
 use crate::storage::upload::{Upload, Uploader};
+use format::flac::FlacWriter;
+use format::ogg_opus::{OggOpusWriter, ENCODER_RATES_HZ};
+pub use format::RecordFormat;
+use format::{FormatError, FormatWriter};
 use offthread::{FileSide, Job, OffThread, Report};
 use sidecar::Sidecar;
 pub use wav::{f32_to_i16, samples_to_i16};
@@ -94,21 +100,67 @@ pub struct RecorderSettings {
     /// The `[sinks.<name>]` instance this recorder is, which goes into its
     /// file names; `None` for the built-in `record`.
     pub instance: Option<String>,
+    /// The file format, unless the session chose another.
+    pub format: RecordFormat,
+    /// Bitrate of Ogg Opus recordings made from PCM.
+    pub opus_bitrate_bps: u32,
     /// With an object store: streams each recording there while it is
     /// written (`dir` is then the spool).
     pub uploader: Option<Arc<Uploader>>,
 }
 
-/// How long the end of a session waits for its recording's upload to
-/// complete before it reports the recording as still uploading (the upload
-/// goes on in the background).
-const UPLOAD_WAIT: Duration = Duration::from_secs(10);
-
 impl RecorderSettings {
+    /// The format of a session's recordings: the client's choice (already
+    /// checked against `recorder.client_formats`), else the configured one.
+    pub fn format_for(&self, context: &SinkContext) -> RecordFormat {
+        context.record_format.unwrap_or(self.format)
+    }
+
+    /// The rate of the PCM the recorder takes for a stream at
+    /// `stream_rate_hz`: Ogg Opus is encoded at an Opus rate, so any other
+    /// rate (44.1 kHz) is resampled to 48 kHz.
+    fn pcm_rate(&self, format: RecordFormat, stream_rate_hz: u32) -> Option<u32> {
+        let rate = self.sample_rate.unwrap_or(stream_rate_hz);
+        if format == RecordFormat::OggOpus && !ENCODER_RATES_HZ.contains(&rate) {
+            return Some(48_000);
+        }
+        self.sample_rate
+    }
+
+    /// Whether this recorder takes a stream of `encoding` as the client's
+    /// Opus packets (no decoding): an Ogg Opus recording of Opus input that
+    /// keeps the stream's channels. `record_format` is the session's choice.
+    pub fn takes_opus_packets_for(
+        &self,
+        encoding: Encoding,
+        record_format: Option<RecordFormat>,
+    ) -> bool {
+        self.channels == ChannelsSetting::Keep
+            && record_format
+                .unwrap_or(self.format)
+                .takes_opus_packets(encoding)
+    }
+
+    fn takes_opus_packets(&self, context: &SinkContext) -> bool {
+        self.takes_opus_packets_for(context.format.encoding, context.record_format)
+    }
+
     /// The recordings to make for a stream with `channels` channels.
     pub fn outputs(&self, channels: u16) -> Vec<OutputFormat> {
+        self.outputs_at(self.sample_rate, channels)
+    }
+
+    /// The recordings to make for a session: as [`Self::outputs`], at the
+    /// rate its format can take.
+    pub fn outputs_for(&self, context: &SinkContext) -> Vec<OutputFormat> {
+        let format = self.format_for(context);
+        let rate = self.pcm_rate(format, context.format.sample_rate);
+        self.outputs_at(rate, context.format.channels)
+    }
+
+    fn outputs_at(&self, sample_rate: Option<u32>, channels: u16) -> Vec<OutputFormat> {
         let format = |layout| OutputFormat {
-            sample_rate: self.sample_rate,
+            sample_rate,
             layout,
         };
         match self.channels {
@@ -121,7 +173,7 @@ impl RecorderSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WavFormat {
+pub enum WavFormat {
     S16,
     F32,
 }
@@ -151,6 +203,11 @@ fn file_name(path: &Path) -> Option<String> {
     path.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
+/// How long the end of a session waits for its recording's upload to
+/// complete before it reports the recording as still uploading (the upload
+/// goes on in the background).
+const UPLOAD_WAIT: Duration = Duration::from_secs(10);
+
 /// Builds the mapper from an IO error on `path` to a [`SinkError`].
 /// The path is copied only if there is an error: this runs once per block.
 fn io_error<'a>(
@@ -169,6 +226,14 @@ fn wav_error(source: hound::Error) -> SinkError {
     SinkError::Wav { sink: NAME, source }
 }
 
+/// A format writer's error as the sink's, naming the file.
+fn format_error(path: &Path) -> impl FnOnce(FormatError) -> SinkError + '_ {
+    move |error| match error {
+        FormatError::Wav(source) => wav_error(source),
+        FormatError::Io(source) => io_error("writing", path)(source),
+    }
+}
+
 /// How many samples the recorder gathers before it hands them to its file
 /// queue when nothing else (an ack, a flush, the header interval) does first.
 /// 8192 samples: half a second of 16 kHz mono, the most a crash of a session
@@ -182,11 +247,17 @@ pub struct Recorder {
     output: OutputFormat,
     channels: u16,
     sample_rate: u32,
-    format: WavFormat,
+    wav_format: WavFormat,
+    record_format: RecordFormat,
+    /// Takes the client's Opus packets instead of PCM.
+    takes_packets: bool,
     /// Frames handed over (queued or written).
     frames_queued: u64,
     /// Samples not yet queued.
     batch: Vec<f32>,
+    /// Packets not yet queued.
+    packets: Vec<OpusPacket>,
+    packet_bytes: usize,
     /// Queued audio the header does not cover yet.
     dirty: bool,
     last_flush: Instant,
@@ -196,23 +267,45 @@ pub struct Recorder {
     session_error: Option<String>,
 }
 
+/// How the file is opened at the first audio.
+#[derive(Debug, Clone, Copy)]
+enum Opening {
+    Wav(WavFormat),
+    Flac,
+    /// The client's Opus packets, with the input's pre-skip and rate.
+    OpusPassthrough {
+        pre_skip: u16,
+        input_rate_hz: u32,
+    },
+    OpusEncode {
+        bitrate_bps: u32,
+    },
+}
+
 /// The file side of one recording, used only by its queue's drain job (or
 /// by `finish`/`abort` on the blocking pool).
 struct RecordingFile {
     channel: Option<u16>,
     /// `None` until the first block.
-    wav: Option<WavWriter>,
-    wav_path: PathBuf,
+    writer: Option<FormatWriter>,
+    path: PathBuf,
     sidecar: Sidecar,
     sidecar_path: PathBuf,
-    format: WavFormat,
+    opening: Opening,
+    /// The `sample_format` reported: `s16`/`f32` for WAV, `s16` for FLAC,
+    /// `opus` for Ogg Opus.
+    sample_format: &'static str,
+    record_format: RecordFormat,
     channels: u16,
+    /// The file's rate (Ogg Opus: 48 kHz, the rate its lengths count).
     sample_rate: u32,
-    /// Frames written to the file.
+    /// Frames written to the file (Ogg Opus: added up at the end).
     frames_written: u64,
     fsync: bool,
     /// The `[sinks.<name>]` instance, named in `recording`.
     instance: Option<String>,
+    /// Pre-skip of an Ogg Opus file, taken off its length.
+    opus_pre_skip_48k: u64,
     /// The object store's side, if recordings are uploaded.
     upload: Option<Upload>,
     /// Where the upload puts the file (`s3://…`).
@@ -230,6 +323,8 @@ impl Recorder {
         // Checked at start (one syscall when it exists): a session whose
         // recordings cannot be kept is refused at once, not at its first audio.
         fs::create_dir_all(&settings.dir).map_err(io_error("creating directory", &settings.dir))?;
+        let record_format = settings.format_for(context);
+        let takes_packets = settings.takes_opus_packets(context);
         let channel = match output.layout {
             Layout::Channel(c) => Some(c),
             Layout::Keep | Layout::Mono => None,
@@ -243,26 +338,48 @@ impl Recorder {
         if let Some(c) = channel {
             stem = format!("{stem}.ch{c}");
         }
-        let wav_path = settings.dir.join(format!("{stem}.wav"));
+        let path = settings
+            .dir
+            .join(format!("{stem}.{}", record_format.extension()));
         let sidecar_path = settings.dir.join(format!("{stem}.json"));
         let channels = output.channels(context.format.channels);
         let sample_rate = output.rate(context.format.sample_rate);
 
-        let format = match (settings.sample_format, context.format.encoding) {
+        let wav_format = match (settings.sample_format, context.format.encoding) {
             (SampleFormatSetting::F32, _) | (SampleFormatSetting::Auto, Encoding::PcmF32le) => {
                 WavFormat::F32
             }
             _ => WavFormat::S16,
         };
+        let (opening, sample_format, file_rate) = match record_format {
+            RecordFormat::Wav => (Opening::Wav(wav_format), wav_format.name(), sample_rate),
+            RecordFormat::Flac => (Opening::Flac, "s16", sample_rate),
+            RecordFormat::OggOpus if takes_packets => (
+                Opening::OpusPassthrough {
+                    pre_skip: context.opus_pre_skip,
+                    input_rate_hz: context.format.sample_rate,
+                },
+                "opus",
+                48_000,
+            ),
+            RecordFormat::OggOpus => (
+                Opening::OpusEncode {
+                    bitrate_bps: settings.opus_bitrate_bps,
+                },
+                "opus",
+                48_000,
+            ),
+        };
         let sidecar = Sidecar::new(
             context,
-            &wav_path,
-            format.name(),
-            sample_rate,
+            &path,
+            record_format.name(),
+            sample_format,
+            file_rate,
             channels,
             channel,
         );
-        let file_name = format!("{stem}.wav");
+        let file_name = format!("{stem}.{}", record_format.extension());
         let uri = settings
             .uploader
             .as_ref()
@@ -282,16 +399,19 @@ impl Recorder {
         });
         let file = RecordingFile {
             channel,
-            wav: None,
-            wav_path,
+            writer: None,
+            path,
             sidecar,
             sidecar_path,
-            format,
+            opening,
+            sample_format,
+            record_format,
             channels,
             sample_rate,
             frames_written: 0,
             fsync: settings.fsync,
             instance: settings.instance.clone(),
+            opus_pre_skip_48k: 0,
             upload,
             uri,
             session_id: context.session_id.clone(),
@@ -302,9 +422,13 @@ impl Recorder {
             output,
             channels,
             sample_rate,
-            format,
+            wav_format,
+            record_format,
+            takes_packets,
             frames_queued: 0,
             batch: Vec::new(),
+            packets: Vec::new(),
+            packet_bytes: 0,
             dirty: false,
             last_flush: Instant::now(),
             flush_interval: settings.flush_interval,
@@ -319,7 +443,11 @@ impl Recorder {
             let next = Vec::with_capacity(self.batch.capacity());
             Job::Samples(std::mem::replace(&mut self.batch, next))
         });
-        let jobs = batch.into_iter().chain(then);
+        let packets = (!self.packets.is_empty()).then(|| {
+            self.packet_bytes = 0;
+            Job::Packets(std::mem::take(&mut self.packets))
+        });
+        let jobs = batch.into_iter().chain(packets).chain(then);
         self.io.submit(jobs);
     }
 
@@ -329,13 +457,21 @@ impl Recorder {
         self.dirty = false;
         self.last_flush = now;
     }
+
+    /// After new audio: the header interval, counted from the first audio.
+    fn after_audio(&mut self, now: Instant) {
+        self.dirty = true;
+        if now.saturating_duration_since(self.last_flush) >= self.flush_interval {
+            self.checkpoint(now, Report::Nothing);
+        }
+    }
 }
 
 impl RecordingFile {
-    /// Creates the WAV (header written) and the first sidecar. A recording
+    /// Creates the file (header written) and the first sidecar. A recording
     /// that cannot be started (a full disk) leaves no file.
-    fn open(&self) -> Result<WavWriter, SinkError> {
-        let path = &self.wav_path;
+    fn open(&self) -> Result<FormatWriter, SinkError> {
+        let path = &self.path;
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -346,19 +482,41 @@ impl RecordingFile {
         if let Err(error) = file.try_lock() {
             tracing::debug!(%error, "cannot lock the recording");
         }
-        WavWriter::create(file, self.channels, self.sample_rate, self.format)
-            .map_err(wav_error)
-            .and_then(|wav| self.sidecar.write_first(&self.sidecar_path).map(|()| wav))
+        // The Ogg stream's serial number: any value does for one stream.
+        let serial = rand_serial(path);
+        let writer = match self.opening {
+            Opening::Wav(format) => {
+                WavWriter::create(file, self.channels, self.sample_rate, format)
+                    .map(FormatWriter::Wav)
+                    .map_err(wav_error)
+            }
+            Opening::Flac => FlacWriter::create(file, self.channels, self.sample_rate)
+                .map(|w| FormatWriter::Flac(Box::new(w)))
+                .map_err(io_error("writing", path)),
+            Opening::OpusPassthrough {
+                pre_skip,
+                input_rate_hz,
+            } => OggOpusWriter::passthrough(file, self.channels, pre_skip, input_rate_hz, serial)
+                .map(FormatWriter::OggOpus)
+                .map_err(io_error("writing", path)),
+            Opening::OpusEncode { bitrate_bps } => {
+                OggOpusWriter::encoding(file, self.channels, self.sample_rate, bitrate_bps, serial)
+                    .map(FormatWriter::OggOpus)
+                    .map_err(io_error("writing", path))
+            }
+        };
+        writer
+            .and_then(|w| self.sidecar.write_first(&self.sidecar_path).map(|()| w))
             .inspect_err(|_| {
                 let _ = fs::remove_file(path);
             })
     }
 
-    fn wav(&mut self) -> Result<&mut WavWriter, SinkError> {
-        if self.wav.is_none() {
-            self.wav = Some(self.open()?);
+    fn writer(&mut self) -> Result<&mut FormatWriter, SinkError> {
+        if self.writer.is_none() {
+            self.writer = Some(self.open()?);
         }
-        self.wav.as_mut().ok_or_else(|| SinkError::Failed {
+        self.writer.as_mut().ok_or_else(|| SinkError::Failed {
             sink: NAME,
             message: "the recording could not be opened".into(),
         })
@@ -366,11 +524,24 @@ impl RecordingFile {
 
     /// After a failed write: makes the header cover what is on disk;
     /// returns the frames it then covers (`written` if it cannot be patched).
-    fn cover_frames_on_disk(unfinished: &Unfinished, written: u64) -> u64 {
+    fn cover_frames_on_disk(unfinished: Option<&Unfinished>, written: u64) -> u64 {
+        let Some(unfinished) = unfinished else {
+            // FLAC and Ogg need no patching to play what is on disk.
+            return written;
+        };
         unfinished.cover_frames_on_disk().unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot patch the WAV header of a failed recording");
             written
         })
+    }
+
+    /// Frames the file holds, at its rate: for Ogg Opus, the 48 kHz
+    /// samples decoded from it after the pre-skip.
+    fn frames_in(&self, writer: &FormatWriter) -> u64 {
+        match writer {
+            FormatWriter::OggOpus(w) => w.granule().saturating_sub(self.opus_pre_skip_48k),
+            _ => self.frames_written,
+        }
     }
 
     /// Marks the sidecar failed: the error, the end time, and the length.
@@ -385,6 +556,13 @@ impl RecordingFile {
         sidecar.fail(SystemTime::now(), frames, duration_seconds, reason);
         if let Err(e) = sidecar.write(path) {
             tracing::warn!(error = %e, "cannot write the sidecar of a failed recording");
+        }
+    }
+
+    fn file_rate(&self) -> u32 {
+        match self.record_format {
+            RecordFormat::OggOpus => 48_000,
+            _ => self.sample_rate,
         }
     }
 
@@ -408,84 +586,82 @@ impl RecordingFile {
 
     /// Closes a recording whose session failed, or that failed itself:
     /// the header covers what reached the disk, the sidecar says why.
-    fn close_failed(self, reason: &str) {
+    fn close_failed(mut self, reason: &str) {
         // No audio, no file (or it could not be made): nothing to mark.
-        let Some(wav) = self.wav else {
+        let Some(writer) = self.writer.take() else {
             return;
         };
-        let frames = match wav.finalize() {
+        let frames_before = self.frames_in(&writer);
+        let frames = match writer.finalize() {
             // The header covers every sample written.
-            Ok(_) => self.frames_written,
+            Ok(_) => frames_before,
             Err((error, unfinished)) => {
-                tracing::warn!(%error, "cannot finalize the WAV of a failed recording");
-                Self::cover_frames_on_disk(&unfinished, self.frames_written)
+                tracing::warn!(%error, "cannot finalize a failed recording");
+                Self::cover_frames_on_disk(unfinished.as_ref(), frames_before)
             }
         };
-        Self::record_failure(
-            self.sidecar,
-            &self.sidecar_path,
-            frames,
-            self.sample_rate,
-            reason,
-        );
+        let rate = self.file_rate();
+        Self::record_failure(self.sidecar, &self.sidecar_path, frames, rate, reason);
         // What was kept goes to the store too (not waited for: the session
         // has failed and reports no recording).
         if let Some(upload) = self.upload {
-            let len = fs::metadata(&self.wav_path).map_or(0, |m| m.len());
+            let len = fs::metadata(&self.path).map_or(0, |m| m.len());
             let _ = upload.finish(len, file_name(&self.sidecar_path));
         }
     }
 
     /// The end of a recording: the header final, the hash, the sidecar, and
     /// the `recording` message.
-    fn close(self, session_error: Option<&str>) -> Result<Vec<ServerMessage>, SinkError> {
+    fn close(mut self, session_error: Option<&str>) -> Result<Vec<ServerMessage>, SinkError> {
         // No audio: no file, and no `recording` to report.
-        let Some(wav) = self.wav else {
+        let Some(writer) = self.writer.take() else {
             return Ok(Vec::new());
         };
-        let path = &self.wav_path;
-        let upload = self.upload;
+        let rate = self.file_rate();
+        let path = self.path.clone();
+        let sidecar_path = self.sidecar_path.clone();
         let fail = |sidecar, frames, error: SinkError| {
             let reason = error.to_string();
-            Self::record_failure(
-                sidecar,
-                &self.sidecar_path,
-                frames,
-                self.sample_rate,
-                &reason,
-            );
+            Self::record_failure(sidecar, &sidecar_path, frames, rate, &reason);
             Err(error)
         };
-        let file = match wav.finalize() {
+        let frames_before = self.frames_in(&writer);
+        let is_opus = matches!(writer, FormatWriter::OggOpus(_));
+        let granule_end = match &writer {
+            FormatWriter::OggOpus(_) => None,
+            _ => Some(self.frames_written),
+        };
+        let file = match writer.finalize() {
             Ok(file) => file,
             Err((error, unfinished)) => {
-                let frames = Self::cover_frames_on_disk(&unfinished, self.frames_written);
-                return fail(self.sidecar, frames, wav_error(error));
+                let frames = Self::cover_frames_on_disk(unfinished.as_ref(), frames_before);
+                return fail(self.sidecar, frames, format_error(&path)(error));
             }
+        };
+        // An encoding Ogg Opus writer's end granule is only known now.
+        let frames = match granule_end {
+            Some(frames) => frames,
+            None if is_opus => self.opus_frames_after_finalize(frames_before),
+            None => frames_before,
         };
         let summary = (|| {
             if self.fsync {
-                file.sync_data().map_err(io_error("syncing", path))?;
+                file.sync_data().map_err(io_error("syncing", &path))?;
             }
-            let bytes = fs::metadata(path)
-                .map_err(io_error("reading size of", path))?
+            let bytes = fs::metadata(&path)
+                .map_err(io_error("reading size of", &path))?
                 .len();
-            let sha256 = Self::sha256_of(path).map_err(io_error("hashing", path))?;
+            let sha256 = Self::sha256_of(&path).map_err(io_error("hashing", &path))?;
             Ok((bytes, sha256))
         })();
         let (bytes, sha256) = match summary {
             Ok(summary) => summary,
-            Err(error) => return fail(self.sidecar, self.frames_written, error),
+            Err(error) => return fail(self.sidecar, frames, error),
         };
-        let duration_seconds = self.frames_written as f64 / f64::from(self.sample_rate);
+        let duration_seconds = frames as f64 / f64::from(rate);
 
         let mut sidecar = self.sidecar;
-        sidecar.complete(
-            SystemTime::now(),
-            self.frames_written,
-            duration_seconds,
-            &sha256,
-        );
+        sidecar.complete(SystemTime::now(), frames, duration_seconds, &sha256);
         if let Some(error) = session_error {
             sidecar.session_failed(error);
         }
@@ -495,68 +671,108 @@ impl RecordingFile {
         // now; the message says where the object is, and whether it is
         // there yet (if the store is slow or down, the upload goes on from
         // the spool in the background).
-        let uploaded = upload.map(|upload| {
+        let uploaded = self.upload.take().map(|upload| {
             let finishing = upload.finish(bytes, file_name(&self.sidecar_path));
             match finishing.wait(UPLOAD_WAIT) {
                 Some(Ok(_)) => true,
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "recording not uploaded");
+                    tracing::warn!(%error, "recording not uploaded yet");
                     false
                 }
                 None => false,
             }
         });
 
-        Ok(vec![ServerMessage::Recording(RecordingInfo {
-            path: self.wav_path.display().to_string(),
+        Ok(vec![ServerMessage::Recording(Box::new(RecordingInfo {
+            path: path.display().to_string(),
             sidecar_path: self.sidecar_path.display().to_string(),
             duration_seconds,
-            sample_frames: self.frames_written,
-            sample_rate: self.sample_rate,
+            sample_frames: frames,
+            sample_rate: rate,
             channels: self.channels,
-            sample_format: self.format.name(),
+            format: self.record_format.name(),
+            sample_format: self.sample_format,
             channel: self.channel,
             sink: self.instance,
             bytes,
             sha256,
             url: crate::recordings::file_url(
                 &self.session_id,
-                &file_name(&self.wav_path).unwrap_or_default(),
+                &file_name(&path).unwrap_or_default(),
             ),
             uri: self.uri,
             uploaded,
-        })])
+        }))])
     }
+
+    /// The decoded length of a finished Ogg Opus file: passthrough, what
+    /// the packets held; encoded, exactly the PCM given.
+    fn opus_frames_after_finalize(&self, passthrough_frames: u64) -> u64 {
+        match self.opening {
+            Opening::OpusEncode { .. } => {
+                self.frames_written * 48_000 / u64::from(self.sample_rate.max(1))
+            }
+            _ => passthrough_frames,
+        }
+    }
+}
+
+/// A serial number for an Ogg stream, from its path and the clock: unique
+/// enough for one logical stream per file (RFC 3533 asks no more).
+fn rand_serial(path: &Path) -> u32 {
+    let mut hasher = Sha256::new();
+    hasher.update(path.as_os_str().as_encoded_bytes());
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    hasher.update(now.as_nanos().to_le_bytes());
+    let digest = hasher.finalize();
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 impl FileSide for RecordingFile {
     fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError> {
-        self.wav()?.write(samples).map_err(wav_error)?;
+        let path = self.path.clone();
+        self.writer()?.write(samples).map_err(format_error(&path))?;
         self.frames_written += (samples.len() / usize::from(self.channels).max(1)) as u64;
         Ok(())
     }
 
     fn write_silence(&mut self, samples: usize) -> Result<(), SinkError> {
-        self.wav()?.write_silence(samples).map_err(wav_error)?;
+        let path = self.path.clone();
+        self.writer()?
+            .write_silence(samples)
+            .map_err(format_error(&path))?;
         self.frames_written += (samples / usize::from(self.channels).max(1)) as u64;
         Ok(())
     }
 
+    fn write_packets(&mut self, packets: &[OpusPacket]) -> Result<(), SinkError> {
+        let path = self.path.clone();
+        if let Opening::OpusPassthrough { pre_skip, .. } = self.opening {
+            self.opus_pre_skip_48k = u64::from(pre_skip);
+        }
+        self.writer()?
+            .write_packets(packets)
+            .map_err(format_error(&path))
+    }
+
     fn checkpoint(&mut self) -> Result<(), SinkError> {
-        let Some(wav) = &mut self.wav else {
+        let Some(writer) = &mut self.writer else {
             return Ok(());
         };
-        wav.checkpoint().map_err(wav_error)?;
+        writer.checkpoint().map_err(format_error(&self.path))?;
         if self.fsync {
-            wav.file()
+            writer
+                .file()
                 .sync_data()
-                .map_err(io_error("syncing", &self.wav_path))?;
+                .map_err(io_error("syncing", &self.path))?;
         }
-        if let Some(upload) = &self.upload {
-            // Past the header, the file only grows: what is on disk now can
-            // go up in whole parts.
-            if let Ok(meta) = wav.file().metadata() {
-                upload.durable(meta.len());
+        if let Some(upload) = &mut self.upload {
+            // Past the header region, the file only grows: what is on disk
+            // now can go up in whole parts.
+            if let Ok(bytes) = writer.durable_bytes() {
+                upload.durable(bytes);
             }
         }
         Ok(())
@@ -576,19 +792,24 @@ impl Sink for Recorder {
         self.output
     }
 
+    fn takes_opus_packets(&self) -> bool {
+        self.takes_packets
+    }
+
     fn write(&mut self, block: &AudioBlock, now: Instant) -> Result<(), SinkError> {
-        let new_bytes =
-            block.frames as u64 * u64::from(self.channels) * self.format.bytes_per_sample();
-        let have_bytes =
-            self.frames_queued * u64::from(self.channels) * self.format.bytes_per_sample();
-        if have_bytes + new_bytes > MAX_WAV_DATA_BYTES {
-            return Err(SinkError::Failed {
-                sink: NAME,
-                message: format!(
-                    "recording reached the 4 GiB limit of the WAV format after {} s",
-                    self.frames_queued / u64::from(self.sample_rate)
-                ),
-            });
+        if self.record_format == RecordFormat::Wav {
+            let bytes_per_sample = self.wav_format.bytes_per_sample();
+            let new_bytes = block.frames as u64 * u64::from(self.channels) * bytes_per_sample;
+            let have_bytes = self.frames_queued * u64::from(self.channels) * bytes_per_sample;
+            if have_bytes + new_bytes > MAX_WAV_DATA_BYTES {
+                return Err(SinkError::Failed {
+                    sink: NAME,
+                    message: format!(
+                        "recording reached the 4 GiB limit of the WAV format after {} s",
+                        self.frames_queued / u64::from(self.sample_rate)
+                    ),
+                });
+            }
         }
         if self.frames_queued == 0 {
             // The header interval counts from the first audio.
@@ -610,10 +831,33 @@ impl Sink for Recorder {
             }
         }
         self.frames_queued += block.frames as u64;
-        self.dirty = true;
-        if now.saturating_duration_since(self.last_flush) >= self.flush_interval {
-            self.checkpoint(now, Report::Nothing);
+        self.after_audio(now);
+        Ok(())
+    }
+
+    fn write_packets(&mut self, packets: &[OpusPacket], now: Instant) -> Result<(), SinkError> {
+        if packets.is_empty() {
+            return Ok(());
         }
+        if self.frames_queued == 0 {
+            self.last_flush = now;
+        }
+        for packet in packets {
+            let (bytes, frames) = match packet {
+                OpusPacket::Data {
+                    data, frames_48k, ..
+                } => (data.len(), u64::from(*frames_48k)),
+                OpusPacket::Lost { frames_48k } => (0, *frames_48k),
+            };
+            self.packet_bytes += bytes;
+            self.frames_queued += frames;
+            self.packets.push(packet.clone());
+        }
+        // About as much as a batch of samples holds back.
+        if self.packet_bytes >= BATCH_SAMPLES {
+            self.hand_over(None);
+        }
+        self.after_audio(now);
         Ok(())
     }
 
@@ -639,7 +883,7 @@ impl Sink for Recorder {
     }
 
     fn pending_bytes(&self) -> usize {
-        self.io.pending_bytes() + std::mem::size_of_val(self.batch.as_slice())
+        self.io.pending_bytes() + std::mem::size_of_val(self.batch.as_slice()) + self.packet_bytes
     }
 
     fn next_deadline(&self) -> Option<Instant> {

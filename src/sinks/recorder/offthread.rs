@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::pipeline::OpusPacket;
 use crate::sinks::registry::Emitter;
 use crate::sinks::{SinkError, SinkEvent};
 
@@ -25,6 +26,8 @@ pub(super) enum Job {
     Samples(Vec<f32>),
     /// This many zero samples.
     Silence(usize),
+    /// The client's Opus packets (and holes), in media order.
+    Packets(Vec<OpusPacket>),
     /// Patch the header to cover everything written (and sync, with
     /// `recorder.fsync`), then report.
     Checkpoint(Report),
@@ -42,6 +45,7 @@ pub(super) enum Report {
 pub(super) trait FileSide: Send + 'static {
     fn write_samples(&mut self, samples: &[f32]) -> Result<(), SinkError>;
     fn write_silence(&mut self, samples: usize) -> Result<(), SinkError>;
+    fn write_packets(&mut self, packets: &[OpusPacket]) -> Result<(), SinkError>;
     fn checkpoint(&mut self) -> Result<(), SinkError>;
     /// The file failed with `reason`: close what can be kept, marked so.
     fn failed(self, reason: &str);
@@ -98,9 +102,7 @@ impl<F: FileSide> OffThread<F> {
         let schedule = {
             let mut inbox = lock(&self.shared.inbox);
             for job in jobs {
-                if let Job::Samples(samples) = &job {
-                    bytes += std::mem::size_of_val(samples.as_slice());
-                }
+                bytes += job_bytes(&job);
                 inbox.jobs.push_back(job);
             }
             !std::mem::replace(&mut inbox.scheduled, true)
@@ -135,6 +137,21 @@ impl<F: FileSide> OffThread<F> {
     }
 }
 
+/// The bytes of audio a job holds, for `pending_bytes`.
+fn job_bytes(job: &Job) -> usize {
+    match job {
+        Job::Samples(samples) => std::mem::size_of_val(samples.as_slice()),
+        Job::Packets(packets) => packets
+            .iter()
+            .map(|p| match p {
+                OpusPacket::Data { data, .. } => data.len(),
+                OpusPacket::Lost { .. } => 0,
+            })
+            .sum(),
+        Job::Silence(_) | Job::Checkpoint(_) => 0,
+    }
+}
+
 /// Writes queued work until there is none.
 fn drain<F: FileSide>(shared: &Shared<F>) {
     loop {
@@ -155,15 +172,13 @@ fn drain<F: FileSide>(shared: &Shared<F>) {
 
 fn run_jobs<F: FileSide>(shared: &Shared<F>, file: &mut Option<F>, jobs: VecDeque<Job>) {
     for job in jobs {
-        let bytes = match &job {
-            Job::Samples(samples) => std::mem::size_of_val(samples.as_slice()),
-            _ => 0,
-        };
+        let bytes = job_bytes(&job);
         if let Some(f) = file.as_mut() {
             let started = Instant::now();
             let result = match &job {
                 Job::Samples(samples) => f.write_samples(samples),
                 Job::Silence(n) => f.write_silence(*n),
+                Job::Packets(packets) => f.write_packets(packets),
                 Job::Checkpoint(_) => f.checkpoint(),
             };
             shared.write_seconds.record(started.elapsed().as_secs_f64());
@@ -220,6 +235,10 @@ mod tests {
         }
         fn write_silence(&mut self, samples: usize) -> Result<(), SinkError> {
             lock(&self.written).push(format!("silence {samples}"));
+            Ok(())
+        }
+        fn write_packets(&mut self, packets: &[OpusPacket]) -> Result<(), SinkError> {
+            lock(&self.written).push(format!("packets {}", packets.len()));
             Ok(())
         }
         fn checkpoint(&mut self) -> Result<(), SinkError> {
@@ -295,6 +314,9 @@ mod tests {
             Ok(())
         }
         fn write_silence(&mut self, _: usize) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn write_packets(&mut self, _: &[OpusPacket]) -> Result<(), SinkError> {
             Ok(())
         }
         fn checkpoint(&mut self) -> Result<(), SinkError> {

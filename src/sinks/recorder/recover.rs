@@ -15,12 +15,18 @@
 //! A live recorder holds an exclusive lock (`flock`) on its WAV, released by
 //! the kernel when its process dies: a recording whose lock is taken belongs
 //! to another server sharing the directory, and is left alone.
+//!
+//! FLAC and Ogg Opus recordings (named by the sidecar's `file_format`) need
+//! no header patched to play: a torn frame or page at the end is cut off
+//! (FLAC's STREAMINFO keeps its unknown length), and the sidecar is repaired
+//! as for WAV. Leftovers without a sidecar are only looked for among WAVs.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+use super::format::{flac, ogg, RecordFormat};
 use super::sidecar::Sidecar;
 use super::wav::{self, WavHead};
 use crate::sinks::SinkError;
@@ -46,6 +52,12 @@ pub enum RecoverError {
     NotASidecar { path: PathBuf, reason: String },
     #[error("{path} is not a WAV file of ours: {reason}")]
     NotAWav { path: PathBuf, reason: &'static str },
+    #[error("{path} is not a {format} file of ours: {reason}")]
+    NotOurs {
+        path: PathBuf,
+        format: &'static str,
+        reason: &'static str,
+    },
     #[error(transparent)]
     Sidecar(#[from] SinkError),
 }
@@ -193,8 +205,10 @@ fn recover_one(dir: &Path, stem: &str, sidecar_path: &Path) -> Result<Outcome, R
     if !sidecar.is_unfinished() {
         return Ok(Outcome::NothingToDo);
     }
-    // The file name comes from the sidecar's own name, never its contents.
-    let wav_path = dir.join(format!("{stem}.wav"));
+    // The file name comes from the sidecar's own name (and one of our
+    // extensions), never its contents.
+    let format = RecordFormat::parse(sidecar.file_format()).unwrap_or_default();
+    let wav_path = dir.join(format!("{stem}.{}", format.extension()));
     let Some(file) = open_locked(&wav_path)? else {
         return Ok(Outcome::LiveElsewhere);
     };
@@ -202,10 +216,19 @@ fn recover_one(dir: &Path, stem: &str, sidecar_path: &Path) -> Result<Outcome, R
         .metadata()
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| SystemTime::now());
-    let (head, _) = read_head(&file, &wav_path)?;
-    let frames = wav::cover_frames_on_disk(&file, head.layout)
-        .map_err(io_error("patching the header of", &wav_path))?;
-    let duration_seconds = frames as f64 / f64::from(head.sample_rate);
+    let (frames, sample_rate) = match format {
+        RecordFormat::Wav => {
+            let (head, _) = read_head(&file, &wav_path)?;
+            let frames = wav::cover_frames_on_disk(&file, head.layout)
+                .map_err(io_error("patching the header of", &wav_path))?;
+            (frames, head.sample_rate)
+        }
+        RecordFormat::Flac | RecordFormat::OggOpus => {
+            let frames = cut_to_whole_units(&file, &wav_path, format)?;
+            (frames, sidecar.sample_rate().max(1))
+        }
+    };
+    let duration_seconds = frames as f64 / f64::from(sample_rate);
     sidecar.fail(ended_at, frames, duration_seconds, RECOVERED_ERROR);
     sidecar.write(sidecar_path)?;
     remove_if_present(&sidecar_path.with_extension("json.tmp"))?;
@@ -216,6 +239,44 @@ fn recover_one(dir: &Path, stem: &str, sidecar_path: &Path) -> Result<Outcome, R
         "recovered a recording left unfinished by a crash"
     );
     Ok(Outcome::Repaired)
+}
+
+/// Cuts a FLAC or Ogg Opus file after its last whole frame or page (a torn
+/// one, the write a crash cut short, goes); returns the sample frames it
+/// then holds (Ogg Opus: 48 kHz samples after the pre-skip).
+fn cut_to_whole_units(file: &File, path: &Path, format: RecordFormat) -> Result<u64, RecoverError> {
+    let mut bytes = Vec::new();
+    let mut reader = file;
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(io_error("reading", path))?;
+    let not_ours = |reason| RecoverError::NotOurs {
+        path: path.to_path_buf(),
+        format: format.name(),
+        reason,
+    };
+    let (keep, frames) = match format {
+        RecordFormat::Flac => {
+            flac::whole_frames(&bytes).ok_or_else(|| not_ours("no FLAC header"))?
+        }
+        _ => {
+            let keep = ogg::whole_pages_len(&bytes);
+            if keep == 0 {
+                return Err(not_ours("no whole Ogg page"));
+            }
+            // OpusHead's pre-skip: bytes 10..12 of the first page's packet.
+            let pre_skip = bytes
+                .get(28 + 10..28 + 12)
+                .map_or(0, |b| u64::from(u16::from_le_bytes([b[0], b[1]])));
+            let granule = ogg::last_granule(&bytes[..keep]).unwrap_or(0);
+            (keep, granule.saturating_sub(pre_skip))
+        }
+    };
+    if (keep as u64) < bytes.len() as u64 {
+        file.set_len(keep as u64)
+            .map_err(io_error("truncating", path))?;
+    }
+    Ok(frames)
 }
 
 /// Removes `path`, a WAV or `.json.tmp`, if it is a crash's leftover: its
@@ -283,10 +344,13 @@ mod tests {
             },
             metadata: serde_json::Map::new(),
             started_at: SystemTime::now(),
+            record_format: None,
+            opus_pre_skip: 0,
         };
         Sidecar::new(
             &context,
             &dir.join(format!("{stem}.wav")),
+            "wav",
             "s16",
             RATE,
             2,

@@ -22,8 +22,11 @@ use crate::sinks::{SinkContext, SinkError};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sidecar {
     session_id: String,
-    /// File name of the WAV, relative to the sidecar.
+    /// File name of the recording, relative to the sidecar.
     recording: String,
+    /// `wav`, `flac` or `ogg_opus` (older sidecars, without it: `wav`).
+    #[serde(default = "wav_name")]
+    file_format: String,
     /// The stream as the client sent it.
     format: StreamFormat,
     /// The WAV file's own rate and channels (after any conversion).
@@ -50,6 +53,10 @@ pub struct Sidecar {
 /// and error message (see the module doc).
 const END_FIELDS_ROOM_BYTES: usize = 1024;
 
+fn wav_name() -> String {
+    "wav".to_owned()
+}
+
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
@@ -58,6 +65,7 @@ impl Sidecar {
     pub fn new(
         context: &SinkContext,
         wav_path: &Path,
+        file_format: &'static str,
         sample_format: &'static str,
         sample_rate: u32,
         channels: u16,
@@ -69,6 +77,7 @@ impl Sidecar {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            file_format: file_format.to_owned(),
             format: context.format,
             sample_rate,
             channels,
@@ -83,6 +92,16 @@ impl Sidecar {
             complete: false,
             error: None,
         }
+    }
+
+    /// The rate the sidecar's lengths count (the file's).
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    /// The recording's format, as its name.
+    pub fn file_format(&self) -> &str {
+        &self.file_format
     }
 
     /// Neither finished nor failed: its recorder never ended (the process died).
@@ -235,8 +254,10 @@ mod tests {
             },
             metadata: Map::new(),
             started_at: SystemTime::now(),
+            record_format: None,
+            opus_pre_skip: 0,
         };
-        Sidecar::new(&context, &dir.join("s1.wav"), "s16", 16_000, 1, None)
+        Sidecar::new(&context, &dir.join("s1.wav"), "wav", "s16", 16_000, 1, None)
     }
 
     fn read(path: &Path) -> Value {

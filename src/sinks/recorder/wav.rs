@@ -31,7 +31,7 @@ const SILENCE_CHUNK_SAMPLES: usize = 4096;
 /// What the WAV writer needs of its file. Calls take `&self`, as `&File`'s
 /// do, so the recorder can sync the descriptor hound writes through; tests
 /// put a file that runs out of space in its place.
-pub(super) trait WavFile: Send + Sync + 'static {
+pub trait WavFile: Send + Sync + 'static {
     /// Writes at the current position; may write only part of `data`.
     fn write_some(&self, data: &[u8]) -> io::Result<usize>;
     fn seek_to(&self, pos: SeekFrom) -> io::Result<u64>;
@@ -157,14 +157,14 @@ impl<F: WavFile> Drop for FileBuffer<F> {
 
 /// Where a WAV file's samples start, and the bytes of one sample frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DataLayout {
+pub struct DataLayout {
     /// Offset of the first sample: the `data` chunk's size field is the 4
     /// bytes before it, and the RIFF size field is at offset 4.
     pub data_start: u64,
     pub frame_bytes: u64,
 }
 
-pub(super) struct WavWriter<F: WavFile = File> {
+pub struct WavWriter<F: WavFile = File> {
     wav: hound::WavWriter<FileBuffer<F>>,
     file: Arc<F>,
     layout: DataLayout,
@@ -174,7 +174,7 @@ pub(super) struct WavWriter<F: WavFile = File> {
 }
 
 /// A WAV file whose writer stopped on an error, header not yet final.
-pub(super) struct Unfinished<F: WavFile = File> {
+pub struct Unfinished<F: WavFile = File> {
     file: Arc<F>,
     layout: DataLayout,
 }
