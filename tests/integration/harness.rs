@@ -184,24 +184,26 @@ impl Drop for Server {
     }
 }
 
+/// Every `<kind>.schema.json` of `dir`, compiled, by kind.
+pub fn schemas_in(dir: &str) -> HashMap<String, jsonschema::Validator> {
+    let mut map = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(kind) = name.strip_suffix(".schema.json") else {
+            continue;
+        };
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let validator = jsonschema::validator_for(&schema)
+            .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"));
+        map.insert(kind.to_owned(), validator);
+    }
+    map
+}
+
 fn schemas() -> &'static HashMap<String, jsonschema::Validator> {
     static SCHEMAS_BY_TYPE: OnceLock<HashMap<String, jsonschema::Validator>> = OnceLock::new();
-    SCHEMAS_BY_TYPE.get_or_init(|| {
-        let mut map = HashMap::new();
-        for entry in std::fs::read_dir(SCHEMAS).expect("proto/schemas/server") {
-            let path = entry.expect("entry").path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let Some(kind) = name.strip_suffix(".schema.json") else {
-                continue;
-            };
-            let schema: Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let validator = jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"));
-            map.insert(kind.to_owned(), validator);
-        }
-        map
-    })
+    SCHEMAS_BY_TYPE.get_or_init(|| schemas_in(SCHEMAS))
 }
 
 /// Panics unless `message` is valid against the schema for its `type`.
@@ -504,4 +506,30 @@ pub fn ogg_packets_independently(path: &Path) -> Vec<Vec<u8>> {
         at = body;
     }
     packets.split_off(2)
+}
+
+/// Best normalized cross-correlation of `a` against `b` over lags within
+/// `max_lag` samples (mono signals at the same rate).
+pub fn aligned_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
+    let mut best = (f64::MIN, 0);
+    for lag in -(max_lag as isize)..=(max_lag as isize) {
+        let (x, y) = if lag >= 0 {
+            (&a[lag as usize..], b)
+        } else {
+            (a, &b[(-lag) as usize..])
+        };
+        let n = x.len().min(y.len());
+        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+        for i in 0..n {
+            let (p, q) = (f64::from(x[i]), f64::from(y[i]));
+            xy += p * q;
+            xx += p * p;
+            yy += q * q;
+        }
+        let c = xy / (xx.sqrt() * yy.sqrt()).max(1e-9);
+        if c > best.0 {
+            best = (c, lag);
+        }
+    }
+    best
 }

@@ -7,32 +7,6 @@ use serde_json::json;
 
 use crate::harness::*;
 
-/// Best normalized cross-correlation of `a` against `b` over lags within
-/// `max_lag` samples (mono signals at the same rate).
-fn aligned_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
-    let mut best = (f64::MIN, 0);
-    for lag in -(max_lag as isize)..=(max_lag as isize) {
-        let (x, y) = if lag >= 0 {
-            (&a[lag as usize..], b)
-        } else {
-            (a, &b[(-lag) as usize..])
-        };
-        let n = x.len().min(y.len());
-        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-        for i in 0..n {
-            let (p, q) = (f64::from(x[i]), f64::from(y[i]));
-            xy += p * q;
-            xx += p * p;
-            yy += q * q;
-        }
-        let c = xy / (xx.sqrt() * yy.sqrt()).max(1e-9);
-        if c > best.0 {
-            best = (c, lag);
-        }
-    }
-    best
-}
-
 async fn stream_container(
     server: &Server,
     query: &str,

@@ -223,24 +223,6 @@ async fn ogg_and_webm_opus_are_copied_not_decoded() {
     }
 }
 
-/// Best normalized cross-correlation over lags within `max_lag`.
-fn correlation(a: &[i16], b: &[i16], max_lag: usize) -> f64 {
-    let mut best = f64::MIN;
-    for lag in 0..=max_lag {
-        let (x, y) = (&a[lag.min(a.len())..], b);
-        let n = x.len().min(y.len());
-        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-        for i in 0..n {
-            let (p, q) = (f64::from(x[i]), f64::from(y[i]));
-            xy += p * q;
-            xx += p * p;
-            yy += q * q;
-        }
-        best = best.max(xy / (xx.sqrt() * yy.sqrt()).max(1e-9));
-    }
-    best
-}
-
 #[tokio::test]
 async fn pcm_recorded_as_ogg_opus_has_the_exact_length_and_sounds_the_same() {
     let server = Server::start_with(
@@ -267,7 +249,7 @@ async fn pcm_recorded_as_ogg_opus_has_the_exact_length_and_sounds_the_same() {
     // margin at this rate (a broken pre-skip or a shifted frame falls far
     // below it), aligned by opusdec's pre-skip so no lag search is needed
     // beyond a few samples.
-    let c = correlation(&decoded, &samples, 8);
+    let c = aligned_correlation(&decoded, &samples, 8).0;
     assert!(c >= 0.95, "correlation {c}");
 }
 

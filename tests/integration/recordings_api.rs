@@ -57,22 +57,7 @@ impl Response {
 
 pub fn assert_http_schema(schema: &str, body: &Value) {
     static VALIDATORS: OnceLock<HashMap<String, jsonschema::Validator>> = OnceLock::new();
-    let validators = VALIDATORS.get_or_init(|| {
-        let mut map = HashMap::new();
-        for entry in std::fs::read_dir(HTTP_SCHEMAS).expect("proto/schemas/http") {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let Some(kind) = name.strip_suffix(".schema.json") else {
-                continue;
-            };
-            let schema: Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let validator = jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"));
-            map.insert(kind.to_owned(), validator);
-        }
-        map
-    });
+    let validators = VALIDATORS.get_or_init(|| schemas_in(HTTP_SCHEMAS));
     let validator = validators
         .get(schema)
         .unwrap_or_else(|| panic!("no schema proto/schemas/http/{schema}.schema.json"));
