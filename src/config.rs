@@ -881,7 +881,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 47);
+        assert_eq!(count, 49);
     }
 
     #[test]

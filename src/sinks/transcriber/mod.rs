@@ -41,9 +41,11 @@
 //! | `persist.rs`  | final transcripts appended to `<id>.transcript.jsonl`      |
 //! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
 
+mod agreement;
 pub mod backend;
 mod config;
 mod detector;
+mod interim;
 mod order;
 pub mod persist;
 mod queue;
@@ -52,6 +54,7 @@ mod sender;
 mod service;
 mod sink;
 pub mod spec;
+pub mod words;
 
 pub use self::config::{TranscriptionConfig, VadConfig};
 pub use self::detector::Earshot;
