@@ -317,9 +317,7 @@ fn http_bytes(addr: SocketAddr, path: &str, range: Option<&str>) -> (u16, Vec<u8
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
         "a download has a length: {head}"
     );
     (status, response[split + 4..].to_vec())
