@@ -913,7 +913,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 50);
+        assert_eq!(count, 52);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub mod names {
     pub const RECORDINGS_TOTAL: &str = "cochlea_recordings_total";
     pub const TRANSCRIBE_UTTERANCES_TOTAL: &str = "cochlea_transcribe_utterances_total";
     pub const TRANSCRIBE_UTTERANCES_SHED_TOTAL: &str = "cochlea_transcribe_utterances_shed_total";
+    pub const TRANSCRIBE_PARTIALS_TOTAL: &str = "cochlea_transcribe_partials_total";
+    pub const TRANSCRIBE_PARTIALS_SHED_TOTAL: &str = "cochlea_transcribe_partials_shed_total";
     pub const TRANSCRIBE_REQUESTS_TOTAL: &str = "cochlea_transcribe_requests_total";
     pub const TRANSCRIBE_REQUEST_SECONDS: &str = "cochlea_transcribe_request_seconds";
     pub const TRANSCRIBE_INFLIGHT_REQUESTS: &str = "cochlea_transcribe_inflight_requests";
@@ -122,6 +124,8 @@ fn register_at_zero() {
         RECORDINGS_TOTAL,
         TRANSCRIBE_UTTERANCES_TOTAL,
         TRANSCRIBE_UTTERANCES_SHED_TOTAL,
+        TRANSCRIBE_PARTIALS_TOTAL,
+        TRANSCRIBE_PARTIALS_SHED_TOTAL,
         UPLOADS_TOTAL,
         UPLOAD_BYTES_TOTAL,
         UPLOAD_FAILURES_TOTAL,
@@ -236,6 +240,14 @@ fn describe() {
     describe_counter!(
         TRANSCRIBE_UTTERANCES_SHED_TOTAL,
         "Utterances dropped unsent because a session's transcription backlog was full."
+    );
+    describe_counter!(
+        TRANSCRIBE_PARTIALS_TOTAL,
+        "Partial transcripts sent to clients (sessions with interim=true)."
+    );
+    describe_counter!(
+        TRANSCRIBE_PARTIALS_SHED_TOTAL,
+        "Partial requests not sent because the server-wide interim budget or the request limit was used up (finals are never shed for them)."
     );
     describe_counter!(
         TRANSCRIBE_REQUESTS_TOTAL,

@@ -25,6 +25,8 @@ pub struct StartRequest {
     /// Recording format (`wav`, `flac`, `ogg_opus`); checked against the
     /// server's `recorder.client_formats` when the stream starts.
     pub record_format: Option<String>,
+    /// `interim=true`: partial transcripts while an utterance is open.
+    pub interim: Option<bool>,
     pub metadata: Map<String, Value>,
 }
 
@@ -47,6 +49,7 @@ impl StartRequest {
                 "sinks" => request.sinks = Some(parse_sink_list(value)),
                 "transcribe" => request.transcribe = Some(parse_backend_name(value)?),
                 "record_format" => request.record_format = Some(value.to_owned()),
+                "interim" => request.interim = Some(parse_interim(value)?),
                 other => return Err(ProtocolError::UnknownParameter(other.to_owned())),
             }
         }
@@ -80,6 +83,9 @@ impl StartRequest {
         }
         if start.record_format.is_some() {
             self.record_format = start.record_format;
+        }
+        if start.interim.is_some() {
+            self.interim = start.interim;
         }
         self.metadata.extend(start.metadata);
         self
@@ -148,6 +154,18 @@ fn parse_backend_name(text: &str) -> Result<String, ProtocolError> {
         )));
     }
     Ok(name.to_owned())
+}
+
+/// `interim=true|false` in the query string.
+fn parse_interim(text: &str) -> Result<bool, ProtocolError> {
+    match text.trim() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(ProtocolError::InvalidMessage(format!(
+            "interim must be true or false, not '{}'",
+            other.chars().take(16).collect::<String>()
+        ))),
+    }
 }
 
 /// `sinks=record`; an empty value or `none` selects no sink.
@@ -232,6 +250,7 @@ struct StartMessage {
     sinks: Option<Vec<String>>,
     transcribe: Option<String>,
     record_format: Option<String>,
+    interim: Option<bool>,
     metadata: Option<Map<String, Value>>,
 }
 
@@ -288,6 +307,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                     .map(parse_backend_name)
                     .transpose()?,
                 record_format: m.record_format,
+                interim: m.interim,
                 metadata: m.metadata.unwrap_or_default(),
             }))
         }
@@ -346,6 +366,26 @@ mod tests {
         assert_eq!(merged.sinks, Some(vec![]));
         assert_eq!(merged.resolve().unwrap().sample_rate, 16000);
         assert_eq!(merged.metadata["call"], "42");
+    }
+
+    #[test]
+    fn interim_comes_from_the_query_or_start_and_must_be_a_boolean() {
+        let query = StartRequest::from_query([("interim", "true")]).unwrap();
+        assert_eq!(query.interim, Some(true));
+        let ClientMessage::Start(start) =
+            parse_client_message(r#"{"type":"start","encoding":"mulaw","interim":false}"#).unwrap()
+        else {
+            panic!("not a start message");
+        };
+        assert_eq!(query.merged_with(start).interim, Some(false));
+        assert!(matches!(
+            StartRequest::from_query([("interim", "yes")]),
+            Err(ProtocolError::InvalidMessage(m)) if m.contains("interim must be true or false")
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"start","interim":"yes"}"#),
+            Err(ProtocolError::InvalidMessage(_))
+        ));
     }
 
     #[test]

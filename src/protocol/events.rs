@@ -61,22 +61,80 @@ pub struct VadEvent {
     pub utterance_id: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The text of one utterance: a final, or (sessions with `interim=true`) a
+/// partial hypothesis of an utterance still open.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Transcript {
     /// Numbered from 0 per session, in order of speech onset on any channel.
     pub utterance_id: u64,
     pub channel: u16,
-    /// Seconds of media time from the start of the stream.
+    /// Seconds of media time from the start of the stream. A partial's `end`
+    /// is the end of the audio it was made from.
     pub start: f64,
     pub end: f64,
+    /// A partial: the whole hypothesis so far.
     pub text: String,
-    /// Always true in protocol version 1 (no interim results yet).
-    #[serde(rename = "final")]
+    /// Partials only: the prefix of `text` that two hypotheses in a row
+    /// agreed on (LocalAgreement-2). It only grows within an utterance.
+    pub stable_text: Option<String>,
+    /// Sent as `is_final`, and as `final` as protocol version 1 always did.
     pub is_final: bool,
+    /// Finals from a backend that gives word timings, in stream time.
+    pub words: Option<Vec<Word>>,
     /// The configured backend that produced it.
     pub backend: String,
     /// Wall time of the backend request that succeeded, in milliseconds.
     pub backend_ms: u64,
+}
+
+/// One word of a final transcript, in seconds of media time from the start
+/// of the stream (its channel's).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Word {
+    pub word: String,
+    pub start: f64,
+    pub end: f64,
+    /// 0..1, when the backend reports one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
+}
+
+impl Serialize for Transcript {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // A view with both names of the flag: `final` stays for clients of
+        // protocol version 1, `is_final` is the name Deepgram users know.
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            utterance_id: u64,
+            channel: u16,
+            start: f64,
+            end: f64,
+            text: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            stable_text: Option<&'a str>,
+            is_final: bool,
+            #[serde(rename = "final")]
+            final_: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            words: Option<&'a [Word]>,
+            backend: &'a str,
+            backend_ms: u64,
+        }
+        Wire {
+            utterance_id: self.utterance_id,
+            channel: self.channel,
+            start: self.start,
+            end: self.end,
+            text: &self.text,
+            stable_text: self.stable_text.as_deref(),
+            is_final: self.is_final,
+            final_: self.is_final,
+            words: self.words.as_deref(),
+            backend: &self.backend,
+            backend_ms: self.backend_ms,
+        }
+        .serialize(serializer)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

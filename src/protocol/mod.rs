@@ -16,7 +16,7 @@ pub use control::{
 pub use error_code::ErrorCode;
 pub use events::{
     ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, TranscribeErrorInfo,
-    Transcript, VadEvent, VadEventKind, PROTOCOL_VERSION,
+    Transcript, VadEvent, VadEventKind, Word, PROTOCOL_VERSION,
 };
 pub use format::{
     parse_sample_rate, Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE,

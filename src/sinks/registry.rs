@@ -82,6 +82,12 @@ pub trait SinkSpec: Send + Sync {
         false
     }
 
+    /// The same sink for a session that asked for partial transcripts
+    /// (`interim=true`); `None`: this kind has none to give.
+    fn with_interim(&self) -> Option<Arc<dyn SinkSpec>> {
+        None
+    }
+
     /// Builds the sink(s) for one session: one, or one per channel for a
     /// recorder that splits channels. `emitters` hands out one [`Emitter`]
     /// per sink built.
@@ -205,6 +211,18 @@ impl SinkPlan {
             .count();
         let pcm = packets < self.specs.len() || packets == 0;
         (pcm, packets > 0)
+    }
+
+    /// The plan of a session that asked for partial transcripts: each sink
+    /// that can give them does.
+    pub fn with_interim(self) -> Self {
+        Self {
+            specs: self
+                .specs
+                .iter()
+                .map(|spec| spec.with_interim().unwrap_or_else(|| spec.clone()))
+                .collect(),
+        }
     }
 
     /// Builds every sink, in plan order. The built sinks carry the spec's

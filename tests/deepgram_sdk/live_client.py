@@ -4,13 +4,15 @@ client of cochlea's Deepgram-compatible endpoint.
 Starts a speech-to-text stand-in (an OpenAI-compatible
 POST /v1/audio/transcriptions on 127.0.0.1, port 0), starts `cochlea serve`
 with it as the default backend and an API key, then streams a WAV file
-through the SDK's live client pointed at cochlea's base URL, and checks that
-SpeechStarted, Results, UtteranceEnd and Metadata arrive as the SDK's own
-types. Exit status 0 when every check passes.
+through the SDK's live client pointed at cochlea's base URL at twice real
+time, with interim_results, and checks that SpeechStarted, partial Results
+(is_final false), final Results with word timings, UtteranceEnd and Metadata
+arrive as the SDK's own types. Exit status 0 when every check passes.
 
     python live_client.py <path to the cochlea binary> <16 kHz mono WAV>
 """
 
+import io
 import json
 import subprocess
 import sys
@@ -34,16 +36,39 @@ STUB_TEXT = "hello from the stand-in backend"
 TIMEOUT_S = 60
 
 
-class Backend(BaseHTTPRequestHandler):
-    """Answers every transcription request with a fixed text."""
+def audio_seconds(body):
+    """Seconds of audio in the WAV file of a multipart request."""
+    riff = body.find(b"RIFF")
+    with wave.open(io.BytesIO(body[riff:]), "rb") as w:
+        return w.getnframes() / w.getframerate()
 
-    requests = 0
+
+class Backend(BaseHTTPRequestHandler):
+    """Finals (response_format=verbose_json): a fixed text, its words spread
+    over the audio. Partials (json): the first words of it, more as the
+    utterance grows."""
+
+    finals = 0
+    partials = 0
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         length = int(self.headers.get("content-length", "0"))
-        self.rfile.read(length)
-        Backend.requests += 1
-        body = json.dumps({"text": STUB_TEXT}).encode()
+        request = self.rfile.read(length)
+        seconds = audio_seconds(request)
+        words = STUB_TEXT.split()
+        if b'name="response_format"\r\n\r\nverbose_json' in request:
+            Backend.finals += 1
+            step = seconds / len(words)
+            reply = {
+                "text": STUB_TEXT,
+                "duration": seconds,
+                "words": [{"word": f" {w}", "start": i * step, "end": (i + 1) * step}
+                          for i, w in enumerate(words)],
+            }
+        else:
+            Backend.partials += 1
+            reply = {"text": " ".join(words[:max(1, min(len(words), int(seconds)))])}
+        body = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -147,15 +172,18 @@ def run_client(addr, audio):
         connection.on(EventType.CLOSE, lambda _: closed.set())
         listener = threading.Thread(target=connection.start_listening, daemon=True)
         listener.start()
-        chunk = 3200  # 100 ms
+        chunk = 3200  # 100 ms, sent every 50 ms: twice real time
         for i in range(0, len(audio), chunk):
             connection.send_media(audio[i:i + chunk])
             if i == chunk * 5:
                 connection.send_keep_alive()
+            time.sleep(0.05)
         connection.send_close_stream()
         listener.join(TIMEOUT_S)
 
-    results = [m for m in received if isinstance(m, ListenV1Results)]
+    every_result = [m for m in received if isinstance(m, ListenV1Results)]
+    results = [r for r in every_result if r.is_final]
+    partials = [r for r in every_result if not r.is_final]
     metadata = [m for m in received if isinstance(m, ListenV1Metadata)]
     speech_started = [m for m in received if isinstance(m, ListenV1SpeechStarted)]
     utterance_ends = [m for m in received if isinstance(m, ListenV1UtteranceEnd)]
@@ -166,7 +194,25 @@ def run_client(addr, audio):
     failures += check(closed.is_set(), "the stream closed")
     failures += check(not errors, f"no SDK errors ({errors})")
     failures += check(len(speech_started) == 2, f"two SpeechStarted (got {len(speech_started)})")
-    failures += check(len(results) == 2, f"two Results (got {len(results)})")
+    failures += check(len(results) == 2, f"two final Results (got {len(results)})")
+    failures += check(len(partials) >= 2, f"partial Results (is_final false) (got {len(partials)})")
+    failures += check(
+        bool(every_result) and not every_result[0].is_final,
+        "a partial comes before the first final",
+    )
+    failures += check(
+        all(not p.speech_final and p.channel.alternatives[0].transcript for p in partials),
+        "partials are not speech_final and carry a hypothesis",
+    )
+    failures += check(
+        all(
+            [w.word for w in r.channel.alternatives[0].words] == STUB_TEXT.split()
+            and all(r.start - 1e-3 <= w.start <= w.end <= r.start + r.duration + 1e-3
+                    for w in r.channel.alternatives[0].words)
+            for r in results
+        ),
+        "finals carry their words, timed inside the result",
+    )
     failures += check(
         all(r.channel.alternatives[0].transcript == STUB_TEXT for r in results),
         "each Results carries the backend's text",
@@ -190,7 +236,8 @@ def run_client(addr, audio):
         bool(metadata) and isinstance(received[-1], ListenV1Metadata),
         "Metadata comes last",
     )
-    failures += check(Backend.requests == 2, f"two backend requests (got {Backend.requests})")
+    failures += check(Backend.finals == 2, f"two final backend requests (got {Backend.finals})")
+    failures += check(Backend.partials >= len(partials), f"partial requests (got {Backend.partials})")
     return failures
 
 

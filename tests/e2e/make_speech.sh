@@ -14,6 +14,8 @@
 #   call-8k-mulaw.wav  a two-speaker phone call: stereo, 8 kHz, G.711 mu-law.
 #                  The speakers alternate: while one channel speaks the other
 #                  is silent, with GAP_S of silence between turns.
+#   long.wav       one sentence of about 6 s (slt, 16 kHz mono), for partial
+#                  transcripts; its text in long.txt
 #   call.tsv       "channel<TAB>start_s<TAB>end_s<TAB>reference text", one
 #                  line per turn, times in seconds from the start of the file
 #                  (the span of flite's clip, which includes its own few tens
@@ -93,6 +95,11 @@ for text in "${sentences[@]}"; do
   speak "$sentence_voice" "$text" "$out/$name"
   printf '%s\t%s\n' "$name" "$text" >>"$out/sentences.tsv"
 done
+
+# A longer sentence (about 6 s), for the partial transcripts test.
+long_text="on saturday morning we walked down to the old market to buy fresh bread and some apples for the week"
+speak "$sentence_voice" "$long_text" "$out/long.wav"
+printf '%s\n' "$long_text" >"$out/long.txt"
 
 lead_n=$(awk -v s="$lead_s" -v r="$rate" 'BEGIN { printf "%d", s * r }')
 gap_n=$(awk -v s="$gap_s" -v r="$rate" 'BEGIN { printf "%d", s * r }')

@@ -5,12 +5,18 @@ Streams, at real-time pace and all at once (one session each):
   - every sentence of SPEECH_DIR/sentences.tsv (16 kHz mono s16 WAV), and
   - the two-speaker call SPEECH_DIR/call-8k-mulaw.wav (stereo, 8 kHz mu-law),
     whose turns are listed in SPEECH_DIR/call.tsv (channel, start, end, text),
+  - SPEECH_DIR/long.wav, a sentence of about 6 s, with interim=true,
 through a running cochlea with a transcription backend, in 20 ms messages
 with framing=seq. Then scores the transcripts with wer.py:
 
   - sentences: corpus word accuracy, which must be at least --min-accuracy
     and no worse than --direct-accuracy (the same engine on the same files
     without cochlea, from direct_baseline.py) minus --tolerance;
+  - partials (long.wav): at least two partials before the final of its
+    utterance, whose stable_text never shrinks and is never ahead of a
+    later partial's; the final's words match its text;
+  - word timings: every final of every session carries words, in order,
+    inside its utterance's [start, end];
   - the call: every transcript must come back tagged with the channel of the
     speaker whose turn it overlaps, and each channel's word accuracy is
     reported (and must be at least --min-call-accuracy).
@@ -96,7 +102,62 @@ async def stream(url, query, payload, frame_bytes, rate, label):
 
 
 def transcripts(messages):
-    return [m for m in messages if m["type"] == "transcript"]
+    """The finals (partials have is_final false)."""
+    return [m for m in messages if m["type"] == "transcript" and m.get("is_final", True)]
+
+
+def partials(messages):
+    return [m for m in messages if m["type"] == "transcript" and m.get("is_final") is False]
+
+
+def check_words(label, final):
+    """Problems with a final's word timings: [] when they are fine."""
+    words = final.get("words")
+    if words is None:
+        return [f"{label}: final without words: {final}"]
+    if final["text"].strip() and not words:
+        return [f"{label}: final with text but no words: {final}"]
+    problems = []
+    previous = final["start"]
+    for word in words:
+        if not (final["start"] - 1e-3 <= word["start"] <= word["end"] <= final["end"] + 1e-3):
+            problems.append(f"{label}: word {word} outside its utterance {final['start']}-{final['end']}")
+        if word["start"] < previous - 1e-3:
+            problems.append(f"{label}: words out of order at {word}")
+        previous = word["start"]
+    if [w["word"] for w in words] != final["text"].split():
+        problems.append(f"{label}: words {[w['word'] for w in words]} are not the text {final['text']!r}")
+    return problems
+
+
+def check_partials(messages):
+    """Problems with the partials of a one-sentence interim session, and the
+    number of partials before the first final."""
+    problems = []
+    all_transcripts = [m for m in messages if m["type"] == "transcript"]
+    finals = [i for i, m in enumerate(all_transcripts) if m.get("is_final")]
+    if not finals:
+        return ["long: no final"], 0
+    first = all_transcripts[finals[0]]
+    before = [m for m in all_transcripts[:finals[0]] if m["utterance_id"] == first["utterance_id"]]
+    if len(before) < 2:
+        problems.append(f"long: {len(before)} partials before the final, expected at least 2")
+    stable = {}
+    for m in partials(messages):
+        now = m.get("stable_text")
+        if now is None:
+            problems.append(f"long: partial without stable_text: {m}")
+            continue
+        previous = stable.get(m["utterance_id"], "")
+        if not now.startswith(previous):
+            problems.append(f"long: stable text shrank or changed: {previous!r} then {now!r}")
+        stable[m["utterance_id"]] = now
+    for i, m in enumerate(all_transcripts):
+        if m.get("is_final") and any(
+                p["utterance_id"] == m["utterance_id"] and p.get("is_final") is False
+                for p in all_transcripts[i + 1:]):
+            problems.append(f"long: a partial after the final of utterance {m['utterance_id']}")
+    return problems, len(before)
 
 
 def failures(messages):
@@ -122,6 +183,12 @@ async def main():
             payload = w.readframes(w.getnframes())
         query = "encoding=pcm_s16le&sample_rate=16000&framing=seq"
         jobs.append(stream(args.url, query, payload, 2, 16000, name))
+    with wave.open(os.path.join(args.speech_dir, "long.wav"), "rb") as w:
+        long_payload = w.readframes(w.getnframes())
+    with open(os.path.join(args.speech_dir, "long.txt")) as f:
+        long_reference = f.read().strip()
+    jobs.append(stream(args.url, "encoding=pcm_s16le&sample_rate=16000&framing=seq&interim=true",
+                       long_payload, 2, 16000, "long"))
     tag, channels, rate, bits, call = read_riff(os.path.join(args.speech_dir, "call-8k-mulaw.wav"))
     assert (tag, channels, rate, bits) == (7, 2, 8000, 8), "the call must be stereo 8 kHz mu-law"
     jobs.append(stream(args.url, "encoding=mulaw&sample_rate=8000&channels=2&framing=seq",
@@ -129,8 +196,26 @@ async def main():
     results = await asyncio.gather(*jobs)
 
     ok = True
+    long_messages = results[-2]
+    problems, partial_count = check_partials(long_messages)
+    long_finals = transcripts(long_messages)
+    long_hypothesis = " ".join(m["text"] for m in long_finals)
+    print(f"long: {partial_count} partials before the final; stable texts: "
+          f"{[m.get('stable_text') for m in partials(long_messages)]}")
+    print(f"{wer.score(long_reference, long_hypothesis).accuracy:6.3f}  long.wav  {long_reference}  ||  {long_hypothesis}")
+    for label, messages in [(name, m) for (name, _), m in zip(sentences, results[:-2])] + [
+            ("long", long_messages), ("call", results[-1])]:
+        for final in transcripts(messages):
+            problems.extend(check_words(label, final))
+    for problem in problems:
+        print(f"FAIL {problem}")
+        ok = False
+    for error in failures(long_messages):
+        print(f"long: error {error}")
+        ok = False
+
     pairs = []
-    for (name, reference), messages in zip(sentences, results[:-1]):
+    for (name, reference), messages in zip(sentences, results[:-2]):
         hypothesis = " ".join(m["text"] for m in transcripts(messages))
         for error in failures(messages):
             print(f"{name}: error {error}")
@@ -189,6 +274,7 @@ async def main():
         "cochlea_word_accuracy": round(accuracy, 4),
         "direct_word_accuracy": args.direct_accuracy,
         "call_word_accuracy_by_channel": call_accuracy,
+        "long_partials_before_final": partial_count,
         "ok": ok,
     }))
     return 0 if ok else 1

@@ -76,7 +76,13 @@ async fn deepgram_gets_results_speech_started_and_utterance_end_in_its_shapes() 
     client.send_json(&json!({"type": "CloseStream"})).await;
     let frames = client.finish().await;
     frames.assert_closed(1000, "stop");
-    let messages = frames.json();
+    // Partials (interim_results=true) may come or not at this speed: they
+    // have a test of their own below.
+    let messages: Vec<Value> = frames
+        .json()
+        .into_iter()
+        .filter(|m| m["is_final"] != false)
+        .collect();
     let types: Vec<&str> = messages
         .iter()
         .map(|m| m["type"].as_str().unwrap())
@@ -142,7 +148,89 @@ async fn deepgram_gets_results_speech_started_and_utterance_end_in_its_shapes() 
     }
     let metadata = messages.last().unwrap();
     assert_eq!(metadata["models"].as_array().unwrap().len(), 1);
-    assert_eq!(stub.requests().len(), 2);
+    let finals = stub
+        .requests()
+        .iter()
+        .filter(|r| r.response_format() == "verbose_json")
+        .count();
+    assert_eq!(finals, 2);
+}
+
+#[tokio::test]
+async fn deepgram_interim_results_get_partials_then_finals_with_words() {
+    let stub = Stub::start(|_, request| crate::interim::engine(request)).await;
+    let server = server_with(&stub, true);
+    let (name, value) = token_header();
+    let mut client = DialectClient::connect(
+        &server,
+        "/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&interim_results=true&vad_events=true&utterance_end_ms=1000",
+        &[(name, &value)],
+    )
+    .await;
+    // Twice real time, in 20 ms messages, as a live microphone would (faster).
+    for frame in s16_bytes(&crate::interim::one_sentence()).chunks(640) {
+        client.send_binary(frame).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    client.send_json(&json!({"type": "CloseStream"})).await;
+    let frames = client.finish().await;
+    frames.assert_closed(1000, "stop");
+    let messages = frames.json();
+    let kinds: Vec<String> = messages
+        .iter()
+        .map(
+            |m| match (m["type"].as_str().unwrap(), m["is_final"].as_bool()) {
+                ("Results", Some(false)) => "partial".to_owned(),
+                ("Results", Some(true)) => "final".to_owned(),
+                (other, _) => other.to_owned(),
+            },
+        )
+        .collect();
+    let first_final = kinds.iter().position(|k| k == "final").expect("a final");
+    assert_eq!(kinds[0], "SpeechStarted", "{kinds:?}");
+    assert!(
+        kinds[..first_final]
+            .iter()
+            .filter(|k| *k == "partial")
+            .count()
+            >= 2,
+        "two partials before the final: {kinds:?}"
+    );
+    assert_eq!(
+        kinds[first_final..],
+        ["final", "UtteranceEnd", "Metadata"],
+        "{kinds:?}"
+    );
+    for partial in messages.iter().filter(|m| m["is_final"] == false) {
+        assert_eq!(partial["speech_final"], false);
+        assert_eq!(partial["from_finalize"], false);
+        let alternative = &partial["channel"]["alternatives"][0];
+        assert!(alternative["transcript"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()));
+    }
+    let final_ = &messages[first_final];
+    assert_eq!(final_["speech_final"], true);
+    let alternative = &final_["channel"]["alternatives"][0];
+    assert_eq!(alternative["transcript"], crate::interim::SENTENCE);
+    let start = final_["start"].as_f64().unwrap();
+    let end = start + final_["duration"].as_f64().unwrap();
+    let words = alternative["words"].as_array().unwrap();
+    assert_eq!(words.len(), 10);
+    for word in words {
+        let (s, e) = (
+            word["start"].as_f64().unwrap(),
+            word["end"].as_f64().unwrap(),
+        );
+        assert!(
+            start - 1e-3 <= s && s <= e && e <= end + 1e-3,
+            "{word} outside {start}..{end}"
+        );
+        assert_eq!(word["confidence"], 0.9);
+        assert_eq!(word["punctuated_word"], word["word"]);
+    }
+    let utterance_end = &messages[first_final + 1];
+    assert!(utterance_end["last_word_end"].as_f64().unwrap() <= end + 1e-3);
 }
 
 #[tokio::test]

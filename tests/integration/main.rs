@@ -8,6 +8,8 @@
 //! - `full_disk`:   a disk filling up mid-recording (a small tmpfs, as root)
 //! - `lifecycle`:   config layers, health, metrics, logs, graceful shutdown
 //! - `transcribe`:  VAD segmentation and backends against a scripted HTTP stub
+//! - `interim`:     partial transcripts (LocalAgreement-2), word timings, the
+//!   verbose_json fallback and the partials' budget, against the same stub
 //! - `named_sinks`: `[sinks.<name>]` instances: two recorders of one session
 //!   in their own formats and files; startup checks
 //! - `opus`:        raw packets, Ogg and WebM streams vs opusdec/ffmpeg; damage
@@ -43,6 +45,7 @@ mod formats;
 mod frame_limit;
 mod full_disk;
 mod harness;
+mod interim;
 mod lifecycle;
 mod loadgen;
 mod named_sinks;

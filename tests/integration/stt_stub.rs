@@ -48,6 +48,18 @@ impl Received {
         None
     }
 
+    /// The `response_format` an `openai` request asked for.
+    pub fn response_format(&self) -> String {
+        self.multipart_field("response_format")
+            .map(|f| String::from_utf8_lossy(&f).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Seconds of audio in the request's WAV file.
+    pub fn audio_seconds(&self) -> f64 {
+        self.wav_samples().len() as f64 / 16_000.0
+    }
+
     /// The WAV file of the request, whatever the backend kind.
     pub fn wav_samples(&self) -> Vec<i16> {
         let bytes = self
@@ -84,6 +96,38 @@ impl Reply {
             delay: Duration::ZERO,
             status: 200,
             body: serde_json::json!({ "text": text }).to_string(),
+        }
+    }
+    /// An OpenAI `verbose_json` reply: `text`, and its words spread evenly
+    /// over `seconds` of audio (the last one running a little past the end,
+    /// as engines' rounding does), with top-level `words`.
+    pub fn verbose(text: &str, seconds: f64) -> Reply {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let step = seconds / words.len().max(1) as f64;
+        let timed: Vec<serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                serde_json::json!({
+                    "word": format!(" {w}"),
+                    "start": i as f64 * step,
+                    "end": (i + 1) as f64 * step + 0.05,
+                    "probability": 0.9,
+                })
+            })
+            .collect();
+        Reply {
+            delay: Duration::ZERO,
+            status: 200,
+            body: serde_json::json!({
+                "task": "transcribe",
+                "language": "english",
+                "duration": seconds,
+                "text": text,
+                "segments": [{"id": 0, "start": 0.0, "end": seconds, "text": text}],
+                "words": timed,
+            })
+            .to_string(),
         }
     }
     pub fn after(mut self, delay: Duration) -> Reply {

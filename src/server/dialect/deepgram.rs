@@ -8,7 +8,10 @@
 //! Raw PCM and G.711 may be cut anywhere, as Deepgram allows: whole sample
 //! frames are handed on and a split one waits for its other bytes.
 //!
-//! Out: each `transcript` as a final `Results`, `SpeechStarted` (with
+//! Out: each final `transcript` as a `Results` with `is_final: true` (and
+//! `speech_final` at the endpoint), each partial (`interim_results=true`,
+//! which asks the session for `interim`) as a `Results` with
+//! `is_final: false`, word timings in `words`, `SpeechStarted` (with
 //! `vad_events=true`), `UtteranceEnd` (with `utterance_end_ms`, after the
 //! utterance's `Results`), fatal errors as `Error`, and `Metadata` when the
 //! stream closes. Parameters for Deepgram's own models (`model`, `language`,
@@ -148,8 +151,13 @@ impl Deepgram {
                 }
                 // Each channel is always transcribed on its own; accepted
                 // for compatibility.
-                "multichannel" | "interim_results" => {
+                "multichannel" => {
                     parse_bool(key, value)?;
+                }
+                "interim_results" => {
+                    if parse_bool(key, value)? {
+                        self.chosen.push(("interim".into(), "true".into()));
+                    }
                 }
                 "vad_events" => self.options.vad_events = parse_bool(key, value)?,
                 "endpointing" => {
@@ -276,21 +284,36 @@ impl Deepgram {
 
     fn results(&self, t: &Transcript, from_finalize: bool) -> Value {
         let duration = ((t.end - t.start).max(0.0) * 1000.0).round() / 1000.0;
+        // Deepgram's words carry a confidence; backends that give none are
+        // reported as sure (1.0), as the transcript's confidence is.
+        let words: Vec<Value> = t
+            .words
+            .iter()
+            .flatten()
+            .map(|w| {
+                json!({
+                    "word": w.word,
+                    "start": w.start,
+                    "end": w.end,
+                    "confidence": w.confidence.unwrap_or(1.0),
+                    "punctuated_word": w.word,
+                })
+            })
+            .collect();
         json!({
             "type": "Results",
             "channel_index": self.channel_pair(t.channel),
             "duration": duration,
             "start": t.start,
             "is_final": t.is_final,
-            "speech_final": self.options.endpointing,
-            "from_finalize": from_finalize,
+            // An endpoint is where a final ends; a partial is never one.
+            "speech_final": t.is_final && self.options.endpointing,
+            "from_finalize": t.is_final && from_finalize,
             "channel": {
                 "alternatives": [{
-                    // The backends give text only: no word timings, and no
-                    // confidence (reported as 1.0).
                     "transcript": t.text,
                     "confidence": 1.0,
-                    "words": [],
+                    "words": words,
                 }],
             },
             "metadata": {
@@ -510,6 +533,9 @@ impl Dialect for Deepgram {
                     }
                 }
             },
+            ServerMessage::Transcript(t) if !t.is_final => {
+                out.push(self.results(t, false).to_string());
+            }
             ServerMessage::Transcript(t) => {
                 let from_finalize = self.finalized.remove(&t.utterance_id);
                 out.push(self.results(t, from_finalize).to_string());
@@ -631,7 +657,9 @@ mod tests {
             start: 0.336,
             end: 3.312,
             text: text.into(),
+            stable_text: None,
             is_final: true,
+            words: None,
             backend: "default".into(),
             backend_ms: 212,
         })
@@ -875,6 +903,65 @@ mod tests {
             json!({"type":"UtteranceEnd","channel":[1,2],"last_word_end":2.912})
         );
         assert_eq!(results.len(), 2);
+    }
+
+    #[test]
+    fn interim_results_ask_for_partials_which_become_non_final_results_with_words_on_finals() {
+        let (mut dialect, query) = deepgram(
+            "encoding=linear16&sample_rate=16000&interim_results=true&utterance_end_ms=1000",
+        );
+        assert_eq!(query.unwrap().interim, Some(true));
+        assert_eq!(
+            deepgram("encoding=linear16&sample_rate=16000&interim_results=false")
+                .1
+                .unwrap()
+                .interim,
+            None
+        );
+        render(&mut dialect, started(1));
+        render(&mut dialect, vad(VadEventKind::SpeechStarted, 0, 0.5, 0));
+        let ServerMessage::Transcript(mut partial) = transcript(0, 0, "hello fr") else {
+            unreachable!()
+        };
+        partial.is_final = false;
+        partial.stable_text = Some("hello".into());
+        let results = render(&mut dialect, ServerMessage::Transcript(partial));
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0]["is_final"], false);
+        assert_eq!(results[0]["speech_final"], false);
+        assert_eq!(
+            results[0]["channel"]["alternatives"][0]["transcript"],
+            "hello fr"
+        );
+        render(&mut dialect, vad(VadEventKind::SpeechEnded, 0, 2.9, 0));
+        let ServerMessage::Transcript(mut last) = transcript(0, 0, "hello from cochlea") else {
+            unreachable!()
+        };
+        last.words = Some(vec![
+            crate::protocol::Word {
+                word: "hello".into(),
+                start: 0.5,
+                end: 0.9,
+                confidence: Some(0.75),
+            },
+            crate::protocol::Word {
+                word: "from".into(),
+                start: 1.0,
+                end: 1.2,
+                confidence: None,
+            },
+        ]);
+        let results = render(&mut dialect, ServerMessage::Transcript(last));
+        assert_eq!(results[0]["is_final"], true);
+        assert_eq!(results[0]["speech_final"], true);
+        assert_eq!(
+            results[0]["channel"]["alternatives"][0]["words"],
+            json!([
+                {"word": "hello", "start": 0.5, "end": 0.9, "confidence": 0.75, "punctuated_word": "hello"},
+                {"word": "from", "start": 1.0, "end": 1.2, "confidence": 1.0, "punctuated_word": "from"},
+            ])
+        );
+        assert_eq!(results[1]["type"], "UtteranceEnd");
     }
 
     #[test]

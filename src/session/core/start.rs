@@ -84,10 +84,13 @@ impl SessionCore {
     pub(super) fn start(&mut self, start: StartRequest, now: Instant) -> Result<(), SessionError> {
         let request = std::mem::take(&mut self.query).merged_with(start);
         let format = request.resolve()?;
-        let planned = self
+        let mut planned = self
             .factory
             .plan(request.sinks.as_deref(), request.transcribe.as_deref())?;
         let record_format = self.allowed_record_format(request.record_format.as_deref())?;
+        if request.interim == Some(true) {
+            planned.plan = planned.plan.with_interim();
+        }
         let mut pipeline = Pipeline::new(format, self.config.max_gap_ms)?;
         // Opus is decoded straight at the rate the sinks need, when that is
         // lower than the stream's: cheaper than decoding and resampling.

@@ -9,12 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::words;
+use crate::protocol::Word;
 
 /// How a backend is reached, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -122,6 +126,49 @@ pub struct UtteranceRequest<'a> {
     pub metadata: &'a Map<String, Value>,
 }
 
+/// What a backend answered for one utterance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendReply {
+    pub text: String,
+    /// In stream time; `None` when the backend gave no timings.
+    pub words: Option<Vec<Word>>,
+}
+
+/// Whether an `openai` backend takes `response_format=verbose_json`, as
+/// learnt from its answers (remembered for the backend, over all sessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerboseSupport {
+    Unknown = 0,
+    Yes = 1,
+    No = 2,
+}
+
+impl VerboseSupport {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => VerboseSupport::Yes,
+            2 => VerboseSupport::No,
+            _ => VerboseSupport::Unknown,
+        }
+    }
+}
+
+/// Whether a failed `verbose_json` request may be the format's fault, so
+/// that one retry with plain `json` is worth it: a refusal of the request
+/// (4xx other than auth, a missing route, a timeout or rate limit), a crash
+/// on it (500), or a reply we cannot read. Overload (502-504), timeouts and
+/// transport errors say nothing about the format.
+pub fn verbose_may_be_refused(error: &BackendError) -> bool {
+    match error {
+        BackendError::Status { status, .. } => {
+            matches!(*status, 400..=499 if !matches!(*status, 401 | 403 | 404 | 408 | 429))
+                || *status == 500
+        }
+        BackendError::BadReply(_) => true,
+        _ => false,
+    }
+}
+
 /// A configured backend, ready to send requests.
 pub struct Backend {
     pub name: String,
@@ -142,6 +189,8 @@ pub struct Backend {
     headers: reqwest::header::HeaderMap,
     /// Its own HTTP client when it trusts extra CAs; else the shared one.
     client: Option<reqwest::Client>,
+    /// A [`VerboseSupport`]: what `openai` requests for word timings learnt.
+    verbose: AtomicU8,
 }
 
 /// `openai` URLs: a full `.../audio/transcriptions` endpoint is used as is;
@@ -312,7 +361,17 @@ impl Backend {
             text_path,
             headers,
             client,
+            verbose: AtomicU8::new(VerboseSupport::Unknown as u8),
         })
+    }
+
+    /// What this backend has shown about `verbose_json`.
+    pub fn verbose_support(&self) -> VerboseSupport {
+        VerboseSupport::from_u8(self.verbose.load(Ordering::Relaxed))
+    }
+
+    fn remember(&self, support: VerboseSupport) {
+        self.verbose.store(support as u8, Ordering::Relaxed);
     }
 
     /// Where requests go, for logs: no credentials or query in it.
@@ -320,17 +379,53 @@ impl Backend {
         &self.shown_url
     }
 
-    /// One attempt: sends the utterance, returns its text. Errors carry no
-    /// secret of the backend's settings: they reach clients and logs.
+    /// One attempt: sends the utterance, returns its text, and with
+    /// `want_words` its word timings where the backend gives them. Errors
+    /// carry no secret of the backend's settings: they reach clients and logs.
+    ///
+    /// For word timings an `openai` backend is asked for `verbose_json`; if
+    /// it refuses that (see [`verbose_may_be_refused`]) the request is sent
+    /// again at once with plain `json`, and which one worked is remembered.
     pub async fn transcribe(
         &self,
         client: &reqwest::Client,
         utterance: &UtteranceRequest<'_>,
         timeout: Duration,
-    ) -> Result<String, BackendError> {
-        self.attempt(client, utterance, timeout)
-            .await
-            .map_err(|error| self.scrub(error))
+        want_words: bool,
+    ) -> Result<BackendReply, BackendError> {
+        let verbose = want_words
+            && self.kind == BackendKind::Openai
+            && self.verbose_support() != VerboseSupport::No;
+        if !verbose {
+            return self
+                .attempt(client, utterance, timeout, false)
+                .await
+                .map_err(|error| self.scrub(error));
+        }
+        match self.attempt(client, utterance, timeout, true).await {
+            Ok(reply) => {
+                self.remember(VerboseSupport::Yes);
+                Ok(reply)
+            }
+            Err(error)
+                if self.verbose_support() == VerboseSupport::Unknown
+                    && verbose_may_be_refused(&error) =>
+            {
+                let error = self.scrub(error);
+                tracing::info!(backend = %self.name, %error, "verbose_json refused: trying plain json");
+                let plain = self
+                    .attempt(client, utterance, timeout, false)
+                    .await
+                    .map_err(|error| self.scrub(error))?;
+                tracing::warn!(
+                    backend = %self.name,
+                    "backend answers json but not verbose_json: its transcripts will have no word timings"
+                );
+                self.remember(VerboseSupport::No);
+                Ok(plain)
+            }
+            Err(error) => Err(self.scrub(error)),
+        }
     }
 
     /// Removes the backend's secrets from an error's text. A backend may echo
@@ -360,7 +455,8 @@ impl Backend {
         client: &reqwest::Client,
         utterance: &UtteranceRequest<'_>,
         timeout: Duration,
-    ) -> Result<String, BackendError> {
+        verbose: bool,
+    ) -> Result<BackendReply, BackendError> {
         let wav = encode_wav(utterance.samples)?;
         let client = self.client.as_ref().unwrap_or(client);
         let mut request = client
@@ -381,8 +477,13 @@ impl Backend {
                     .map_err(|e| BackendError::Transport(e.to_string()))?;
                 let mut form = reqwest::multipart::Form::new()
                     .part("file", file)
-                    .text("model", self.model.clone())
-                    .text("response_format", "json");
+                    .text("model", self.model.clone());
+                form = if verbose {
+                    form.text("response_format", "verbose_json")
+                        .text("timestamp_granularities[]", "word")
+                } else {
+                    form.text("response_format", "json")
+                };
                 if !self.language.is_empty() {
                     form = form.text("language", self.language.clone());
                 }
@@ -438,7 +539,15 @@ impl Backend {
             path.iter().try_fold(&reply, |v, key| v.get(key))
         };
         match text {
-            Some(Value::String(text)) => Ok(text.trim().to_owned()),
+            Some(Value::String(text)) => Ok(BackendReply {
+                text: text.trim().to_owned(),
+                words: if verbose {
+                    let seconds = utterance.samples.len() as f64 / 16_000.0;
+                    words::normalize(&reply, utterance.start_seconds, seconds)
+                } else {
+                    None
+                },
+            }),
             _ => Err(BackendError::BadReply(format!(
                 "no string at '{}' in {}",
                 if path.is_empty() {
@@ -673,6 +782,124 @@ mod tests {
         };
         let err = Backend::new("stt", &config).unwrap_err().to_string();
         assert!(err.contains("COCHLEA_TEST_UNSET_KEY_VARIABLE"), "{err}");
+    }
+
+    #[test]
+    fn verbose_json_falls_back_only_on_what_may_be_the_format_s_fault() {
+        let status = |status| BackendError::Status {
+            status,
+            body: "unknown response_format".into(),
+        };
+        for refused in [400, 415, 422, 500] {
+            assert!(verbose_may_be_refused(&status(refused)), "{refused}");
+        }
+        assert!(verbose_may_be_refused(&BackendError::BadReply(
+            "no string at 'text'".into()
+        )));
+        for other in [401, 403, 404, 408, 429, 502, 503, 504] {
+            assert!(!verbose_may_be_refused(&status(other)), "{other}");
+        }
+        assert!(!verbose_may_be_refused(&BackendError::Timeout(5)));
+        assert!(!verbose_may_be_refused(&BackendError::Transport(
+            "refused".into()
+        )));
+    }
+
+    /// The fallback against a real local HTTP server: the first request asks
+    /// for verbose_json and is refused, the same utterance is sent again
+    /// with json at once, and the backend then asks for json only.
+    #[tokio::test]
+    async fn a_backend_that_refuses_verbose_json_is_asked_for_json_from_then_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let formats = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = formats.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                // One request per connection (Connection: close).
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 65536];
+                let body_len = loop {
+                    let n = socket.read(&mut buffer).await.unwrap();
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let length: usize = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap();
+                        if request.len() >= head_end + 4 + length {
+                            break length;
+                        }
+                    }
+                };
+                let text = String::from_utf8_lossy(&request).to_string();
+                let verbose = text.contains("verbose_json");
+                assert!(body_len > 0);
+                seen.lock()
+                    .unwrap()
+                    .push(if verbose { "verbose_json" } else { "json" }.into());
+                let (status, body) = if verbose {
+                    (
+                        "400 Bad Request",
+                        r#"{"error":{"message":"unsupported response_format"}}"#,
+                    )
+                } else {
+                    ("200 OK", r#"{"text":"plain words"}"#)
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+        let backend = Backend::new(
+            "plain",
+            &BackendConfig {
+                url: format!("http://127.0.0.1:{port}"),
+                ..BackendConfig::default()
+            },
+        )
+        .unwrap();
+        let client = client_builder().build().unwrap();
+        let metadata = Map::new();
+        let samples = vec![0i16; 1600];
+        let utterance = UtteranceRequest {
+            session_id: "s",
+            utterance_id: 0,
+            channel: 0,
+            start_seconds: 1.0,
+            end_seconds: 1.1,
+            samples: &samples,
+            metadata: &metadata,
+        };
+        let timeout = Duration::from_secs(5);
+        assert_eq!(backend.verbose_support(), VerboseSupport::Unknown);
+        let reply = backend
+            .transcribe(&client, &utterance, timeout, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            reply,
+            BackendReply {
+                text: "plain words".into(),
+                words: None
+            }
+        );
+        assert_eq!(backend.verbose_support(), VerboseSupport::No);
+        backend
+            .transcribe(&client, &utterance, timeout, true)
+            .await
+            .unwrap();
+        assert_eq!(*formats.lock().unwrap(), ["verbose_json", "json", "json"]);
+        server.abort();
     }
 
     #[test]

@@ -73,6 +73,25 @@ pub struct TranscriptionConfig {
         default_value_t = 15_000
     )]
     pub stop_wait_ms: u64,
+    /// Sessions with `interim=true`: how often an open utterance is
+    /// transcribed again for a partial, in stream time.
+    #[arg(
+        long = "transcribe-interim-interval-ms",
+        env = "COCHLEA_TRANSCRIBE_INTERIM_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 1_000
+    )]
+    pub interim_interval_ms: u64,
+    /// Partial requests in flight at once, over all sessions; a partial
+    /// due while they are all busy is shed (finals never are). Partials also
+    /// need a free slot of `max_concurrent_requests`, without waiting for it.
+    #[arg(
+        long = "transcribe-interim-max-concurrent-requests",
+        env = "COCHLEA_TRANSCRIBE_INTERIM_MAX_CONCURRENT_REQUESTS",
+        value_name = "N",
+        default_value_t = 16
+    )]
+    pub interim_max_concurrent_requests: usize,
     #[command(flatten)]
     pub vad: VadConfig,
     /// Named backends; the one named `default` serves sessions that do not
@@ -155,6 +174,12 @@ impl TranscriptionConfig {
         }
         if self.request_timeout_ms == 0 {
             return Err("transcription.request_timeout_ms must be at least 1".into());
+        }
+        if !(100..=60_000).contains(&self.interim_interval_ms) {
+            return Err(format!(
+                "transcription.interim_interval_ms must be from 100 to 60000, not {}",
+                self.interim_interval_ms
+            ));
         }
         let vad = &self.vad;
         if !(vad.threshold > 0.0 && vad.threshold < 1.0) {
@@ -274,6 +299,11 @@ mod tests {
         assert!(refused(|c| c.vad.hangover_ms = 10_001).contains("10001"));
         assert!(refused(|c| c.vad.pre_roll_ms = 2_001).contains("pre_roll_ms"));
         assert!(refused(|c| c.vad.min_speech_ms = 2_001).contains("min_speech_ms"));
+        assert_eq!(
+            refused(|c| c.interim_interval_ms = 99),
+            "transcription.interim_interval_ms must be from 100 to 60000, not 99"
+        );
+        assert!(refused(|c| c.interim_interval_ms = 60_001).contains("60001"));
         // The edges are accepted.
         let mut config = TranscriptionConfig::default();
         config.vad.max_utterance_ms = 120_000;

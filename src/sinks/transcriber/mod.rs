@@ -36,14 +36,20 @@
 //! | `sink.rs`     | the sink: segmenters, `vad` events, feeding the queue      |
 //! | `queue.rs`    | the bounded queue of utterances, shedding the oldest       |
 //! | `sender.rs`   | the sender task and each request's timeout and retries     |
-//! | `backend.rs`  | one HTTP request per utterance: OpenAI-style or webhook    |
-//! | `order.rs`    | results back in utterance order, gaps reported             |
+//! | `backend.rs`  | one HTTP request per utterance: OpenAI-style or webhook;   |
+//! |               | `verbose_json` for word timings, `json` when refused       |
+//! | `order.rs`    | results back in utterance order, gaps reported; partials   |
+//! | `interim.rs`  | partials of open utterances (`interim=true`), their budget |
+//! | `agreement.rs`| LocalAgreement-2: the stable prefix of partials (pure)     |
+//! | `words.rs`    | word timings from `verbose_json` replies (pure)            |
 //! | `persist.rs`  | final transcripts appended to `<id>.transcript.jsonl`      |
 //! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
 
+mod agreement;
 pub mod backend;
 mod config;
 mod detector;
+mod interim;
 mod order;
 pub mod persist;
 mod queue;
@@ -52,6 +58,7 @@ mod sender;
 mod service;
 mod sink;
 pub mod spec;
+pub mod words;
 
 pub use self::config::{TranscriptionConfig, VadConfig};
 pub use self::detector::Earshot;

@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tokio::sync::mpsc;
 
+use super::agreement::LocalAgreement;
 use super::persist::TranscriptLog;
-use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo};
+use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript};
 use crate::sinks::SinkEvent;
+use crate::telemetry::names;
 
 /// What the orderer learns, from the sink and the request tasks.
 pub(super) enum Outcome {
@@ -20,6 +22,9 @@ pub(super) enum Outcome {
         channel: u16,
         message: ServerMessage,
     },
+    /// A partial hypothesis of an utterance still open (`stable_text` is
+    /// filled in here).
+    Partial(Transcript),
 }
 
 /// What the orderer holds for one utterance.
@@ -37,6 +42,8 @@ enum Slot {
 pub(super) struct Orderer {
     /// Per channel, the utterances not yet reported, oldest first.
     channels: BTreeMap<u16, VecDeque<(u64, Slot)>>,
+    /// The stability of each utterance that has had a partial.
+    agreements: BTreeMap<u64, LocalAgreement>,
 }
 
 impl Orderer {
@@ -50,6 +57,10 @@ impl Orderer {
                     .entry(channel)
                     .or_default()
                     .push_back((id, Slot::Waiting));
+                return;
+            }
+            Outcome::Partial(partial) => {
+                self.partial(partial, due);
                 return;
             }
             Outcome::Shed { id, channel } => (channel, id, Slot::Shed),
@@ -71,14 +82,17 @@ impl Orderer {
                 Slot::Waiting => break,
                 Slot::Shed => {
                     shed += 1;
-                    pending.pop_front();
+                    if let Some((id, _)) = pending.pop_front() {
+                        self.agreements.remove(&id);
+                    }
                 }
                 Slot::Ready(_) => {
                     if shed > 0 {
                         due.push(shed_message(channel, shed));
                         shed = 0;
                     }
-                    if let Some((_, Slot::Ready(message))) = pending.pop_front() {
+                    if let Some((id, Slot::Ready(message))) = pending.pop_front() {
+                        self.agreements.remove(&id);
                         due.push(message);
                     }
                 }
@@ -87,6 +101,27 @@ impl Orderer {
         if shed > 0 {
             due.push(shed_message(channel, shed));
         }
+    }
+}
+
+impl Orderer {
+    /// A partial goes out only while its utterance is the oldest one of its
+    /// channel still waiting for its final: after the final it would be
+    /// stale, and before earlier finals it would be out of order (the next
+    /// partial will come). Its stable text is the LocalAgreement-2 prefix
+    /// over the partials that went out.
+    fn partial(&mut self, mut partial: Transcript, due: &mut Vec<ServerMessage>) {
+        let front = self
+            .channels
+            .get(&partial.channel)
+            .and_then(|pending| pending.front());
+        if !matches!(front, Some((id, Slot::Waiting)) if *id == partial.utterance_id) {
+            return;
+        }
+        let agreement = self.agreements.entry(partial.utterance_id).or_default();
+        partial.stable_text = Some(agreement.push(&partial.text));
+        metrics::counter!(names::TRANSCRIBE_PARTIALS_TOTAL).increment(1);
+        due.push(ServerMessage::Transcript(partial));
     }
 }
 
@@ -152,7 +187,9 @@ mod tests {
             start: 0.0,
             end: 1.0,
             text: format!("text {id}"),
+            stable_text: None,
             is_final: true,
+            words: None,
             backend: "default".into(),
             backend_ms: 5,
         })
@@ -374,6 +411,118 @@ mod tests {
         assert!(released[..5].iter().all(Vec::is_empty), "{released:?}");
         assert_eq!(released[5], ["text 0@0"]);
         assert!(released[6].is_empty());
+    }
+
+    fn partial(id: u64, channel: u16, text: &str) -> Outcome {
+        Outcome::Partial(Transcript {
+            utterance_id: id,
+            channel,
+            start: 0.0,
+            end: 1.0,
+            text: text.into(),
+            stable_text: None,
+            is_final: false,
+            words: None,
+            backend: "default".into(),
+            backend_ms: 3,
+        })
+    }
+
+    fn stable_texts(due: &[ServerMessage]) -> Vec<(u64, String, String)> {
+        due.iter()
+            .map(|m| match m {
+                ServerMessage::Transcript(t) => {
+                    assert!(!t.is_final);
+                    (
+                        t.utterance_id,
+                        t.text.clone(),
+                        t.stable_text.clone().unwrap(),
+                    )
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partials_of_the_oldest_open_utterance_go_out_with_their_stable_prefix() {
+        let mut orderer = Orderer::default();
+        let mut due = Vec::new();
+        for outcome in [
+            created(0, 0),
+            partial(0, 0, "the whether"),
+            partial(0, 0, "the weather is"),
+            partial(0, 0, "the weather is nice"),
+        ] {
+            orderer.handle(outcome, &mut due);
+        }
+        assert_eq!(
+            stable_texts(&due),
+            [
+                (0, "the whether".into(), "".into()),
+                (0, "the weather is".into(), "the".into()),
+                (0, "the weather is nice".into(), "the weather is".into()),
+            ]
+        );
+        // After its final, a late partial is stale: dropped.
+        let mut due = Vec::new();
+        orderer.handle(done(0, 0, transcript(0, 0)), &mut due);
+        orderer.handle(partial(0, 0, "the weather is nice today"), &mut due);
+        assert_eq!(due.iter().map(describe).collect::<Vec<_>>(), ["text 0@0"]);
+        assert!(
+            orderer.agreements.is_empty(),
+            "state of ended utterances is dropped"
+        );
+    }
+
+    #[test]
+    fn a_partial_behind_a_pending_final_is_dropped_and_another_channel_s_is_not() {
+        let mut orderer = Orderer::default();
+        let mut due = Vec::new();
+        for outcome in [
+            created(0, 0),
+            created(1, 0),
+            created(2, 1),
+            partial(1, 0, "behind utterance zero"),
+            partial(2, 1, "on its own channel"),
+        ] {
+            orderer.handle(outcome, &mut due);
+        }
+        assert_eq!(
+            stable_texts(&due),
+            [(2, "on its own channel".into(), "".into())]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_task_keeps_only_finals_in_the_transcript_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = TranscriptLog::new(dir.path(), "s2", None);
+        let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        for outcome in [
+            created(0, 0),
+            partial(0, 0, "partial words"),
+            partial(0, 0, "partial words again"),
+            done(0, 0, transcript(0, 0)),
+        ] {
+            outcomes.send(outcome).unwrap();
+        }
+        drop(outcomes);
+        order(outcomes_rx, events, Some(log)).await;
+        let mut sent = 0;
+        while events_rx.try_recv().is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 3, "two partials and the final reach the client");
+        let text = std::fs::read_to_string(dir.path().join("s2.transcript.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert_eq!(lines[0]["is_final"], true);
+        assert_eq!(lines[0]["text"], "text 0");
     }
 
     #[tokio::test]

@@ -90,7 +90,9 @@ mod tests {
             start: 0.5,
             end: 1.25,
             text: text.into(),
+            stable_text: None,
             is_final: true,
+            words: None,
             backend: "default".into(),
             backend_ms: 7,
         })

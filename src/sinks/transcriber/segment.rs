@@ -128,6 +128,13 @@ impl<D: SpeechDetector> Segmenter<D> {
         matches!(self.state, State::Speech)
     }
 
+    /// The open utterance, if any: its first sample and its audio so far
+    /// (whole frames).
+    pub fn open_utterance(&self) -> Option<(u64, &[i16])> {
+        self.in_speech()
+            .then_some((self.utterance_start, self.utterance.as_slice()))
+    }
+
     /// Samples taken so far (the stream position at 16 kHz).
     pub fn samples_seen(&self) -> u64 {
         self.position + self.partial.len() as u64
@@ -490,6 +497,20 @@ mod tests {
             .map(|&s| to_i16(s))
             .collect();
         assert_eq!(samples, &expected);
+    }
+
+    #[test]
+    fn the_open_utterance_grows_from_its_start_until_it_ends() {
+        let mut seg = Segmenter::new(Scripted, SETTINGS, 0.5);
+        let mut out = Vec::new();
+        seg.push(&frames("..."), &mut out);
+        assert_eq!(seg.open_utterance(), None);
+        seg.push(&frames("..sss")[12..], &mut out);
+        let (start, samples) = seg.open_utterance().unwrap();
+        // Onset at frame 3, two frames of pre-roll: frames 1-4 so far.
+        assert_eq!((start, samples.len()), (4, 16));
+        seg.push(&frames("..sss......")[20..], &mut out);
+        assert_eq!(seg.open_utterance(), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 
-use super::backend::{Backend, UtteranceRequest};
+use super::backend::{Backend, BackendReply, UtteranceRequest};
 use super::order::Outcome;
 use super::queue::{Queue, Utterance};
 use super::TranscriptionService;
@@ -167,13 +167,15 @@ impl Request {
         };
         inflight.decrement(1.0);
         let message = match result {
-            Ok((text, elapsed)) => ServerMessage::Transcript(Transcript {
+            Ok((reply, elapsed)) => ServerMessage::Transcript(Transcript {
                 utterance_id: utterance.id,
                 channel: utterance.channel,
                 start: utterance.start_seconds(),
                 end: utterance.end_seconds(),
-                text,
+                text: reply.text,
+                stable_text: None,
                 is_final: true,
+                words: reply.words,
                 backend: self.backend.name.clone(),
                 backend_ms: elapsed.as_millis() as u64,
             }),
@@ -187,8 +189,8 @@ impl Request {
     }
 
     /// Tries until success, a failure not worth repeating, or the retries
-    /// run out. Returns the text and the successful attempt's duration.
-    async fn attempts(&self, utterance: &Utterance) -> Result<(String, Duration), String> {
+    /// run out. Returns the reply and the successful attempt's duration.
+    async fn attempts(&self, utterance: &Utterance) -> Result<(BackendReply, Duration), String> {
         let config = &self.service.config;
         let backend_label = self.backend.name.clone();
         let request = UtteranceRequest {
@@ -209,15 +211,15 @@ impl Request {
             let started = Instant::now();
             let outcome = self
                 .backend
-                .transcribe(&self.service.client, &request, timeout)
+                .transcribe(&self.service.client, &request, timeout, true)
                 .await;
             let elapsed = started.elapsed();
             metrics::histogram!(names::TRANSCRIBE_REQUEST_SECONDS, "backend" => backend_label.clone())
                 .record(elapsed.as_secs_f64());
             let error = match outcome {
-                Ok(text) => {
+                Ok(reply) => {
                     metrics::counter!(names::TRANSCRIBE_REQUESTS_TOTAL, "backend" => backend_label.clone(), "outcome" => "ok").increment(1);
-                    return Ok((text, elapsed));
+                    return Ok((reply, elapsed));
                 }
                 Err(error) => error,
             };

@@ -18,6 +18,8 @@ pub struct TranscriptionService {
     backends: BTreeMap<String, Arc<Backend>>,
     pub(super) client: reqwest::Client,
     pub(super) global_requests: Arc<Semaphore>,
+    /// The server-wide budget of partial requests in flight.
+    pub(super) interim_requests: Arc<Semaphore>,
     /// Set when the server shuts down: every pending transcript is given
     /// up by then, so that shutdown fits `shutdown_timeout_ms`.
     pub(super) shutdown_deadline: watch::Sender<Option<tokio::time::Instant>>,
@@ -44,6 +46,7 @@ impl TranscriptionService {
             backends,
             client,
             global_requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            interim_requests: Arc::new(Semaphore::new(config.interim_max_concurrent_requests)),
             shutdown_deadline: watch::channel(None).0,
             transcripts_dir: None,
             uploader: None,

@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::backend::Backend;
 use super::detector::Earshot;
+use super::interim::{Interim, InterimParts};
 use super::order::{order, Outcome};
 use super::persist::TranscriptLog;
 use super::queue::{Queue, Utterance};
@@ -35,16 +36,20 @@ pub struct Transcriber {
     outcomes: mpsc::UnboundedSender<Outcome>,
     events: mpsc::UnboundedSender<SinkEvent>,
     utterances_total: metrics::Counter,
+    /// `interim=true`: partials of open utterances.
+    interim: Option<Interim>,
 }
 
 impl Transcriber {
     /// Starts the sender and orderer tasks (on the current runtime) and
-    /// returns the sink that feeds them.
+    /// returns the sink that feeds them. With `interim`, open utterances
+    /// also get partial transcripts.
     pub fn start(
         context: &SinkContext,
         service: &Arc<TranscriptionService>,
         backend: Arc<Backend>,
         events: mpsc::UnboundedSender<SinkEvent>,
+        interim: bool,
     ) -> Self {
         let config = &service.config;
         let settings = config.segmenter_settings();
@@ -56,6 +61,18 @@ impl Transcriber {
             .transcripts_dir()
             .map(|dir| TranscriptLog::new(dir, &context.session_id, service.uploader()));
         tokio::spawn(order(outcomes_rx, events.clone(), log).instrument(span.clone()));
+        let metadata = Arc::new(context.metadata.clone());
+        let interim = interim.then(|| {
+            Interim::new(InterimParts {
+                channels,
+                backend: backend.clone(),
+                service: service.clone(),
+                queue: queue.clone(),
+                outcomes: outcomes_tx.clone(),
+                session_id: context.session_id.clone(),
+                metadata: metadata.clone(),
+            })
+        });
         let sender = Sender {
             queue: queue.clone(),
             backend,
@@ -63,7 +80,7 @@ impl Transcriber {
             session_requests: Arc::new(Semaphore::new(config.max_concurrent_requests_per_session)),
             outcomes: outcomes_tx.clone(),
             session_id: context.session_id.clone(),
-            metadata: Arc::new(context.metadata.clone()),
+            metadata,
             stop_deadline: watch::channel(None).0,
         };
         tokio::spawn(sender.run().instrument(span));
@@ -80,6 +97,18 @@ impl Transcriber {
             outcomes: outcomes_tx,
             events,
             utterances_total: metrics::counter!(names::TRANSCRIBE_UTTERANCES_TOTAL),
+            interim,
+        }
+    }
+
+    /// Offers the open utterance of `channel`, if any, for a partial.
+    fn offer_partial(&mut self, channel: usize) {
+        let (Some(interim), Some(Some(id))) = (self.interim.as_mut(), self.current.get(channel))
+        else {
+            return;
+        };
+        if let Some((start, samples)) = self.channels[channel].open_utterance() {
+            interim.on_audio(channel as u16, *id, start, samples);
         }
     }
 
@@ -185,6 +214,7 @@ impl Sink for Transcriber {
             self.channels[channel].push(&self.scratch, &mut segments);
             self.segments = segments;
             self.take_segments(channel);
+            self.offer_partial(channel);
         }
         Ok(())
     }

@@ -65,6 +65,8 @@ pub struct TranscribeSpec {
     name: String,
     service: Arc<TranscriptionService>,
     backend: Arc<Backend>,
+    /// Partial transcripts too (the session asked with `interim=true`).
+    interim: bool,
 }
 
 impl TranscribeSpec {
@@ -73,6 +75,7 @@ impl TranscribeSpec {
             name: name.to_owned(),
             service,
             backend,
+            interim: false,
         }
     }
 }
@@ -90,6 +93,15 @@ impl SinkSpec for TranscribeSpec {
         true
     }
 
+    fn with_interim(&self) -> Option<Arc<dyn SinkSpec>> {
+        Some(Arc::new(Self {
+            name: self.name.clone(),
+            service: self.service.clone(),
+            backend: self.backend.clone(),
+            interim: true,
+        }))
+    }
+
     fn build(
         &self,
         context: &SinkContext,
@@ -101,6 +113,7 @@ impl SinkSpec for TranscribeSpec {
             &self.service,
             self.backend.clone(),
             emitter.sender(),
+            self.interim,
         ))])
     }
 }
