@@ -62,3 +62,4 @@ mod stream_cli;
 mod streaming;
 mod stt_stub;
 mod transcribe;
+mod upstream_deepgram;

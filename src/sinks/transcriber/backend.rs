@@ -27,6 +27,9 @@ pub enum BackendKind {
     #[default]
     Openai,
     Webhook,
+    /// A Deepgram-style streaming `/v1/listen` WebSocket: one connection per
+    /// session, audio as it comes, results as they come (`deepgram.rs`).
+    Deepgram,
 }
 
 /// What a webhook receives.
@@ -66,6 +69,12 @@ pub struct BackendConfig {
     /// PEM file of CA certificates to trust for this backend besides the
     /// system's (a self-hosted engine behind a private CA).
     pub ca_cert_path: String,
+    /// `deepgram`: query parameters passed through (`model`, `language`,
+    /// `punctuate`, …); strings, numbers or booleans.
+    pub query: BTreeMap<String, Value>,
+    /// `deepgram`: audio kept after it was sent, until a final result
+    /// covers it, so that it can be sent again after a reconnect.
+    pub replay_buffer_ms: u64,
 }
 
 impl Default for BackendConfig {
@@ -82,6 +91,8 @@ impl Default for BackendConfig {
             text_field: "text".into(),
             headers: BTreeMap::new(),
             ca_cert_path: String::new(),
+            query: BTreeMap::new(),
+            replay_buffer_ms: 10_000,
         }
     }
 }
@@ -189,6 +200,9 @@ pub struct Backend {
     headers: reqwest::header::HeaderMap,
     /// Its own HTTP client when it trusts extra CAs; else the shared one.
     client: Option<reqwest::Client>,
+    /// `deepgram`: the configured query, as text.
+    query: Vec<(String, String)>,
+    replay_buffer_ms: u64,
     /// A [`VerboseSupport`]: what `openai` requests for word timings learnt.
     verbose: AtomicU8,
 }
@@ -209,6 +223,66 @@ pub fn openai_endpoint(mut url: Url) -> Url {
     };
     url.set_path(&path);
     url
+}
+
+fn kind_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Openai => "openai",
+        BackendKind::Webhook => "webhook",
+        BackendKind::Deepgram => "deepgram",
+    }
+}
+
+/// Query keys a `deepgram` backend sets itself from the session.
+const STREAMING_OWN_KEYS: [&str; 5] = [
+    "encoding",
+    "sample_rate",
+    "channels",
+    "multichannel",
+    "interim_results",
+];
+
+/// Checks the `deepgram`-only settings and renders `query` as text.
+fn streaming_query(config: &BackendConfig) -> Result<Vec<(String, String)>, String> {
+    if config.kind != BackendKind::Deepgram {
+        if !config.query.is_empty() {
+            return Err("query is only for kind \"deepgram\"".into());
+        }
+        return Ok(Vec::new());
+    }
+    if !config.ca_cert_path.is_empty() {
+        return Err(
+            "ca_cert_path is not supported for kind \"deepgram\" (it trusts the system's CAs)"
+                .into(),
+        );
+    }
+    if !(1_000..=120_000).contains(&config.replay_buffer_ms) {
+        return Err(format!(
+            "replay_buffer_ms must be from 1000 to 120000, not {}",
+            config.replay_buffer_ms
+        ));
+    }
+    let mut query = Vec::new();
+    for (key, value) in &config.query {
+        if STREAMING_OWN_KEYS.contains(&key.as_str()) {
+            return Err(format!(
+                "query.{key} is set by cochlea from the session (it sends {}); remove it",
+                STREAMING_OWN_KEYS.join(", ")
+            ));
+        }
+        let text = match value {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "query.{key} must be a string, a number or a boolean"
+                ))
+            }
+        };
+        query.push((key.clone(), text));
+    }
+    Ok(query)
 }
 
 /// A URL as a log may show it: without user name and password, and with
@@ -287,16 +361,24 @@ impl Backend {
         }
         // The URL is not repeated in these errors: it may hold a key.
         let url = Url::parse(&config.url).map_err(|e| fail(format!("url is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
+        let schemes: [&str; 2] = match config.kind {
+            BackendKind::Deepgram => ["ws", "wss"],
+            _ => ["http", "https"],
+        };
+        if !schemes.contains(&url.scheme()) {
             return Err(fail(format!(
-                "url must be http:// or https://, not {}",
+                "url must be {}:// or {}:// for kind {}, not {}",
+                schemes[0],
+                schemes[1],
+                kind_name(config.kind),
                 url.scheme()
             )));
         }
         let url = match config.kind {
             BackendKind::Openai => openai_endpoint(url),
-            BackendKind::Webhook => url,
+            BackendKind::Webhook | BackendKind::Deepgram => url,
         };
+        let query = streaming_query(config).map_err(fail)?;
         let api_key = if !config.api_key_env.is_empty() {
             match std::env::var(&config.api_key_env) {
                 Ok(key) if !key.is_empty() => Some(key),
@@ -362,7 +444,43 @@ impl Backend {
             headers,
             client,
             verbose: AtomicU8::new(VerboseSupport::Unknown as u8),
+            query,
+            replay_buffer_ms: config.replay_buffer_ms,
         })
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// `deepgram`: the endpoint with its configured query (secrets in it
+    /// included: only for connecting, never for a log).
+    pub(super) fn streaming_url(&self) -> &Url {
+        &self.url
+    }
+
+    pub(super) fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
+    pub(super) fn headers(&self) -> &reqwest::header::HeaderMap {
+        &self.headers
+    }
+
+    pub(super) fn streaming_query(&self) -> &[(String, String)] {
+        &self.query
+    }
+
+    pub(super) fn replay_buffer_ms(&self) -> u64 {
+        self.replay_buffer_ms
+    }
+
+    /// A message without this backend's secrets, for clients and logs.
+    pub(super) fn scrub_text(&self, text: String) -> String {
+        match self.scrub(BackendError::Transport(text)) {
+            BackendError::Transport(text) => text,
+            other => other.to_string(),
+        }
     }
 
     /// What this backend has shown about `verbose_json`.
@@ -492,7 +610,7 @@ impl Backend {
                 }
                 request.multipart(form)
             }
-            BackendKind::Webhook => match self.body {
+            BackendKind::Webhook | BackendKind::Deepgram => match self.body {
                 WebhookBody::Wav => request
                     .header(reqwest::header::CONTENT_TYPE, "audio/wav")
                     .header("X-Cochlea-Session-Id", utterance.session_id)
@@ -531,7 +649,7 @@ impl Backend {
             .map_err(|e| BackendError::BadReply(format!("not JSON ({e}): {}", excerpt(&body))))?;
         let path: &[String] = match self.kind {
             BackendKind::Openai => &[],
-            BackendKind::Webhook => &self.text_path,
+            BackendKind::Webhook | BackendKind::Deepgram => &self.text_path,
         };
         let text = if path.is_empty() {
             reply.get("text")

@@ -44,6 +44,8 @@
 //! | `words.rs`    | word timings from `verbose_json` replies (pure)            |
 //! | `persist.rs`  | final transcripts appended to `<id>.transcript.jsonl`      |
 //! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
+//! | `streaming.rs`| backend kind `deepgram`: one upstream WebSocket per session|
+//! |               | instead of all of the above (replay on reconnect)          |
 
 mod agreement;
 pub mod backend;
@@ -58,6 +60,7 @@ mod sender;
 mod service;
 mod sink;
 pub mod spec;
+pub mod streaming;
 pub mod words;
 
 pub use self::config::{TranscriptionConfig, VadConfig};

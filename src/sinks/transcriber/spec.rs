@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::Backend;
+use super::backend::{Backend, BackendKind};
+use super::streaming::StreamingTranscriber;
 use super::{Transcriber, TranscriptionService, SAMPLE_RATE};
 use crate::config::Config;
 use crate::sinks::registry::{Emitters, SinkKind, SinkSpec, SpecEnv};
@@ -108,6 +109,15 @@ impl SinkSpec for TranscribeSpec {
         emitters: &mut Emitters,
     ) -> Result<Vec<Box<dyn Sink>>, SinkError> {
         let emitter = emitters.next_emitter();
+        if self.backend.kind() == BackendKind::Deepgram {
+            return Ok(vec![Box::new(StreamingTranscriber::start(
+                context,
+                &self.service,
+                self.backend.clone(),
+                emitter.sender(),
+                self.interim,
+            ))]);
+        }
         Ok(vec![Box::new(Transcriber::start(
             context,
             &self.service,
