@@ -47,6 +47,7 @@ use super::{TranscriptionService, NAME, SAMPLE_RATE};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript, Word};
+use crate::sinks::recorder::f32_to_i16;
 use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
 
 /// Deepgram closes a connection after 10 s without audio or KeepAlive.
@@ -296,9 +297,10 @@ impl Sink for StreamingTranscriber {
         let mut bytes = Vec::with_capacity(samples * 2);
         match &block.samples {
             BlockSamples::Audio(audio) => {
+                // The project's one f32 → s16 mapping: s16 input goes up
+                // to the upstream exactly as the client sent it.
                 for sample in audio.iter().take(samples) {
-                    let value = (sample.clamp(-1.0, 1.0) * 32767.0).round() as i16;
-                    bytes.extend_from_slice(&value.to_le_bytes());
+                    bytes.extend_from_slice(&f32_to_i16(*sample).to_le_bytes());
                 }
                 bytes.resize(samples * 2, 0);
             }
