@@ -123,21 +123,25 @@ enum Seen {
         query: String,
         auth: String,
     },
-    /// A binary message, with the stream second its first sample encodes.
+    /// A binary message, with the stream second its first sample encodes,
+    /// and its samples.
     Audio {
         first_second: f64,
         frames: usize,
+        samples: Vec<i16>,
     },
     Control(String),
 }
 
 type Log = Arc<Mutex<Vec<(usize, Seen)>>>;
 
-/// Our test audio encodes its own position: sample `i` is `i / 160`
-/// (hundredths of a second), so the server can tell where a replay starts.
+/// Our test audio encodes its own position: sample `i` is `i / 160 * 100`
+/// (hundredths of a second, times 100), so the server can tell where a
+/// replay starts; up to 30,000 at 3 s, large enough that an f32 → s16
+/// mapping other than the decoders' inverse changes it.
 fn ramp(seconds: f64) -> Vec<i16> {
     (0..(seconds * 16_000.0) as usize)
-        .map(|i| (i / 160) as i16)
+        .map(|i| (i / 160 * 100) as i16)
         .collect()
 }
 
@@ -188,12 +192,16 @@ async fn fake_deepgram(listener: TcpListener, log: Log) {
         while let Some(Ok(message)) = ws.next().await {
             match message {
                 Message::Binary(bytes) => {
-                    let first = i16::from_le_bytes([bytes[0], bytes[1]]);
+                    let samples: Vec<i16> = bytes
+                        .chunks_exact(2)
+                        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+                        .collect();
                     log.lock().unwrap().push((
                         connection,
                         Seen::Audio {
-                            first_second: f64::from(first) / 100.0,
+                            first_second: f64::from(samples[0]) / 10_000.0,
                             frames: bytes.len() / 2,
+                            samples,
                         },
                     ));
                     frames += bytes.len() / 2;
@@ -337,6 +345,7 @@ model = "nova-3"
             Seen::Audio {
                 first_second,
                 frames,
+                ..
             } if *c == 1 => Some((*first_second, *frames)),
             _ => None,
         })
@@ -354,6 +363,21 @@ model = "nova-3"
         controls,
         ["KeepAlive", "Finalize", "CloseStream"],
         "{log:#?}"
+    );
+    // The upstream gets the client's s16 samples exactly: the first
+    // connection's audio is the stream's first samples.
+    let sent_1: Vec<i16> = log
+        .iter()
+        .filter_map(|(c, s)| match s {
+            Seen::Audio { samples, .. } if *c == 0 => Some(samples.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(sent_1.len() >= 16_000, "{} samples", sent_1.len());
+    assert!(
+        sent_1[..] == ramp(3.0)[..sent_1.len()],
+        "the upstream got other samples than the client sent"
     );
     // The recording is exact whatever the upstream did.
     let recorded = read_wav_i16(&server.recordings_dir().join(format!(
