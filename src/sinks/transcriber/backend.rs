@@ -17,19 +17,63 @@ use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::streaming::{self, StreamingKind};
 use super::words;
 use crate::protocol::Word;
 
-/// How a backend is reached, as configured.
+/// How a backend is reached, as configured (`kind = "..."`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum BackendKind {
+    /// One OpenAI-style HTTP request per utterance.
     #[default]
     Openai,
+    /// One HTTP request per utterance to any endpoint.
     Webhook,
-    /// A Deepgram-style streaming `/v1/listen` WebSocket: one connection per
-    /// session, audio as it comes, results as they come (`deepgram.rs`).
-    Deepgram,
+    /// One upstream WebSocket per session (per channel for a mono kind),
+    /// audio as it comes, results as they come: the kinds of
+    /// [`streaming::KINDS`].
+    Streaming(&'static StreamingKind),
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Openai => "openai",
+            BackendKind::Webhook => "webhook",
+            BackendKind::Streaming(kind) => kind.name,
+        }
+    }
+
+    /// The kind called `name`: `openai`, `webhook` or a streaming one.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "openai" => Some(BackendKind::Openai),
+            "webhook" => Some(BackendKind::Webhook),
+            _ => streaming::kind_named(name).map(BackendKind::Streaming),
+        }
+    }
+}
+
+impl TryFrom<String> for BackendKind {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        BackendKind::named(&name).ok_or_else(|| {
+            let mut names = vec!["openai", "webhook"];
+            names.extend(streaming::KINDS.iter().map(|k| k.name));
+            format!(
+                "unknown backend kind '{name}' (known: {})",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+impl From<BackendKind> for String {
+    fn from(kind: BackendKind) -> Self {
+        kind.name().to_owned()
+    }
 }
 
 /// What a webhook receives.
@@ -69,10 +113,12 @@ pub struct BackendConfig {
     /// PEM file of CA certificates to trust for this backend besides the
     /// system's (a self-hosted engine behind a private CA).
     pub ca_cert_path: String,
-    /// `deepgram`: query parameters passed through (`model`, `language`,
-    /// `punctuate`, …); strings, numbers or booleans.
+    /// Streaming kinds: settings for the upstream (`deepgram`,
+    /// `assemblyai`: query parameters passed through, such as `model`,
+    /// `language`; `openai_realtime`: the session's `model`, `language`,
+    /// `prompt` and voice detection); strings, numbers or booleans.
     pub query: BTreeMap<String, Value>,
-    /// `deepgram`: audio kept after it was sent, until a final result
+    /// Streaming kinds: audio kept after it was sent, until a final result
     /// covers it, so that it can be sent again after a reconnect.
     pub replay_buffer_ms: u64,
 }
@@ -200,7 +246,7 @@ pub struct Backend {
     headers: reqwest::header::HeaderMap,
     /// Its own HTTP client when it trusts extra CAs; else the shared one.
     client: Option<reqwest::Client>,
-    /// `deepgram`: the configured query, as text.
+    /// Streaming kinds: the configured query, as text.
     query: Vec<(String, String)>,
     replay_buffer_ms: u64,
     /// A [`VerboseSupport`]: what `openai` requests for word timings learnt.
@@ -225,36 +271,19 @@ pub fn openai_endpoint(mut url: Url) -> Url {
     url
 }
 
-fn kind_name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Openai => "openai",
-        BackendKind::Webhook => "webhook",
-        BackendKind::Deepgram => "deepgram",
-    }
-}
-
-/// Query keys a `deepgram` backend sets itself from the session.
-const STREAMING_OWN_KEYS: [&str; 5] = [
-    "encoding",
-    "sample_rate",
-    "channels",
-    "multichannel",
-    "interim_results",
-];
-
-/// Checks the `deepgram`-only settings and renders `query` as text.
+/// Checks the streaming kinds' settings and renders `query` as text.
 fn streaming_query(config: &BackendConfig) -> Result<Vec<(String, String)>, String> {
-    if config.kind != BackendKind::Deepgram {
+    let BackendKind::Streaming(kind) = config.kind else {
         if !config.query.is_empty() {
-            return Err("query is only for kind \"deepgram\"".into());
+            return Err("query is only for the streaming kinds".into());
         }
         return Ok(Vec::new());
-    }
+    };
     if !config.ca_cert_path.is_empty() {
-        return Err(
-            "ca_cert_path is not supported for kind \"deepgram\" (it trusts the system's CAs)"
-                .into(),
-        );
+        return Err(format!(
+            "ca_cert_path is not supported for kind \"{}\" (it trusts the system's CAs)",
+            kind.name
+        ));
     }
     if !(1_000..=120_000).contains(&config.replay_buffer_ms) {
         return Err(format!(
@@ -264,11 +293,24 @@ fn streaming_query(config: &BackendConfig) -> Result<Vec<(String, String)>, Stri
     }
     let mut query = Vec::new();
     for (key, value) in &config.query {
-        if STREAMING_OWN_KEYS.contains(&key.as_str()) {
+        if kind.own_query_keys.contains(&key.as_str()) {
             return Err(format!(
                 "query.{key} is set by cochlea from the session (it sends {}); remove it",
-                STREAMING_OWN_KEYS.join(", ")
+                kind.own_query_keys.join(", ")
             ));
+        }
+        if let Some(known) = kind.query_keys {
+            if !known.contains(&key.as_str()) {
+                return Err(format!(
+                    "query.{key} is not a setting of kind \"{}\" (it takes {})",
+                    kind.name,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
         }
         let text = match value {
             Value::String(s) => s.clone(),
@@ -362,7 +404,7 @@ impl Backend {
         // The URL is not repeated in these errors: it may hold a key.
         let url = Url::parse(&config.url).map_err(|e| fail(format!("url is not a URL: {e}")))?;
         let schemes: [&str; 2] = match config.kind {
-            BackendKind::Deepgram => ["ws", "wss"],
+            BackendKind::Streaming(_) => ["ws", "wss"],
             _ => ["http", "https"],
         };
         if !schemes.contains(&url.scheme()) {
@@ -370,13 +412,13 @@ impl Backend {
                 "url must be {}:// or {}:// for kind {}, not {}",
                 schemes[0],
                 schemes[1],
-                kind_name(config.kind),
+                config.kind.name(),
                 url.scheme()
             )));
         }
         let url = match config.kind {
             BackendKind::Openai => openai_endpoint(url),
-            BackendKind::Webhook | BackendKind::Deepgram => url,
+            BackendKind::Webhook | BackendKind::Streaming(_) => url,
         };
         let query = streaming_query(config).map_err(fail)?;
         let api_key = if !config.api_key_env.is_empty() {
@@ -453,7 +495,7 @@ impl Backend {
         self.kind
     }
 
-    /// `deepgram`: the endpoint with its configured query (secrets in it
+    /// Streaming kinds: the endpoint with its configured query (secrets in it
     /// included: only for connecting, never for a log).
     pub(super) fn streaming_url(&self) -> &Url {
         &self.url
@@ -610,7 +652,7 @@ impl Backend {
                 }
                 request.multipart(form)
             }
-            BackendKind::Webhook | BackendKind::Deepgram => match self.body {
+            BackendKind::Webhook | BackendKind::Streaming(_) => match self.body {
                 WebhookBody::Wav => request
                     .header(reqwest::header::CONTENT_TYPE, "audio/wav")
                     .header("X-Cochlea-Session-Id", utterance.session_id)
@@ -649,7 +691,7 @@ impl Backend {
             .map_err(|e| BackendError::BadReply(format!("not JSON ({e}): {}", excerpt(&body))))?;
         let path: &[String] = match self.kind {
             BackendKind::Openai => &[],
-            BackendKind::Webhook | BackendKind::Deepgram => &self.text_path,
+            BackendKind::Webhook | BackendKind::Streaming(_) => &self.text_path,
         };
         let text = if path.is_empty() {
             reply.get("text")

@@ -44,8 +44,9 @@
 //! | `words.rs`    | word timings from `verbose_json` replies (pure)            |
 //! | `persist.rs`  | final transcripts appended to `<id>.transcript.jsonl`      |
 //! | `spec.rs`     | kind `transcribe` (`[sinks.<name>]`) and its registry spec |
-//! | `streaming.rs`| backend kind `deepgram`: one upstream WebSocket per session|
-//! |               | instead of all of the above (replay on reconnect)          |
+//! | `streaming/`  | the streaming kinds (`deepgram`, `assemblyai`,             |
+//! |               | `openai_realtime`, `vosk`), a folder each: one upstream    |
+//! |               | WebSocket per session instead of all of the above          |
 
 mod agreement;
 pub mod backend;

@@ -109,11 +109,12 @@ impl SinkSpec for TranscribeSpec {
         emitters: &mut Emitters,
     ) -> Result<Vec<Box<dyn Sink>>, SinkError> {
         let emitter = emitters.next_emitter();
-        if self.backend.kind() == BackendKind::Deepgram {
+        if let BackendKind::Streaming(kind) = self.backend.kind() {
             return Ok(vec![Box::new(StreamingTranscriber::start(
                 context,
                 &self.service,
                 self.backend.clone(),
+                kind,
                 emitter.sender(),
                 self.interim,
             ))]);

@@ -1,0 +1,480 @@
+//! One upstream connection's task: connects, sends what the kind's
+//! [`Protocol`] says, reconnects with backoff when the upstream drops, and
+//! turns what it hears into `transcript` outcomes in stream time.
+//!
+//! It keeps the audio it sent until a final result covers it (at most
+//! `replay_buffer_ms`). On a new connection it sends that tail again and
+//! maps the connection's time (which starts at 0) back to stream time with
+//! a [`TimeMap`], so transcripts stay in stream time and in order. Audio
+//! older than the buffer that no final covered is reported as
+//! `transcribe_failed`. The coverage ("ack") is the end of the latest final
+//! on the connection, so where one connection carries several channels
+//! (`deepgram`), a reconnect can lose another channel's words in progress.
+//!
+//! The protocol's keepalive goes up after [`KEEPALIVE_INTERVAL`] without
+//! audio, its finalize on the session's `flush`, its close when the session
+//! ends; the task then waits up to `stop_wait_ms` for the last results.
+//!
+//! An utterance id is taken on the first non-empty result of an upstream
+//! utterance and kept until its final; partials get their `stable_text` in
+//! the orderer, and finals are persisted like the batch backend's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::super::backend::Backend;
+use super::super::config::TranscriptionConfig;
+use super::super::order::Outcome;
+use super::{
+    frames_of, lost_message, seconds_of, Command, Heard, Protocol, ReplayBuffer, Reply, Setup,
+    StreamError, StreamingKind, TimeMap, KEEPALIVE_INTERVAL,
+};
+use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript, Word};
+use crate::sinks::SinkEvent;
+
+const MAX_RECONNECT_BACKOFF_MS: u64 = 5_000;
+
+/// How a connection ended.
+enum Ended {
+    /// The upstream gave its last results after the close: all is in.
+    Done,
+    /// The sink is gone (the session aborted), or the stop wait is spent.
+    Abandoned,
+    Lost(StreamError),
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub(super) struct LinkSettings<'a> {
+    pub backend: Arc<Backend>,
+    pub kind: &'static StreamingKind,
+    pub first_channel: u16,
+    pub channels: u16,
+    pub interim: bool,
+    pub outcomes: mpsc::UnboundedSender<Outcome>,
+    pub events: mpsc::UnboundedSender<SinkEvent>,
+    /// The session's utterance ids, shared by its links.
+    pub next_id: Arc<AtomicU64>,
+    pub config: &'a TranscriptionConfig,
+}
+
+/// The task of one upstream connection (and its reconnects).
+pub(super) struct Link {
+    backend: Arc<Backend>,
+    protocol: Box<dyn Protocol>,
+    first_channel: u16,
+    channels: u16,
+    sample_rate: u32,
+    interim: bool,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    events: mpsc::UnboundedSender<SinkEvent>,
+    connect_timeout_ms: u64,
+    backoff_ms: u64,
+    stop_wait: Duration,
+    replay: ReplayBuffer,
+    /// The current connection's time base.
+    map: TimeMap,
+    /// The stream frame after the last audio taken.
+    next_stream_frame: u64,
+    /// Stream frames before this are covered by finals.
+    acked_frame: u64,
+    /// Utterances with results but no final yet: (channel, upstream key).
+    open: HashMap<(u16, Option<String>), u64>,
+    next_id: Arc<AtomicU64>,
+    /// A finalize asked for while disconnected.
+    pending_finalize: bool,
+}
+
+impl Link {
+    pub(super) fn new(settings: LinkSettings<'_>) -> Self {
+        let kind = settings.kind;
+        let replay_frames =
+            settings.backend.replay_buffer_ms() * u64::from(kind.sample_rate) / 1000;
+        Self {
+            replay: ReplayBuffer::new(settings.channels, replay_frames),
+            protocol: (kind.protocol)(),
+            backend: settings.backend,
+            first_channel: settings.first_channel,
+            channels: settings.channels,
+            sample_rate: kind.sample_rate,
+            interim: settings.interim,
+            outcomes: settings.outcomes,
+            events: settings.events,
+            connect_timeout_ms: settings.config.request_timeout_ms,
+            backoff_ms: settings.config.retry_backoff_ms.max(1),
+            stop_wait: Duration::from_millis(settings.config.stop_wait_ms),
+            map: TimeMap::default(),
+            next_stream_frame: 0,
+            acked_frame: 0,
+            open: HashMap::new(),
+            next_id: settings.next_id,
+            pending_finalize: false,
+        }
+    }
+
+    fn setup(&self) -> Setup<'_> {
+        Setup {
+            backend: &self.backend,
+            channels: self.channels,
+            sample_rate: self.sample_rate,
+            interim: self.interim,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut close_by: Option<Instant> = None;
+        // Whether the upstream gave all its results (a clean close).
+        let mut complete = false;
+        let mut backoff_ms = self.backoff_ms;
+        loop {
+            let attempt = match close_by {
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.connect()).await {
+                    Ok(result) => result,
+                    Err(_) => break,
+                },
+                None => self.connect().await,
+            };
+            match attempt {
+                Ok(socket) => {
+                    backoff_ms = self.backoff_ms;
+                    match self.serve(socket, &mut commands, &mut close_by).await {
+                        Ended::Done => {
+                            complete = true;
+                            break;
+                        }
+                        Ended::Abandoned => break,
+                        Ended::Lost(error) => {
+                            tracing::warn!(error = %self.backend.scrub_text(error.to_string()), "upstream lost: reconnecting");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %self.backend.scrub_text(error.to_string()), backoff_ms, "upstream connection failed");
+                    let wake = Instant::now() + Duration::from_millis(backoff_ms);
+                    backoff_ms = (backoff_ms * 2).min(MAX_RECONNECT_BACKOFF_MS);
+                    if !self.absorb_until(wake, &mut commands, &mut close_by).await {
+                        break;
+                    }
+                }
+            }
+            if close_by.is_some_and(|deadline| Instant::now() >= deadline) {
+                break;
+            }
+        }
+        self.give_up(complete);
+    }
+
+    /// While disconnected: keeps audio (for the replay) and requests until
+    /// `wake`. False: the stream is over (the sink is gone, or the stop
+    /// wait is spent).
+    async fn absorb_until(
+        &mut self,
+        wake: Instant,
+        commands: &mut mpsc::Receiver<Command>,
+        close_by: &mut Option<Instant>,
+    ) -> bool {
+        loop {
+            let deadline = match *close_by {
+                Some(close) => close.min(wake),
+                None => wake,
+            };
+            match tokio::time::timeout_at(deadline, commands.recv()).await {
+                Err(_) => return close_by.is_none_or(|close| Instant::now() < close),
+                Ok(None) if close_by.is_none() => return false,
+                Ok(None) => {
+                    // The sink is gone after Close: wait out the backoff.
+                    tokio::time::sleep_until(deadline).await;
+                    return close_by.is_none_or(|close| Instant::now() < close);
+                }
+                Ok(Some(Command::Audio { start_frame, bytes })) => {
+                    self.keep(start_frame, bytes);
+                }
+                Ok(Some(Command::Finalize)) => self.pending_finalize = true,
+                Ok(Some(Command::Close)) => {
+                    close_by.get_or_insert(Instant::now() + self.stop_wait);
+                }
+            }
+        }
+    }
+
+    /// Takes live audio into the replay buffer. A hole before it (dropped
+    /// audio) was reported by the sink; the map keeps the time right.
+    fn keep(&mut self, start_frame: u64, bytes: Vec<u8>) {
+        self.next_stream_frame = start_frame + self.replay.frames_in(&bytes);
+        self.replay.push(start_frame, bytes);
+    }
+
+    async fn connect(&self) -> Result<Socket, StreamError> {
+        let request = self.protocol.request(&self.setup())?;
+        let timeout = Duration::from_millis(self.connect_timeout_ms);
+        match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await {
+            Err(_) => Err(StreamError::ConnectTimeout(self.connect_timeout_ms)),
+            Ok(Err(e)) => Err(StreamError::Connect(e.to_string())),
+            Ok(Ok((socket, _))) => Ok(socket),
+        }
+    }
+
+    /// One connection: replays the tail, then relays both ways.
+    async fn serve(
+        &mut self,
+        socket: Socket,
+        commands: &mut mpsc::Receiver<Command>,
+        close_by: &mut Option<Instant>,
+    ) -> Ended {
+        let (mut tx, mut rx) = socket.split();
+        self.map = TimeMap::default();
+        let setup = Setup {
+            backend: &self.backend,
+            channels: self.channels,
+            sample_rate: self.sample_rate,
+            interim: self.interim,
+        };
+        let mut first = self.protocol.opened(&setup);
+        // What no final covers and the buffer no longer holds is lost.
+        let replay_from = self.replay.oldest().unwrap_or(self.next_stream_frame);
+        if replay_from > self.acked_frame {
+            for channel in self.first_channel..self.first_channel + self.channels {
+                self.message(lost_message(
+                    channel,
+                    self.acked_frame,
+                    replay_from,
+                    self.sample_rate,
+                    "older than the replay buffer when the upstream connection was lost",
+                ));
+            }
+            self.acked_frame = replay_from;
+        }
+        let replay: Vec<(u64, Vec<u8>)> = self.replay.chunks().cloned().collect();
+        for (start, bytes) in replay {
+            let frames = self.replay.frames_in(&bytes);
+            self.map.append(start, frames);
+            first.push(self.protocol.audio(bytes, frames));
+        }
+        if std::mem::take(&mut self.pending_finalize) {
+            first.extend(self.protocol.finalize());
+        }
+        let mut close_sent = false;
+        if close_by.is_some() {
+            first.extend(self.protocol.close());
+            close_sent = true;
+        }
+        for message in first {
+            if let Err(e) = tx.send(message).await {
+                return Ended::Lost(StreamError::Lost(e.to_string()));
+            }
+        }
+        if close_sent && self.protocol.drained() {
+            let _ = tx.send(Message::Close(None)).await;
+            return Ended::Done;
+        }
+        let mut keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
+        loop {
+            let stop_at = close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                command = commands.recv(), if !close_sent => {
+                    let outgoing = match command {
+                        Some(Command::Audio { start_frame, bytes }) => {
+                            let frames = self.replay.frames_in(&bytes);
+                            self.map.append(start_frame, frames);
+                            self.keep(start_frame, bytes.clone());
+                            keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
+                            vec![self.protocol.audio(bytes, frames)]
+                        }
+                        Some(Command::Finalize) => self.protocol.finalize(),
+                        Some(Command::Close) => {
+                            close_by.get_or_insert(Instant::now() + self.stop_wait);
+                            close_sent = true;
+                            self.protocol.close()
+                        }
+                        None => return Ended::Abandoned,
+                    };
+                    for message in outgoing {
+                        if let Err(e) = tx.send(message).await {
+                            return Ended::Lost(StreamError::Lost(e.to_string()));
+                        }
+                    }
+                    if close_sent && self.protocol.drained() {
+                        // Nothing was pending: done without waiting.
+                        let _ = tx.send(Message::Close(None)).await;
+                        return Ended::Done;
+                    }
+                }
+                message = rx.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let replies = self.protocol.on_text(text.as_str());
+                        if self.take(replies) && close_sent {
+                            // Every result is in: close our side, done.
+                            let _ = tx.send(Message::Close(None)).await;
+                            return Ended::Done;
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        if close_sent {
+                            return Ended::Done;
+                        }
+                        let why = frame.map(|f| format!(" ({} {})", u16::from(f.code), f.reason.as_str())).unwrap_or_default();
+                        return Ended::Lost(StreamError::Closed(why));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Lost(StreamError::Lost(e.to_string())),
+                    None if close_sent => return Ended::Done,
+                    None => return Ended::Lost(StreamError::Closed(String::new())),
+                },
+                _ = tokio::time::sleep_until(keepalive_at), if !close_sent => {
+                    keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
+                    if let Some(message) = self.protocol.keepalive() {
+                        if let Err(e) = tx.send(message).await {
+                            return Ended::Lost(StreamError::Lost(e.to_string()));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(stop_at), if close_sent => {
+                    tracing::warn!("upstream: no last results within stop_wait_ms of the close");
+                    return Ended::Abandoned;
+                }
+            }
+        }
+    }
+
+    fn message(&self, message: ServerMessage) {
+        let _ = self.events.send(SinkEvent::Message(message));
+    }
+
+    /// Handles a message's replies; true if they say every result is in.
+    fn take(&mut self, replies: Vec<Reply>) -> bool {
+        let mut drained = false;
+        for reply in replies {
+            match reply {
+                Reply::Heard(heard) => self.on_heard(heard),
+                Reply::Covered(upstream_s) => self.cover(upstream_s),
+                Reply::Drained => drained = true,
+                Reply::Error(text) => {
+                    tracing::warn!(error = %self.backend.scrub_text(text.chars().take(300).collect()), "upstream error")
+                }
+            }
+        }
+        drained
+    }
+
+    /// The upstream has transcribed everything before `upstream_s`: that
+    /// audio need not be sent again.
+    fn cover(&mut self, upstream_s: f64) {
+        let covered = frames_of(upstream_s, self.sample_rate);
+        let stream_end = self.map.to_stream(covered);
+        if stream_end > self.acked_frame {
+            self.acked_frame = stream_end;
+            self.replay.ack(stream_end);
+        }
+        self.map.forget_before(covered);
+    }
+
+    fn stream_seconds(&self, upstream_s: f64) -> f64 {
+        let frame = self.map.to_stream(frames_of(upstream_s, self.sample_rate));
+        seconds_of(frame, self.sample_rate)
+    }
+
+    fn on_heard(&mut self, heard: Heard) {
+        if heard.channel >= self.channels {
+            tracing::warn!(
+                channel = heard.channel,
+                "upstream result for a channel the connection does not carry"
+            );
+            return;
+        }
+        let channel = self.first_channel + heard.channel;
+        if heard.is_final {
+            self.cover(heard.end_s);
+        } else if !self.interim {
+            return;
+        }
+        let text = heard.text.trim().to_owned();
+        let key = (channel, heard.key);
+        let id = match self.open.get(&key) {
+            Some(id) => *id,
+            // Silence: nothing to say, no utterance.
+            None if text.is_empty() => return,
+            None => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.open.insert(key.clone(), id);
+                let _ = self.outcomes.send(Outcome::Created { id, channel });
+                id
+            }
+        };
+        let words: Vec<Word> = heard
+            .words
+            .iter()
+            .map(|w| Word {
+                word: w.word.clone(),
+                start: self.stream_seconds(w.start_s),
+                end: self.stream_seconds(w.end_s),
+                confidence: w.confidence,
+            })
+            .collect();
+        let transcript = Transcript {
+            utterance_id: id,
+            channel,
+            start: self.stream_seconds(heard.start_s),
+            end: self.stream_seconds(heard.end_s.max(heard.start_s)),
+            text,
+            stable_text: None,
+            is_final: heard.is_final,
+            words: (heard.is_final && !words.is_empty()).then_some(words),
+            backend: self.backend.name.clone(),
+            backend_ms: 0,
+        };
+        if heard.is_final {
+            self.open.remove(&key);
+            let _ = self.outcomes.send(Outcome::Done {
+                id,
+                channel,
+                message: ServerMessage::Transcript(transcript),
+            });
+        } else {
+            let _ = self.outcomes.send(Outcome::Partial(transcript));
+        }
+    }
+
+    /// The stream has ended. Without the upstream's last results, audio no
+    /// final covered is reported; open utterances are closed with an error.
+    fn give_up(&mut self, complete: bool) {
+        if !complete && self.next_stream_frame > self.acked_frame {
+            for channel in self.first_channel..self.first_channel + self.channels {
+                self.message(lost_message(
+                    channel,
+                    self.acked_frame,
+                    self.next_stream_frame,
+                    self.sample_rate,
+                    "no final result from the upstream before the stream ended",
+                ));
+            }
+        }
+        let mut open: Vec<((u16, Option<String>), u64)> = self.open.drain().collect();
+        open.sort_by_key(|(_, id)| *id);
+        for ((channel, _), id) in open {
+            let _ = self.outcomes.send(Outcome::Done {
+                id,
+                channel,
+                message: ServerMessage::TranscribeError(TranscribeErrorInfo {
+                    code: ErrorCode::TranscribeFailed,
+                    message: format!(
+                        "utterance {id} (channel {channel}): no final result from the upstream"
+                    ),
+                    fatal: false,
+                    channel,
+                    utterance_id: Some(id),
+                    start: None,
+                    end: None,
+                    dropped: None,
+                }),
+            });
+        }
+    }
+}
