@@ -63,3 +63,4 @@ mod streaming;
 mod stt_stub;
 mod transcribe;
 mod upstream_deepgram;
+mod upstream_fakes;

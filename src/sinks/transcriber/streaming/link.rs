@@ -19,7 +19,7 @@
 //! utterance and kept until its final; partials get their `stable_text` in
 //! the orderer, and finals are persisted like the batch backend's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +88,10 @@ pub(super) struct Link {
     acked_frame: u64,
     /// Utterances with results but no final yet: (channel, upstream key).
     open: HashMap<(u16, Option<String>), u64>,
+    /// Per channel, utterances a lost connection left open under its own
+    /// keys, oldest first: the new connection's next utterances continue
+    /// them (the replay makes it hear that speech again).
+    orphans: HashMap<u16, VecDeque<u64>>,
     next_id: Arc<AtomicU64>,
     /// A finalize asked for while disconnected.
     pending_finalize: bool,
@@ -115,6 +119,7 @@ impl Link {
             next_stream_frame: 0,
             acked_frame: 0,
             open: HashMap::new(),
+            orphans: HashMap::new(),
             next_id: settings.next_id,
             pending_finalize: false,
         }
@@ -231,6 +236,7 @@ impl Link {
     ) -> Ended {
         let (mut tx, mut rx) = socket.split();
         self.map = TimeMap::default();
+        self.orphan_keyed_utterances();
         let setup = Setup {
             backend: &self.backend,
             channels: self.channels,
@@ -402,10 +408,15 @@ impl Link {
             // Silence: nothing to say, no utterance.
             None if text.is_empty() => return,
             None => {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                self.open.insert(key.clone(), id);
-                let _ = self.outcomes.send(Outcome::Created { id, channel });
-                id
+                if let Some(id) = self.orphans.get_mut(&channel).and_then(VecDeque::pop_front) {
+                    self.open.insert(key.clone(), id);
+                    id
+                } else {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    self.open.insert(key.clone(), id);
+                    let _ = self.outcomes.send(Outcome::Created { id, channel });
+                    id
+                }
             }
         };
         let words: Vec<Word> = heard
@@ -442,6 +453,25 @@ impl Link {
         }
     }
 
+    /// A new connection names its utterances anew: those open under the
+    /// lost one's keys wait to be continued. (Without keys, one utterance
+    /// per channel simply continues.)
+    fn orphan_keyed_utterances(&mut self) {
+        let mut keyed: Vec<(u16, u64)> = Vec::new();
+        self.open.retain(|(channel, key), id| {
+            if key.is_some() {
+                keyed.push((*channel, *id));
+            }
+            key.is_none()
+        });
+        keyed.sort_unstable_by_key(|(_, id)| *id);
+        for (channel, id) in keyed {
+            let waiting = self.orphans.entry(channel).or_default();
+            waiting.push_back(id);
+            waiting.make_contiguous().sort_unstable();
+        }
+    }
+
     /// The stream has ended. Without the upstream's last results, audio no
     /// final covered is reported; open utterances are closed with an error.
     fn give_up(&mut self, complete: bool) {
@@ -456,9 +486,12 @@ impl Link {
                 ));
             }
         }
-        let mut open: Vec<((u16, Option<String>), u64)> = self.open.drain().collect();
+        let mut open: Vec<(u16, u64)> = self.open.drain().map(|((c, _), id)| (c, id)).collect();
+        for (channel, waiting) in self.orphans.drain() {
+            open.extend(waiting.into_iter().map(|id| (channel, id)));
+        }
         open.sort_by_key(|(_, id)| *id);
-        for ((channel, _), id) in open {
+        for (channel, id) in open {
             let _ = self.outcomes.send(Outcome::Done {
                 id,
                 channel,

@@ -80,6 +80,9 @@ fn seconds(ms: u64) -> f64 {
 
 /// A `query` value as JSON: a number where it reads as one.
 fn json_value(text: &str) -> Value {
+    if let Ok(integer) = text.parse::<i64>() {
+        return Value::from(integer);
+    }
     text.parse::<f64>()
         .ok()
         .and_then(serde_json::Number::from_f64)
@@ -351,6 +354,7 @@ mod tests {
     #[test]
     fn query_values_are_numbers_where_they_read_as_numbers() {
         assert_eq!(json_value("0.6"), json!(0.6));
+        assert_eq!(json_value("400").to_string(), "400");
         assert_eq!(json_value("near"), json!("near"));
     }
 }
