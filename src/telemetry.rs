@@ -42,6 +42,12 @@ pub mod names {
     pub const TRANSCRIBE_REQUESTS_TOTAL: &str = "cochlea_transcribe_requests_total";
     pub const TRANSCRIBE_REQUEST_SECONDS: &str = "cochlea_transcribe_request_seconds";
     pub const TRANSCRIBE_INFLIGHT_REQUESTS: &str = "cochlea_transcribe_inflight_requests";
+    pub const TRANSCRIBE_UPSTREAM_CONNECTS_TOTAL: &str =
+        "cochlea_transcribe_upstream_connects_total";
+    pub const TRANSCRIBE_UPSTREAM_DROPS_TOTAL: &str = "cochlea_transcribe_upstream_drops_total";
+    pub const TRANSCRIBE_UPSTREAM_LOST_SPANS_TOTAL: &str =
+        "cochlea_transcribe_upstream_lost_spans_total";
+    pub const TRANSCRIBE_UPSTREAM_LAG_SECONDS: &str = "cochlea_transcribe_upstream_lag_seconds";
     pub const UPLOADS_TOTAL: &str = "cochlea_uploads_total";
     pub const UPLOAD_BYTES_TOTAL: &str = "cochlea_upload_bytes_total";
     pub const UPLOAD_FAILURES_TOTAL: &str = "cochlea_upload_failures_total";
@@ -89,6 +95,13 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(names::TRANSCRIBE_REQUEST_SECONDS.into()),
+            &request_buckets,
+        )
+        .map_err(|e| format!("cannot configure histogram buckets: {e}"))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                names::TRANSCRIBE_UPSTREAM_LAG_SECONDS.into(),
+            ),
             &request_buckets,
         )
         .map_err(|e| format!("cannot configure histogram buckets: {e}"))?
@@ -261,5 +274,22 @@ fn describe() {
     metrics::describe_gauge!(
         TRANSCRIBE_INFLIGHT_REQUESTS,
         "Backend requests in flight, over all sessions."
+    );
+    describe_counter!(
+        TRANSCRIBE_UPSTREAM_CONNECTS_TOTAL,
+        "Connection attempts to streaming upstreams, by backend and outcome (ok, failed)."
+    );
+    describe_counter!(
+        TRANSCRIBE_UPSTREAM_DROPS_TOTAL,
+        "Streaming upstream connections lost before the end of their stream, by backend."
+    );
+    describe_counter!(
+        TRANSCRIBE_UPSTREAM_LOST_SPANS_TOTAL,
+        "Stretches of audio (per channel) a streaming upstream did not transcribe, each reported to the client as transcribe_failed: dropped while it lagged, or older than the replay buffer after a drop, by backend."
+    );
+    metrics::describe_histogram!(
+        TRANSCRIBE_UPSTREAM_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from sending the audio a streaming upstream's result ends with to receiving the result, by backend."
     );
 }

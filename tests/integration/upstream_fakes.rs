@@ -665,3 +665,64 @@ async fn openai_realtime_upstream_relays_items_and_survives_a_drop() {
     );
     assert_recording_exact(&server, &t, &samples);
 }
+
+// ------------------------------------------------------------------ outages
+
+#[tokio::test]
+async fn an_upstream_that_stays_down_is_reported_while_the_stream_runs() {
+    // A port where nothing listens: every connection attempt is refused.
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let (server, _config) = server_with_backend(
+        "down",
+        &format!("kind = \"vosk\"\nurl = \"ws://{addr}\"\nreplay_buffer_ms = 1000\n"),
+    );
+    let mut client = Client::connect(
+        &server,
+        "encoding=pcm_s16le&sample_rate=16000&transcribe=down",
+    )
+    .await;
+    client.expect("started").await;
+    let samples = ramp(3.0);
+    client.send_chunks(&s16_bytes(&samples), 640).await;
+    // The replay buffer holds 1 s: the first 2 s are reported as lost while
+    // the stream still runs, not only at its end.
+    let lost = loop {
+        let message = client.next_message().await;
+        if message["type"] == "error" {
+            break message;
+        }
+    };
+    assert_eq!(lost["code"], "transcribe_failed", "{lost}");
+    assert_eq!(lost["fatal"], false, "{lost}");
+    assert_near(&lost["start"], 0.0, 0.001, &lost);
+    assert_near(&lost["end"], 2.0, 0.001, &lost);
+    assert!(
+        lost["message"]
+            .as_str()
+            .unwrap()
+            .contains("older than the replay buffer while the upstream connection was down"),
+        "{lost}"
+    );
+    let t = client.stop().await;
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    // The rest is reported at the end, and the recording is whole.
+    let rest: Vec<&Value> = t.of_type("error");
+    assert_eq!(rest.len(), 2, "{:#?}", t.messages);
+    assert_near(&rest[1]["start"], 2.0, 0.001, rest[1]);
+    assert_near(&rest[1]["end"], 3.0, 0.001, rest[1]);
+    assert_recording_exact(&server, &t, &samples);
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains(
+            r#"cochlea_transcribe_upstream_connects_total{backend="down",outcome="failed"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cochlea_transcribe_upstream_lost_spans_total{backend="down"} 2"#),
+        "{metrics}"
+    );
+}

@@ -33,13 +33,17 @@ use super::super::backend::Backend;
 use super::super::config::TranscriptionConfig;
 use super::super::order::Outcome;
 use super::{
-    frames_of, lost_message, seconds_of, Command, Heard, Protocol, ReplayBuffer, Reply, Setup,
+    frames_of, report_lost, seconds_of, Command, Heard, Protocol, ReplayBuffer, Reply, Setup,
     StreamError, StreamingKind, TimeMap, KEEPALIVE_INTERVAL,
 };
 use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript, Word};
 use crate::sinks::SinkEvent;
+use crate::telemetry::names;
 
 const MAX_RECONNECT_BACKOFF_MS: u64 = 5_000;
+/// Send times kept for the lag of results (a bound for an upstream that
+/// covers nothing for a long time: 4096 chunks are minutes of audio).
+const MAX_SENT_TIMES: usize = 4_096;
 
 /// How a connection ended.
 enum Ended {
@@ -95,6 +99,8 @@ pub(super) struct Link {
     next_id: Arc<AtomicU64>,
     /// A finalize asked for while disconnected.
     pending_finalize: bool,
+    /// When the audio up to each connection frame was sent (oldest first).
+    sent_at: VecDeque<(u64, Instant)>,
 }
 
 impl Link {
@@ -122,6 +128,7 @@ impl Link {
             orphans: HashMap::new(),
             next_id: settings.next_id,
             pending_finalize: false,
+            sent_at: VecDeque::new(),
         }
     }
 
@@ -147,6 +154,8 @@ impl Link {
                 },
                 None => self.connect().await,
             };
+            let outcome = if attempt.is_ok() { "ok" } else { "failed" };
+            metrics::counter!(names::TRANSCRIBE_UPSTREAM_CONNECTS_TOTAL, "backend" => self.backend.name.clone(), "outcome" => outcome).increment(1);
             match attempt {
                 Ok(socket) => {
                     backoff_ms = self.backoff_ms;
@@ -157,6 +166,7 @@ impl Link {
                         }
                         Ended::Abandoned => break,
                         Ended::Lost(error) => {
+                            metrics::counter!(names::TRANSCRIBE_UPSTREAM_DROPS_TOTAL, "backend" => self.backend.name.clone()).increment(1);
                             tracing::warn!(error = %self.backend.scrub_text(error.to_string()), "upstream lost: reconnecting");
                         }
                     }
@@ -192,7 +202,12 @@ impl Link {
                 None => wake,
             };
             match tokio::time::timeout_at(deadline, commands.recv()).await {
-                Err(_) => return close_by.is_none_or(|close| Instant::now() < close),
+                Err(_) => {
+                    // Say at once (not at the reconnect) what the replay
+                    // buffer could no longer hold.
+                    self.report_unreplayable();
+                    return close_by.is_none_or(|close| Instant::now() < close);
+                }
                 Ok(None) if close_by.is_none() => return false,
                 Ok(None) => {
                     // The sink is gone after Close: wait out the backoff.
@@ -244,25 +259,14 @@ impl Link {
             interim: self.interim,
         };
         let mut first = self.protocol.opened(&setup);
-        // What no final covers and the buffer no longer holds is lost.
-        let replay_from = self.replay.oldest().unwrap_or(self.next_stream_frame);
-        if replay_from > self.acked_frame {
-            for channel in self.first_channel..self.first_channel + self.channels {
-                self.message(lost_message(
-                    channel,
-                    self.acked_frame,
-                    replay_from,
-                    self.sample_rate,
-                    "older than the replay buffer when the upstream connection was lost",
-                ));
-            }
-            self.acked_frame = replay_from;
-        }
+        self.sent_at.clear();
+        self.report_unreplayable();
         let replay: Vec<(u64, Vec<u8>)> = self.replay.chunks().cloned().collect();
         for (start, bytes) in replay {
             let frames = self.replay.frames_in(&bytes);
             self.map.append(start, frames);
             first.push(self.protocol.audio(bytes, frames));
+            self.sent();
         }
         if std::mem::take(&mut self.pending_finalize) {
             first.extend(self.protocol.finalize());
@@ -292,7 +296,9 @@ impl Link {
                             self.map.append(start_frame, frames);
                             self.keep(start_frame, bytes.clone());
                             keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
-                            vec![self.protocol.audio(bytes, frames)]
+                            let message = self.protocol.audio(bytes, frames);
+                            self.sent();
+                            vec![message]
                         }
                         Some(Command::Finalize) => self.protocol.finalize(),
                         Some(Command::Close) => {
@@ -350,8 +356,48 @@ impl Link {
         }
     }
 
-    fn message(&self, message: ServerMessage) {
-        let _ = self.events.send(SinkEvent::Message(message));
+    fn lost(&mut self, since: u64, until: u64, why: &str) {
+        report_lost(
+            &self.events,
+            &self.backend.name,
+            self.first_channel..self.first_channel + self.channels,
+            (since, until),
+            self.sample_rate,
+            why,
+        );
+    }
+
+    /// What no final covers and the replay buffer no longer holds is lost.
+    fn report_unreplayable(&mut self) {
+        let replay_from = self.replay.oldest().unwrap_or(self.next_stream_frame);
+        if replay_from > self.acked_frame {
+            self.lost(
+                self.acked_frame,
+                replay_from,
+                "older than the replay buffer while the upstream connection was down",
+            );
+            self.acked_frame = replay_from;
+        }
+    }
+
+    /// Notes that the connection's audio up to now was sent now.
+    fn sent(&mut self) {
+        if self.sent_at.len() == MAX_SENT_TIMES {
+            self.sent_at.pop_front();
+        }
+        self.sent_at
+            .push_back((self.map.upstream_end(), Instant::now()));
+    }
+
+    /// Since the audio up to `upstream_frame` went up, in milliseconds.
+    fn lag_ms(&self, upstream_frame: u64) -> u64 {
+        let index = self
+            .sent_at
+            .partition_point(|(frame, _)| *frame < upstream_frame);
+        self.sent_at
+            .get(index)
+            .or(self.sent_at.back())
+            .map_or(0, |(_, at)| at.elapsed().as_millis() as u64)
     }
 
     /// Handles a message's replies; true if they say every result is in.
@@ -380,6 +426,13 @@ impl Link {
             self.replay.ack(stream_end);
         }
         self.map.forget_before(covered);
+        while self
+            .sent_at
+            .front()
+            .is_some_and(|(frame, _)| *frame < covered)
+        {
+            self.sent_at.pop_front();
+        }
     }
 
     fn stream_seconds(&self, upstream_s: f64) -> f64 {
@@ -429,6 +482,11 @@ impl Link {
                 confidence: w.confidence,
             })
             .collect();
+        let lag_ms = self.lag_ms(frames_of(heard.end_s, self.sample_rate));
+        if heard.is_final {
+            metrics::histogram!(names::TRANSCRIBE_UPSTREAM_LAG_SECONDS, "backend" => self.backend.name.clone())
+                .record(lag_ms as f64 / 1000.0);
+        }
         let transcript = Transcript {
             utterance_id: id,
             channel,
@@ -439,7 +497,7 @@ impl Link {
             is_final: heard.is_final,
             words: (heard.is_final && !words.is_empty()).then_some(words),
             backend: self.backend.name.clone(),
-            backend_ms: 0,
+            backend_ms: lag_ms,
         };
         if heard.is_final {
             self.open.remove(&key);
@@ -476,15 +534,11 @@ impl Link {
     /// final covered is reported; open utterances are closed with an error.
     fn give_up(&mut self, complete: bool) {
         if !complete && self.next_stream_frame > self.acked_frame {
-            for channel in self.first_channel..self.first_channel + self.channels {
-                self.message(lost_message(
-                    channel,
-                    self.acked_frame,
-                    self.next_stream_frame,
-                    self.sample_rate,
-                    "no final result from the upstream before the stream ended",
-                ));
-            }
+            self.lost(
+                self.acked_frame,
+                self.next_stream_frame,
+                "no final result from the upstream before the stream ended",
+            );
         }
         let mut open: Vec<(u16, u64)> = self.open.drain().map(|((c, _), id)| (c, id)).collect();
         for (channel, waiting) in self.orphans.drain() {

@@ -55,6 +55,7 @@ use crate::pipeline::{AudioBlock, BlockSamples};
 use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo};
 use crate::sinks::recorder::f32_to_i16;
 use crate::sinks::{Completion, Sink, SinkContext, SinkError, SinkEvent};
+use crate::telemetry::names;
 
 pub use self::timing::{frames_of, seconds_of, ReplayBuffer, TimeMap};
 
@@ -243,6 +244,8 @@ enum Command {
 
 /// The sink's end of one connection's task.
 struct LinkHandle {
+    /// The backend's name, for metrics.
+    backend: String,
     first_channel: u16,
     channels: u16,
     commands: mpsc::Sender<Command>,
@@ -297,6 +300,7 @@ impl StreamingTranscriber {
             let span = tracing::info_span!(parent: &span, "upstream", first_channel);
             tokio::spawn(task.run(commands_rx).instrument(span));
             links.push(LinkHandle {
+                backend: backend.name.clone(),
                 first_channel,
                 channels: per_link,
                 commands: commands_tx,
@@ -344,16 +348,34 @@ impl LinkHandle {
 
     fn report_dropped(&mut self, until: u64, events: &mpsc::UnboundedSender<SinkEvent>, rate: u32) {
         if let Some(since) = self.dropping_since.take() {
-            for channel in self.first_channel..self.first_channel + self.channels {
-                let _ = events.send(SinkEvent::Message(lost_message(
-                    channel,
-                    since,
-                    until,
-                    rate,
-                    "the upstream connection is not keeping up; audio dropped",
-                )));
-            }
+            report_lost(
+                events,
+                &self.backend,
+                self.first_channel..self.first_channel + self.channels,
+                (since, until),
+                rate,
+                "the upstream connection is not keeping up; audio dropped",
+            );
         }
+    }
+}
+
+/// Tells the client that audio `since..until` (stream frames at `rate`) of
+/// channels `channels` was not transcribed, and counts it.
+pub(crate) fn report_lost(
+    events: &mpsc::UnboundedSender<SinkEvent>,
+    backend: &str,
+    channels: std::ops::Range<u16>,
+    (since, until): (u64, u64),
+    rate: u32,
+    why: &str,
+) {
+    for channel in channels {
+        metrics::counter!(names::TRANSCRIBE_UPSTREAM_LOST_SPANS_TOTAL, "backend" => backend.to_owned())
+            .increment(1);
+        let _ = events.send(SinkEvent::Message(lost_message(
+            channel, since, until, rate, why,
+        )));
     }
 }
 
