@@ -25,6 +25,7 @@ use std::time::Duration;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterConfig;
 use crate::sinks::recorder::config::check_opus_bitrate_bps;
 use crate::sinks::recorder::config::{check_flush_interval_ms, check_sample_rate};
 use crate::sinks::recorder::{
@@ -295,6 +296,8 @@ pub struct Config {
     pub recordings: RecordingsConfig,
     #[command(flatten)]
     pub transcription: TranscriptionConfig,
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
     /// Named sink instances (`[sinks.<name>]`, tagged by `kind`), which
     /// sessions pick by name in `sinks=`. File only.
     #[arg(skip)]
@@ -599,6 +602,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.recordings_location()?;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        self.cluster.validate().map_err(ConfigError::Invalid)?;
+        if self.cluster.enabled() && self.recordings_url.is_none() {
+            return invalid(
+                "cluster mode (nats_url) needs recordings_url: every node must reach the recordings (s3://bucket/prefix, or file:// on a shared file system)".into(),
+            );
+        }
         if self.recordings.retention_days > RecordingsConfig::MAX_RETENTION_DAYS {
             return invalid(format!(
                 "recordings.retention_days = {} is more than {} (a century); 0 keeps recordings forever",
@@ -913,7 +922,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 52);
+        assert_eq!(count, 57);
     }
 
     #[test]

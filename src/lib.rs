@@ -27,6 +27,7 @@
 //! server-made ids only; no client input can panic the server.
 
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod healthcheck;

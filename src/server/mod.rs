@@ -13,6 +13,7 @@ mod recordings;
 mod registry;
 mod resume;
 pub mod session;
+mod session_events;
 mod tls;
 
 use std::io::Write;
@@ -53,6 +54,8 @@ pub enum ServerError {
     Transcription(#[from] crate::sinks::transcriber::backend::BackendError),
     #[error(transparent)]
     Sinks(#[from] crate::sinks::registry::RegistryError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -113,6 +116,15 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     } else {
         tracing::warn!("authentication off: no API keys configured");
     }
+    let cluster = match config.cluster.enabled() {
+        true => {
+            let cluster = crate::cluster::Cluster::start(&config.cluster).await?;
+            let counted = registry.clone();
+            cluster.count_sessions_with(move || counted.active());
+            Some(cluster)
+        }
+        false => None,
+    };
     let ready = Arc::new(AtomicBool::new(true));
     let state = web::Data::new(AppState {
         auth,
@@ -125,6 +137,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
                 transcription.clone(),
                 uploader.as_ref(),
             )?),
+            cluster,
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -150,6 +163,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             .route("/metrics", web::get().to(metrics_text))
             .configure(page::routes)
             .configure(recordings::routes)
+            .configure(session_events::routes)
     })
     .workers(workers)
     // Signals are ours: sessions must finish their sinks before workers stop.
@@ -621,15 +635,31 @@ async fn mint_token(
 }
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({
+    let mut health = json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "sessions_active": state.registry.active(),
         "max_sessions": state.registry.max_sessions(),
-    }))
+    });
+    if let Some(cluster) = &state.env.cluster {
+        let nodes = match cluster.view().await {
+            Ok(nodes) => json!(nodes),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        health["cluster"] = json!({
+            "node_id": cluster.node_id(),
+            "fenced": cluster.fenced(),
+            "nodes": nodes,
+        });
+    }
+    HttpResponse::Ok().json(health)
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.env.cluster.as_ref().is_some_and(|c| c.fenced()) {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({ "ready": false, "reason": "lost its cluster lease" }));
+    }
     if state.ready.load(Ordering::Acquire) {
         HttpResponse::Ok().json(json!({ "ready": true }))
     } else {

@@ -36,7 +36,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/v1/recordings/{id}/files/{name}", web::get().to(file));
 }
 
-fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, String> {
+pub(super) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, String> {
     web::Query::<Vec<(String, String)>>::from_query(req.query_string())
         .map(web::Query::into_inner)
         .map_err(|e| format!("query string: {e}"))
@@ -44,7 +44,7 @@ fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, String> {
 
 /// The `/v1/stream` credentials, from a header or `?token=`; the refusal
 /// if they do not hold.
-fn refusal(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
+pub(super) fn refusal(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
     let token = query_pairs(req).ok().and_then(|pairs| {
         pairs
             .into_iter()

@@ -42,6 +42,8 @@ pub struct SessionEnv {
     pub shutdown: watch::Receiver<bool>,
     pub resumes: Arc<ResumeRegistry>,
     pub sinks: Arc<dyn SinkFactory>,
+    /// Cluster mode: the node's handle on NATS.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A session without a connection: what is parked for resume.
@@ -409,6 +411,11 @@ async fn apply_outputs(
                     if c.ws.text(text).await.is_err() {
                         tracing::debug!("client gone; message not sent");
                     }
+                }
+            }
+            Output::Event(json) => {
+                if let Some(cluster) = &env.cluster {
+                    cluster.publish_event(session.core.id(), json);
                 }
             }
             Output::Resumable { token } => {

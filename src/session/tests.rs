@@ -409,6 +409,8 @@ fn query(text: &str) -> Result<StartRequest, ProtocolError> {
 #[derive(Debug, Clone, PartialEq)]
 enum Ev {
     Msg(Value),
+    /// Cluster mode: an event for NATS.
+    Event(Value),
     Resumable(String),
     AnswerClose,
     CloseSuperseded,
@@ -541,6 +543,10 @@ impl Harness {
                     serde_json::from_str(&text)
                         .unwrap_or_else(|e| panic!("not JSON ({e}): {text}")),
                 ),
+                Output::Event(json) => Ev::Event(
+                    serde_json::from_str(&json)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {json}")),
+                ),
                 Output::Resumable { token } => Ev::Resumable(token),
                 Output::AnswerClose => Ev::AnswerClose,
                 Output::CloseSuperseded => Ev::CloseSuperseded,
@@ -632,6 +638,7 @@ fn kinds(evs: &[Ev]) -> Vec<String> {
                     kind.to_owned()
                 }
             }
+            Ev::Event(m) => format!("Event {}", m["type"].as_str().unwrap_or("?")),
             Ev::Resumable(_) => "Resumable".into(),
             Ev::AnswerClose => "AnswerClose".into(),
             Ev::CloseSuperseded => "CloseSuperseded".into(),
@@ -871,6 +878,24 @@ fn start_when_the_query_had_the_format_is_already_started() {
         1,
         "the sinks were built once"
     );
+}
+
+#[test]
+fn in_cluster_mode_every_event_but_acks_goes_to_nats_without_the_resume_token() {
+    let mut config = config();
+    config.cluster.nats_url = Some("nats://127.0.0.1:4222".into());
+    let mut h = Harness::with_config(config, &format!("{SEQ16K}&sinks=rec,tx"));
+    let evs = h.drain();
+    assert_eq!(kinds(&evs), ["Resumable", "started", "Event started"]);
+    let Ev::Event(started) = &evs[2] else {
+        unreachable!()
+    };
+    assert!(only(&evs, "started")["resume_token"].is_string());
+    assert_eq!(started.get("resume_token"), None, "{started}");
+    assert_eq!(started["session_id"], only(&evs, "started")["session_id"]);
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let evs = h.at(20).text(r#"{"type":"stop"}"#);
+    assert_eq!(kinds(&evs), ["ack", "stats", "Event stats", "FinishSinks"]);
 }
 
 #[test]

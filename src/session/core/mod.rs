@@ -89,6 +89,9 @@ pub enum Output {
     /// The connection dropped and the session can be resumed: keep the core
     /// for `resume_window_ms`, then feed [`Input::ResumeExpired`].
     Park,
+    /// A server event in the native protocol's JSON (whatever the socket's
+    /// dialect), without credentials: for NATS in cluster mode.
+    Event(String),
     /// The last output: close the socket with `code` and `reason`, after
     /// reading what the client still sends if `drain` (so the Close frame is
     /// not lost to a TCP reset).
@@ -103,6 +106,7 @@ impl std::fmt::Debug for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Output::Text(text) => f.debug_tuple("Text").field(text).finish(),
+            Output::Event(json) => f.debug_tuple("Event").field(json).finish(),
             Output::Resumable { .. } => f.write_str("Resumable"),
             Output::AnswerClose => f.write_str("AnswerClose"),
             Output::CloseSuperseded => f.write_str("CloseSuperseded"),
@@ -489,11 +493,30 @@ impl SessionCore {
         Duration::from_millis(self.config.stats_interval_ms)
     }
 
-    /// Renders a session message in the socket's protocol.
+    /// Renders a session message in the socket's protocol, and in cluster
+    /// mode hands it (but acks) to the driver as an event for NATS.
     fn send(&mut self, message: &ServerMessage) {
         self.dialect.render(message, &mut self.rendered);
         for frame in self.rendered.drain(..) {
             self.outputs.push_back(Output::Text(frame));
         }
+        if self.config.cluster.enabled() && !matches!(message, ServerMessage::Ack { .. }) {
+            self.outputs.push_back(Output::Event(event_json(message)));
+        }
     }
+}
+
+/// The native JSON of an event for subscribers: the resume token is a
+/// credential of the socket's client, not theirs.
+fn event_json(message: &ServerMessage) -> String {
+    let json = match message {
+        ServerMessage::Started(info) if info.resume_token.is_some() => {
+            let mut info = info.clone();
+            info.resume_token = None;
+            serde_json::to_string(&ServerMessage::Started(info))
+        }
+        other => serde_json::to_string(other),
+    };
+    // Serializing these types cannot fail (no maps with non-string keys).
+    json.unwrap_or_default()
 }

@@ -1,0 +1,183 @@
+//! Cluster mode: nodes that share their state through NATS JetStream.
+//!
+//! Off unless `cluster.nats_url` is set; a single node then keeps everything
+//! local, as before. On, each node:
+//!
+//! - holds a lease in the KV bucket `cochlea_nodes` (its key, rewritten every
+//!   third of `cluster.lease_ms`; the bucket's age limit removes it when the
+//!   node stops renewing). A node whose renewal finds its key gone or changed
+//!   has lost the lease (it was paused or cut off): it is *fenced* and writes
+//!   nothing more for the sessions it held ([`Cluster::fenced`]);
+//! - publishes every server event of its sessions to the JetStream subject
+//!   `cochlea.events.<session_id>` (stream `COCHLEA_EVENTS`, kept
+//!   `cluster.events_max_age_s`), the JSON the native protocol sends,
+//!   without the resume token, so back ends can follow sessions without
+//!   holding their sockets (and `GET /v1/sessions/<id>/events` serves them
+//!   from any node).
+//!
+//! | file        | job                                                  |
+//! |-------------|------------------------------------------------------|
+//! | `config.rs` | `[cluster]` settings                                 |
+//! | `node.rs`   | the node's lease and the cluster's view of its nodes |
+//! | `events.rs` | session events to JetStream, and reading them back   |
+
+mod config;
+pub mod events;
+mod node;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+pub use self::config::ClusterConfig;
+pub use self::node::NodeView;
+
+/// Bucket of node leases.
+const NODES_BUCKET: &str = "cochlea_nodes";
+/// Stream of session events, subjects `cochlea.events.<session_id>`.
+const EVENTS_STREAM: &str = "COCHLEA_EVENTS";
+const EVENTS_SUBJECTS: &str = "cochlea.events.>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("JetStream {what}: {message}")]
+    JetStream { what: &'static str, message: String },
+    #[error("node id {0} is held by a live node; give this node another --node-id")]
+    NodeIdTaken(String),
+    #[error("session id {0:?} is not one this server makes")]
+    BadSessionId(String),
+}
+
+fn jetstream_error(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ClusterError {
+    move |e| ClusterError::JetStream {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// A node's handle on the cluster, shared by its sessions.
+pub struct Cluster {
+    node_id: String,
+    lease: Duration,
+    js: jetstream::Context,
+    nodes: jetstream::kv::Store,
+    events: events::Publisher,
+    /// Set when the node finds it lost its lease.
+    fenced: AtomicBool,
+    /// How many sessions the node holds, for its lease (set by the server).
+    load: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects, makes the streams and buckets cochlea needs (or checks the
+    /// ones there), takes the node's lease and starts renewing it.
+    pub async fn start(config: &ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let url = config.nats_url.clone().unwrap_or_default();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("cochlea {}", config.node_name()))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url.as_str());
+        let client = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .map_err(|_| ClusterError::Connect {
+                url: url.clone(),
+                message: "no answer within 10 s".into(),
+            })?
+            .map_err(|e| ClusterError::Connect {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let js = jetstream::new(client);
+        let lease = Duration::from_millis(config.lease_ms);
+        let nodes = js
+            .create_or_update_key_value(jetstream::kv::Config {
+                bucket: NODES_BUCKET.into(),
+                description: "cochlea node leases".into(),
+                history: 1,
+                max_age: lease,
+                num_replicas: config.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| jetstream_error("nodes bucket")(&e))?;
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: EVENTS_STREAM.into(),
+            description: Some("cochlea session events".into()),
+            subjects: vec![EVENTS_SUBJECTS.into()],
+            max_age: Duration::from_secs(config.events_max_age_s),
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| jetstream_error("events stream")(&e))?;
+        let cluster = Arc::new(Cluster {
+            node_id: config.node_name(),
+            lease,
+            events: events::Publisher::start(js.clone()),
+            js,
+            nodes,
+            fenced: AtomicBool::new(false),
+            load: std::sync::OnceLock::new(),
+        });
+        let revision = node::acquire(&cluster).await?;
+        tokio::spawn(node::renew(cluster.clone(), revision));
+        tracing::info!(node_id = %cluster.node_id, "cluster mode: joined");
+        Ok(cluster)
+    }
+
+    /// Tells the cluster how to count this node's sessions.
+    pub fn count_sessions_with(&self, load: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.load.set(Box::new(load));
+    }
+
+    fn load(&self) -> usize {
+        self.load.get().map_or(0, |load| load())
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The node lost its lease: it must not write for its sessions.
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Publishes one event of a session (the native JSON); never waits.
+    pub fn publish_event(&self, session_id: &str, json: String) {
+        self.events.publish(session_id, json);
+    }
+
+    /// The nodes holding a lease now.
+    pub async fn view(&self) -> Result<Vec<NodeView>, ClusterError> {
+        node::view(self).await
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
+/// Session ids are UUIDs made here; anything else could name other subjects.
+pub fn check_session_id(id: &str) -> Result<(), ClusterError> {
+    if uuid::Uuid::parse_str(id).is_ok() && id.len() == 36 {
+        Ok(())
+    } else {
+        Err(ClusterError::BadSessionId(id.chars().take(64).collect()))
+    }
+}
