@@ -3,14 +3,26 @@
 #
 #   1. makes speech with flite (tests/e2e/make_speech.sh),
 #   2. scores the engine alone on it (direct_baseline.py),
-#   3. starts the reference backend (samples/stt-server, pocketsphinx) and
-#      cochlea pointed at it, both on 127.0.0.1 with port 0,
-#   4. streams every file through cochlea in real time and scores the
-#      transcripts (stream_e2e.py): word accuracy >= 0.9 and no worse than
-#      the engine alone; the stereo call's transcripts on the right channels.
+#   3. starts the reference backend (samples/stt-server, pocketsphinx) on
+#      127.0.0.1 with port 0, as every server here,
+#   4. stage 1: cochlea pointed at it (--transcribe-url); streams every file
+#      through cochlea in real time and scores the transcripts
+#      (stream_e2e.py): word accuracy >= 0.9 and no worse than the engine
+#      alone; the stereo call's transcripts on the right channels;
+#   5. stage 2, the `deepgram` backend kind through two cochleas: cochlea B
+#      (--transcribe-url, the same reference backend) serves /v1/listen, and
+#      cochlea A (a config file with backend `up`, kind "deepgram", url
+#      ws://B/v1/listen) streams each session to it. Every file goes into A
+#      with transcribe=up in real time and is scored as in stage 1 but with
+#      word accuracy >= 0.8 and no comparison with the engine alone. In both
+#      stages: every final carries words inside its [start, end] and lies in
+#      stream time (within its file), and the interim session (long.wav)
+#      gets at least two partials before its final (through A: B's interim
+#      Results, asked for with interim_results=true).
 #
 # Called by scripts/test.sh after `cargo test` (which built target/debug/cochlea).
 # Everything it starts is stopped on exit, and every wait is bounded.
+# Outputs: target/e2e/direct.txt, through-cochlea.txt, through-upstream.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -58,22 +70,69 @@ pids+=($!)
 stt_addr=$(wait_for_line "$work/stt.out" "listening on http://")
 log "reference backend on $stt_addr"
 
-"$cochlea" serve --listen 127.0.0.1:0 --recordings-dir "$work/recordings" \
-  --transcribe-url "http://$stt_addr" --transcribe-stop-wait-ms 120000 \
-  --transcribe-request-timeout-ms 60000 >"$work/cochlea.out" 2>"$work/cochlea.err" &
-pids+=($!)
-addr=$(wait_for_line "$work/cochlea.out" "cochlea listening on http://")
-log "cochlea on $addr"
+# start_cochlea NAME ARGS...: starts `cochlea serve` on 127.0.0.1, port 0,
+# logging to $work/NAME.out and .err. Not in a $(...) subshell, so that its
+# pid reaches the cleanup; cochlea_addr NAME then waits for its host:port.
+start_cochlea() {
+  local name=$1
+  shift
+  "$cochlea" serve --listen 127.0.0.1:0 --recordings-dir "$work/recordings-$name" \
+    --transcribe-stop-wait-ms 120000 --transcribe-request-timeout-ms 60000 \
+    "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  pids+=($!)
+}
+cochlea_addr() { wait_for_line "$work/$1.out" "cochlea listening on http://"; }
 
+# accuracy_of FILE: the sentences' word accuracy in stream_e2e.py's last line.
+accuracy_of() {
+  tail -n 1 "$1" | "$python" -c 'import json,sys; print(json.load(sys.stdin).get("cochlea_word_accuracy"))'
+}
+
+# failed STAGE STATUS NAME...: reports a failed stage with the log tails of
+# the cochleas it started.
+failed() {
+  log "$1 FAILED (status $2)"
+  shift 2
+  for name in "$@"; do
+    log "$name log tail:"
+    tail -n 30 "$work/$name.err" >&2 || true
+  done
+}
+
+mkdir -p target/e2e
+cp "$work/direct.txt" target/e2e/direct.txt
+
+log "stage 1: through cochlea"
+start_cochlea cochlea --transcribe-url "http://$stt_addr"
+addr=$(cochlea_addr cochlea)
+log "cochlea on $addr"
 status=0
 timeout 300 "$python" tests/e2e/stream_e2e.py --url "ws://$addr/v1/stream" \
   --speech-dir "$speech" --direct-accuracy "$direct_accuracy" | tee "$work/e2e.txt" || status=$?
-mkdir -p target/e2e
-cp "$work/direct.txt" target/e2e/direct.txt
 cp "$work/e2e.txt" target/e2e/through-cochlea.txt 2>/dev/null || true
 if [ "$status" -ne 0 ]; then
-  log "FAILED (status $status); cochlea log tail:"
-  tail -n 30 "$work/cochlea.err" >&2 || true
+  failed "stage 1" "$status" cochlea
   exit "$status"
 fi
+log "stage 1 passed: word accuracy (sentences) $(accuracy_of "$work/e2e.txt") through cochlea, $direct_accuracy directly"
+
+# Stage 2: cochlea A's `deepgram` kind against cochlea B's /v1/listen. B
+# transcribes with the same reference backend; A only relays B's Results.
+log "stage 2: through cochlea A, backend kind deepgram, to cochlea B's /v1/listen"
+start_cochlea upstream-b --transcribe-url "http://$stt_addr"
+b_addr=$(cochlea_addr upstream-b)
+printf '[transcription.backends.up]\nkind = "deepgram"\nurl = "ws://%s/v1/listen"\n' \
+  "$b_addr" >"$work/upstream-a.toml"
+start_cochlea upstream-a --config "$work/upstream-a.toml"
+a_addr=$(cochlea_addr upstream-a)
+log "cochlea B (the upstream) on $b_addr, cochlea A on $a_addr"
+status=0
+timeout 300 "$python" tests/e2e/stream_e2e.py --url "ws://$a_addr/v1/stream" \
+  --speech-dir "$speech" --transcribe up --min-accuracy 0.8 | tee "$work/upstream.txt" || status=$?
+cp "$work/upstream.txt" target/e2e/through-upstream.txt 2>/dev/null || true
+if [ "$status" -ne 0 ]; then
+  failed "stage 2" "$status" upstream-a upstream-b
+  exit "$status"
+fi
+log "stage 2 passed: word accuracy (sentences) $(accuracy_of "$work/upstream.txt") through two cochleas (deepgram upstream)"
 log "passed"

@@ -15,6 +15,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::dialect_client::padded;
@@ -385,4 +387,82 @@ model = "nova-3"
         t.one("started")["session_id"].as_str().unwrap()
     )));
     assert_eq!(recorded.samples, ramp(3.0));
+}
+
+/// Connection 1 takes the audio and answers `CloseStream` with an `Error`
+/// and a 1011 close, without results (as a cochlea upstream does when the
+/// session fails at the end: 1008 when the replay comes too fast).
+/// Connection 2, the reconnect, gets the replay and `CloseStream` at once,
+/// gives its final and closes normally. Returns the frames each got.
+async fn fails_at_close(listener: TcpListener, frames_by_connection: Arc<Mutex<Vec<usize>>>) {
+    for connection in 0.. {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        frames_by_connection.lock().unwrap().push(0);
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Binary(bytes) => {
+                    frames_by_connection.lock().unwrap()[connection] += bytes.len() / 2;
+                }
+                Message::Text(text) if text.contains("CloseStream") => {
+                    let code = if connection == 0 {
+                        let error = json!({"type": "Error", "variant": "internal", "description": "failed"});
+                        ws.send(Message::text(error.to_string())).await.unwrap();
+                        CloseCode::Error
+                    } else {
+                        ws.send(results(0.25, 0.5, "late", &[("late", 0.3, 0.6)]))
+                            .await
+                            .unwrap();
+                        CloseCode::Normal
+                    };
+                    let _ = ws
+                        .close(Some(CloseFrame {
+                            code,
+                            reason: "".into(),
+                        }))
+                        .await;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_error_close_after_close_stream_is_not_taken_for_the_last_results() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frames: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let fake = tokio::spawn(fails_at_close(listener, frames.clone()));
+    let (server, _config) = server_with_config(&format!(
+        r#"
+[transcription.backends.dg]
+kind = "deepgram"
+url = "ws://{addr}/v1/listen"
+"#
+    ));
+    let mut client = Client::connect(
+        &server,
+        "encoding=pcm_s16le&sample_rate=16000&transcribe=dg",
+    )
+    .await;
+    client.expect("started").await;
+    client.send_chunks(&s16_bytes(&ramp(1.0)), 640).await;
+    let t = client.stop().await;
+    fake.abort();
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    // The 1011 close was a failure: the task reconnected, replayed the
+    // second that no final covered and got its results there.
+    let finals = finals(&t);
+    assert_eq!(finals.len(), 1, "{:#?}", t.messages);
+    assert_eq!(finals[0]["text"], "late");
+    assert!(
+        (finals[0]["start"].as_f64().unwrap() - 0.25).abs() < 0.01,
+        "{}",
+        finals[0]
+    );
+    assert!(t.of_type("error").is_empty(), "{:#?}", t.messages);
+    assert_eq!(*frames.lock().unwrap(), [16_000, 16_000]);
 }

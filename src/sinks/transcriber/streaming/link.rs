@@ -13,7 +13,9 @@
 //!
 //! The protocol's keepalive goes up after [`KEEPALIVE_INTERVAL`] without
 //! audio, its finalize on the session's `flush`, its close when the session
-//! ends; the task then waits up to `stop_wait_ms` for the last results.
+//! ends; the task then waits up to `stop_wait_ms` for the last results. Only
+//! a normal close after ours says they are all in: one with an error code
+//! is a lost connection (reconnect, replay, close again, within that wait).
 //!
 //! An utterance id is taken on the first non-empty result of an upstream
 //! utterance and kept until its final; partials get their `stable_text` in
@@ -27,6 +29,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::super::backend::Backend;
@@ -44,6 +48,16 @@ const MAX_RECONNECT_BACKOFF_MS: u64 = 5_000;
 /// Send times kept for the lag of results (a bound for an upstream that
 /// covers nothing for a long time: 4096 chunks are minutes of audio).
 const MAX_SENT_TIMES: usize = 4_096;
+
+/// Whether an upstream's close, after ours was asked for, says that every
+/// result was given: a normal close (1000, or a frame without a code). Any
+/// other code (1008 policy, 1011 internal error, 1001 going away: a cochlea
+/// upstream closes with 1008 when the replay comes faster than its
+/// `max_realtime_factor`) ends the connection without its last results, so
+/// the audio is sent again or reported lost rather than dropped unsaid.
+fn closed_cleanly(frame: Option<&CloseFrame>) -> bool {
+    frame.is_none_or(|f| f.code == CloseCode::Normal)
+}
 
 /// How a connection ended.
 enum Ended {
@@ -329,7 +343,7 @@ impl Link {
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
-                        if close_sent {
+                        if close_sent && closed_cleanly(frame.as_ref()) {
                             return Ended::Done;
                         }
                         let why = frame.map(|f| format!(" ({} {})", u16::from(f.code), f.reason.as_str())).unwrap_or_default();
@@ -562,6 +576,24 @@ impl Link {
                     dropped: None,
                 }),
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_normal_close_after_close_stream_counts_as_complete() {
+        let frame = |code: u16| CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        assert!(closed_cleanly(None));
+        assert!(closed_cleanly(Some(&frame(1000))));
+        for code in [1001, 1008, 1011, 4000] {
+            assert!(!closed_cleanly(Some(&frame(code))), "{code}");
         }
     }
 }
