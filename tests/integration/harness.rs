@@ -296,11 +296,15 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(server: &Server, query: &str) -> Client {
-        let (ws, _) =
-            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(server.url(query)))
-                .await
-                .expect("connect timeout")
-                .expect("connect");
+        Self::connect_url(&server.url(query)).await
+    }
+
+    /// Connects to any WebSocket URL (a load balancer in front of servers).
+    pub async fn connect_url(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timeout")
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
         Client {
             ws,
             received: Vec::new(),

@@ -24,6 +24,8 @@
 //! - `loadgen`:     `cochlea loadgen` against the server: every frame acknowledged
 //! - `frame_limit`: oversized frames and messages refused at their headers,
 //!   on every WebSocket route, with the server's memory bounded
+//! - `cluster_infra`: the cluster tests' services (`cluster_support`:
+//!   nats-server, moto's S3, haproxy) started, paused, killed and restarted
 //! - `dialect_*`:   /twilio, /vonage, /audiofork, /v1/listen replayed from the
 //!   platforms' documented messages; transcripts in each one's shapes
 //!
@@ -33,6 +35,8 @@
 
 mod bad_input;
 mod browser;
+mod cluster_infra;
+mod cluster_support;
 mod concurrency;
 mod crash;
 mod dialect_audiofork;

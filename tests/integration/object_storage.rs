@@ -9,7 +9,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,76 +18,17 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
 use serde_json::Value;
 
+use crate::cluster_support::{s3_env, S3Server};
 use crate::harness::*;
 
 const BUCKET: &str = "calls";
 const PREFIX: &str = "eu/2026";
 
-/// moto's S3 server on a free loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/moto-venv.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("scripts/moto-venv.sh");
-        assert!(out.status.success(), "scripts/moto-venv.sh failed");
-        let server = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        let port = free_port();
-        let child = Command::new(&server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + WAIT;
-        while http(addr, "GET", "/", b"").map(|(status, _)| status) != Some(200) {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // moto takes unsigned requests: the bucket is made by hand.
-        let (status, body) = http(addr, "PUT", &format!("/{BUCKET}"), b"").expect("create bucket");
-        assert_eq!(status, 200, "create bucket: {body}");
-        Moto { child, addr }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.1 request; (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(WAIT)).ok()?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .ok()?;
-    stream.write_all(body).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+/// moto's S3 server (shared with the cluster tests) with the bucket made.
+fn moto() -> S3Server {
+    let moto = S3Server::start();
+    moto.create_bucket(BUCKET);
+    moto
 }
 
 /// A TCP proxy in front of the store. Cut, it drops every connection it
@@ -145,16 +85,6 @@ impl Proxy {
     }
 }
 
-fn s3_env(endpoint: SocketAddr) -> Vec<(String, String)> {
-    vec![
-        ("AWS_ENDPOINT".into(), format!("http://{endpoint}")),
-        ("AWS_ALLOW_HTTP".into(), "true".into()),
-        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
-        ("AWS_REGION".into(), "us-east-1".into()),
-    ]
-}
-
 fn start_server(recordings: Option<&Path>, endpoint: SocketAddr) -> Server {
     let env = s3_env(endpoint);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -171,10 +101,10 @@ fn start_server(recordings: Option<&Path>, endpoint: SocketAddr) -> Server {
 }
 
 /// The test's own client of the bucket, straight to moto.
-fn bucket(moto: &Moto) -> AmazonS3 {
+fn bucket(moto: &S3Server) -> AmazonS3 {
     let _ = rustls::crypto::ring::default_provider().install_default();
     AmazonS3Builder::new()
-        .with_endpoint(format!("http://{}", moto.addr))
+        .with_endpoint(moto.endpoint())
         .with_allow_http(true)
         .with_bucket_name(BUCKET)
         .with_access_key_id("test")
@@ -231,8 +161,8 @@ fn spool_files(dir: &Path) -> Vec<PathBuf> {
 /// (the header's) at the end.
 #[tokio::test]
 async fn a_recording_streams_to_the_bucket_as_a_multipart_upload_sample_exact() {
-    let moto = Moto::start();
-    let server = start_server(None, moto.addr);
+    let moto = moto();
+    let server = start_server(None, moto.addr());
     let sent = speech(360_000 * 16); // 360 s
     let mut client = Client::connect(&server, "encoding=pcm_s16le&sample_rate=16000").await;
     let id = client.expect("started").await["session_id"]
@@ -330,8 +260,8 @@ fn http_bytes(addr: SocketAddr, path: &str, range: Option<&str>) -> (u16, Vec<u8
 /// reaches it whole.
 #[tokio::test]
 async fn the_store_down_mid_stream_stalls_nothing_and_loses_nothing() {
-    let moto = Moto::start();
-    let proxy = Proxy::start(moto.addr);
+    let moto = moto();
+    let proxy = Proxy::start(moto.addr());
     let server = start_server(None, proxy.addr);
     let sent = speech(16_000 * 400); // 12.8 MB
     let mut client =
@@ -396,9 +326,9 @@ async fn the_store_down_mid_stream_stalls_nothing_and_loses_nothing() {
 /// file and uploads it, marked incomplete, with every acked sample.
 #[tokio::test]
 async fn after_a_sigkill_the_next_start_uploads_the_spool_marked_incomplete() {
-    let moto = Moto::start();
+    let moto = moto();
     let spool = tempfile::tempdir().unwrap();
-    let mut server = start_server(Some(spool.path()), moto.addr);
+    let mut server = start_server(Some(spool.path()), moto.addr());
     let sent = speech(16_000 * 200); // 6.4 MB: more than one part
     let mut client =
         Client::connect(&server, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
@@ -433,7 +363,7 @@ async fn after_a_sigkill_the_next_start_uploads_the_spool_marked_incomplete() {
         object(&bucket, &format!("{id}.json")).await.is_none(),
         "nothing is complete in the bucket before the restart"
     );
-    let _next = start_server(Some(spool.path()), moto.addr);
+    let _next = start_server(Some(spool.path()), moto.addr());
     let sidecar = wait_for_object(&bucket, &format!("{id}.json"), WAIT).await;
     let sidecar: Value = serde_json::from_slice(&sidecar).unwrap();
     assert_eq!(sidecar["complete"], false, "{sidecar}");
