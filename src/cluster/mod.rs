@@ -20,10 +20,14 @@
 //! | `config.rs` | `[cluster]` settings                                 |
 //! | `node.rs`   | the node's lease and the cluster's view of its nodes |
 //! | `events.rs` | session events to JetStream, and reading them back   |
+//! | `journal.rs`| each session's audio, durable before it is acked      |
+//! | `sessions.rs`| session records: owner, token hash, start request    |
 
 mod config;
 pub mod events;
+pub mod journal;
 mod node;
+pub mod sessions;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +37,7 @@ use async_nats::jetstream;
 
 pub use self::config::ClusterConfig;
 pub use self::node::NodeView;
+pub use self::sessions::{SessionRecord, Sessions};
 
 /// Bucket of node leases.
 const NODES_BUCKET: &str = "cochlea_nodes";
@@ -50,6 +55,8 @@ pub enum ClusterError {
     NodeIdTaken(String),
     #[error("session id {0:?} is not one this server makes")]
     BadSessionId(String),
+    #[error("another node has taken the session over")]
+    Fenced,
 }
 
 fn jetstream_error(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ClusterError {
@@ -62,6 +69,10 @@ fn jetstream_error(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> Clu
 /// A node's handle on the cluster, shared by its sessions.
 pub struct Cluster {
     node_id: String,
+    /// This process: a node restarted with the same id is another instance.
+    instance: String,
+    client: async_nats::Client,
+    sessions: Sessions,
     lease: Duration,
     js: jetstream::Context,
     nodes: jetstream::kv::Store,
@@ -100,7 +111,7 @@ impl Cluster {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let lease = Duration::from_millis(config.lease_ms);
         let nodes = js
             .create_or_update_key_value(jetstream::kv::Config {
@@ -125,8 +136,36 @@ impl Cluster {
         })
         .await
         .map_err(|e| jetstream_error("events stream")(&e))?;
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: journal::AUDIO_STREAM.into(),
+            description: Some("cochlea session journals (audio before its ack)".into()),
+            subjects: vec![journal::AUDIO_SUBJECTS.into()],
+            // A session's journal is read back only while it can be
+            // resumed; a day is far beyond any resume window.
+            max_age: Duration::from_secs(86_400),
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| jetstream_error("journal stream")(&e))?;
+        let sessions_kv = js
+            .create_or_update_key_value(jetstream::kv::Config {
+                bucket: sessions::SESSIONS_BUCKET.into(),
+                description: "cochlea session records".into(),
+                history: 1,
+                max_age: Duration::from_secs(86_400),
+                num_replicas: config.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| jetstream_error("sessions bucket")(&e))?;
         let cluster = Arc::new(Cluster {
             node_id: config.node_name(),
+            instance: uuid::Uuid::now_v7().to_string(),
+            client,
+            sessions: Sessions::new(sessions_kv),
             lease,
             events: events::Publisher::start(js.clone()),
             js,
@@ -170,6 +209,33 @@ impl Cluster {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The appending end of a session's journal, after `last_sequence`.
+    pub fn journal(&self, session_id: &str, last_sequence: u64) -> journal::Journal {
+        journal::Journal::new(self.js.clone(), session_id, last_sequence)
+    }
+
+    /// Whether `node`'s process `instance` still holds its lease.
+    pub async fn node_alive(&self, node: &str, instance: &str) -> Result<bool, ClusterError> {
+        node::alive(self, node, instance).await
+    }
+
+    /// The subject a node answers hand-over requests on.
+    pub fn handover_subject(node: &str) -> String {
+        format!("cochlea.handover.{node}")
     }
 }
 

@@ -42,7 +42,7 @@ fn lease_value(cluster: &Cluster, instance: &str, started_at: &str) -> bytes::By
 /// same id, or to this node's previous process: its lease runs out within
 /// `lease`, so one wait of that long tells which.
 pub(super) async fn acquire(cluster: &Arc<Cluster>) -> Result<Lease, ClusterError> {
-    let instance = uuid::Uuid::now_v7().to_string();
+    let instance = cluster.instance.clone();
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     for attempt in 0..2 {
         let value = lease_value(cluster, &instance, &started_at);
@@ -121,4 +121,19 @@ pub(super) async fn view(cluster: &Cluster) -> Result<Vec<NodeView>, ClusterErro
     }
     nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(nodes)
+}
+
+pub(super) async fn alive(
+    cluster: &Cluster,
+    node: &str,
+    instance: &str,
+) -> Result<bool, ClusterError> {
+    let value = cluster
+        .nodes
+        .get(node)
+        .await
+        .map_err(|e| jetstream_error("nodes bucket")(&e))?;
+    Ok(value
+        .and_then(|v| serde_json::from_slice::<NodeView>(&v).ok())
+        .is_some_and(|view| view.instance == instance))
 }

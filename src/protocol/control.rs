@@ -1,7 +1,7 @@
 //! Client → server text messages, and the stream request they share with the
 //! query string.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::format::{parse_channels, parse_sample_rate, Encoding, Framing, StreamFormat};
@@ -11,7 +11,8 @@ use super::ProtocolError;
 /// What a client asked for, from the query string, a `start` message, or both
 /// (the `start` message wins field by field). Nothing here is validated yet
 /// beyond types: see [`StartRequest::resolve`].
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StartRequest {
     pub encoding: Option<String>,
     pub sample_rate: Option<u32>,

@@ -8,12 +8,14 @@ pub mod auth;
 pub mod close;
 pub mod dialect;
 mod frame_limit;
+mod journaling;
 pub mod page;
 mod recordings;
 mod registry;
 mod resume;
 pub mod session;
 mod session_events;
+mod takeover;
 mod tls;
 
 use std::io::Write;
@@ -138,6 +140,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
                 uploader.as_ref(),
             )?),
             cluster,
+            registry: registry.clone(),
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -395,7 +398,13 @@ async fn stream(
         // A resumed session already holds its admission slot.
         let env = state.env.clone();
         actix_web::rt::spawn(session::resume(
-            ws, messages, session_id, token, request, env,
+            ws,
+            messages,
+            session_id,
+            token,
+            request,
+            env,
+            key_id.map(str::to_owned),
         ));
     } else {
         match state.registry.try_admit(key_id) {

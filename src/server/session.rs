@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::close::{from_ws_error, SessionError};
 use super::dialect::Dialect;
+use super::journaling::Journaling;
 use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
 use crate::config::Config;
@@ -42,17 +43,33 @@ pub struct SessionEnv {
     pub shutdown: watch::Receiver<bool>,
     pub resumes: Arc<ResumeRegistry>,
     pub sinks: Arc<dyn SinkFactory>,
+    /// Admission, for sessions taken over from another node.
+    pub registry: Arc<super::registry::SessionRegistry>,
     /// Cluster mode: the node's handle on NATS.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A session without a connection: what is parked for resume.
 pub struct Suspended {
-    core: SessionCore,
+    pub(super) core: SessionCore,
     events: mpsc::UnboundedReceiver<SinkEvent>,
+    /// Cluster mode, resumable sessions: the audio's way to the journal.
+    journal: Option<Journaling>,
 }
 
 impl Suspended {
+    pub(super) fn new(core: SessionCore, events: mpsc::UnboundedReceiver<SinkEvent>) -> Self {
+        Self {
+            core,
+            events,
+            journal: None,
+        }
+    }
+
+    pub(super) fn attach_journal(&mut self, journal: Journaling) {
+        self.journal = Some(journal);
+    }
+
     /// Whether `request` (the parameters a resuming connection repeated)
     /// fits the session.
     pub fn check_resume_request(&self, request: &StartRequest) -> Result<(), ProtocolError> {
@@ -114,7 +131,11 @@ pub async fn run(
             partial: None,
         };
         drive(
-            Suspended { core, events },
+            Suspended {
+                core,
+                events,
+                journal: None,
+            },
             Some(connection),
             guard,
             env,
@@ -127,7 +148,8 @@ pub async fn run(
     .await
 }
 
-/// Re-attaches a parked session to a new connection.
+/// Re-attaches a parked session to a new connection; in cluster mode, a
+/// session this node does not hold is looked for in the cluster.
 pub async fn resume(
     ws: actix_ws::Session,
     messages: MessageStream,
@@ -135,6 +157,7 @@ pub async fn resume(
     token: String,
     request: StartRequest,
     env: SessionEnv,
+    key_id: Option<String>,
 ) {
     let span = tracing::info_span!("session", id = %session_id);
     async move {
@@ -142,6 +165,10 @@ pub async fn resume(
         let claimed = env.resumes.claim(&session_id, &token, &request, wait).await;
         let (parked, takeover) = match claimed {
             Ok(claimed) => claimed,
+            Err(super::resume::ResumeError::NotResumable(_)) if env.cluster.is_some() => {
+                resume_from_cluster(ws, messages, session_id, token, request, env, key_id).await;
+                return;
+            }
             Err(error) => {
                 metrics::counter!(names::RESUMES_REJECTED_TOTAL).increment(1);
                 let error = SessionError::Resume(error);
@@ -176,6 +203,62 @@ pub async fn resume(
     .await
 }
 
+/// Takes a session over from a node whose lease ran out (see
+/// [`super::takeover`]) and drives it here.
+async fn resume_from_cluster(
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    session_id: String,
+    token: String,
+    request: StartRequest,
+    env: SessionEnv,
+    key_id: Option<String>,
+) {
+    let Some(cluster) = env.cluster.clone() else {
+        return;
+    };
+    let guard = match env.registry.try_admit(key_id.as_deref()) {
+        Ok(guard) => guard,
+        Err(_) => {
+            let error = SessionError::ServerFull {
+                max_sessions: env.registry.max_sessions(),
+            };
+            refuse_in_span(ws, messages, &mut super::dialect::native::Native, error).await;
+            return;
+        }
+    };
+    let taken = super::takeover::take_over(&env, &cluster, &session_id, &token, &request).await;
+    let mut suspended = match taken {
+        Ok(suspended) => suspended,
+        Err(error) => {
+            metrics::counter!(names::RESUMES_REJECTED_TOTAL).increment(1);
+            let error = match error {
+                super::takeover::TakeoverError::Resume(e) => SessionError::Resume(e),
+                other => {
+                    tracing::warn!(error = %other, "cluster resume failed");
+                    SessionError::Resume(super::resume::ResumeError::Busy(session_id.clone()))
+                }
+            };
+            refuse_in_span(ws, messages, &mut super::dialect::native::Native, error).await;
+            return;
+        }
+    };
+    suspended.core.reattach(Instant::now().into_std());
+    metrics::counter!(names::RESUMES_TOTAL).increment(1);
+    tracing::info!(
+        resume_from_seq = suspended.core.resume_from_seq(),
+        resumes = suspended.core.resumes(),
+        "session taken over from another node"
+    );
+    let takeover = env.resumes.attach_new(&session_id, &token);
+    let connection = Connection {
+        ws,
+        messages,
+        partial: None,
+    };
+    drive(suspended, Some(connection), guard, env, Some(takeover), 0).await;
+}
+
 /// Drives the session until it closes or parks. With no connection (a
 /// parked session whose window ran out), it only finishes the sinks.
 async fn drive(
@@ -208,6 +291,7 @@ async fn drive(
             Flow::Continue => {}
             Flow::Closed => {
                 env.resumes.remove(session.core.id());
+                forget_record(&session, &env);
                 drop(guard);
                 return;
             }
@@ -248,6 +332,7 @@ async fn drive(
                     let now = std::time::Instant::now();
                     on_message(
                         &mut session.core,
+                        session.journal.as_mut(),
                         connection,
                         message,
                         env.config.max_message_bytes,
@@ -257,6 +342,17 @@ async fn drive(
                     .await;
                 }
                 None
+            }
+            durable = journal_next(&mut session.journal), if session.journal.as_ref().is_some_and(Journaling::busy) => {
+                match durable {
+                    Ok(seq) => Some(Input::Durable { seq }),
+                    Err(error) => {
+                        // Another node holds the session now: this one
+                        // writes nothing more for it.
+                        tracing::warn!(%error, "session lost to another node");
+                        return abandon(session, connection, guard, &env).await;
+                    }
+                }
             }
             () = &mut timer => {
                 armed = far_future();
@@ -273,6 +369,7 @@ async fn drive(
 /// One socket event: a message for the core, or the transport's own business.
 async fn on_message(
     core: &mut SessionCore,
+    journal: Option<&mut Journaling>,
     connection: &mut Connection,
     message: Option<Result<Message, actix_ws::ProtocolError>>,
     max_bytes: usize,
@@ -302,6 +399,9 @@ async fn on_message(
     match message {
         Message::Text(text) => core.handle_input(Input::Text(&text), now),
         Message::Binary(data) => {
+            if let Some(journal) = journal {
+                journal.note(&data, now);
+            }
             core.handle_input(Input::Binary(&data), now);
             // From the message's arrival to its audio being with the sinks.
             ingest_seconds.record(now.elapsed().as_secs_f64());
@@ -316,7 +416,11 @@ async fn on_message(
                     }
                 },
                 Ok(Some(Partial::Binary(bytes))) => {
-                    core.handle_input(Input::Binary(&bytes.freeze()), now)
+                    let bytes = bytes.freeze();
+                    if let Some(journal) = journal {
+                        journal.note(&bytes, now);
+                    }
+                    core.handle_input(Input::Binary(&bytes), now)
                 }
                 Err(e) => core.handle_input(Input::Failed(e.into()), now),
             }
@@ -420,6 +524,26 @@ async fn apply_outputs(
             }
             Output::Resumable { token } => {
                 *registered = Some(env.resumes.attach_new(session.core.id(), &token));
+                if let (Some(cluster), Some(request)) =
+                    (&env.cluster, session.core.journal_request())
+                {
+                    let record = crate::cluster::SessionRecord {
+                        owner: cluster.node_id().to_owned(),
+                        owner_instance: cluster.instance().to_owned(),
+                        token_sha256: crate::cluster::sessions::token_hash(&token),
+                        request: request.clone(),
+                        resumes: 0,
+                        started_at: humantime::format_rfc3339_seconds(SystemTime::now())
+                            .to_string(),
+                    };
+                    session.journal =
+                        Some(Journaling::new(cluster.clone(), session.core.id(), record));
+                }
+            }
+            Output::Persist { seq } => {
+                if let Some(journal) = session.journal.as_mut() {
+                    journal.want(seq);
+                }
             }
             Output::AnswerClose => {
                 if let Some(c) = connection.as_ref() {
@@ -620,6 +744,55 @@ fn wait_for_takeover(
     notify: Arc<Notify>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move { notify.notified().await })
+}
+
+/// The running journal append of a session, if any.
+async fn journal_next(
+    journal: &mut Option<Journaling>,
+) -> Result<u32, crate::cluster::ClusterError> {
+    match journal {
+        Some(journal) => journal.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A closed session can no longer be resumed anywhere: its record goes.
+/// (Its journal expires with the stream's age limit.)
+fn forget_record(session: &Suspended, env: &SessionEnv) {
+    if let (Some(cluster), Some(_)) = (&env.cluster, &session.journal) {
+        if cluster.fenced() {
+            return;
+        }
+        let cluster = cluster.clone();
+        let id = session.core.id().to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = cluster.sessions().remove(&id).await {
+                tracing::warn!(error = %e, "session record not removed");
+            }
+        });
+    }
+}
+
+/// Another node owns the session now (its journal moved on without this
+/// node): drop everything without writing, and tell the client to go on
+/// elsewhere (1012, as for a restart).
+async fn abandon(
+    session: Suspended,
+    connection: Option<Connection>,
+    guard: SessionGuard,
+    env: &SessionEnv,
+) {
+    env.resumes.remove(session.core.id());
+    drop(session);
+    if let Some(c) = connection {
+        let _ =
+            c.ws.close(Some(CloseReason {
+                code: CloseCode::Restart,
+                description: Some("session_moved".into()),
+            }))
+            .await;
+    }
+    drop(guard);
 }
 
 /// Resolves once shutdown has been signalled; never if the signal is gone.

@@ -411,6 +411,8 @@ enum Ev {
     Msg(Value),
     /// Cluster mode: an event for NATS.
     Event(Value),
+    /// Cluster mode: journal what arrived, for the ack of this seq.
+    Persist(u32),
     Resumable(String),
     AnswerClose,
     CloseSuperseded,
@@ -547,6 +549,7 @@ impl Harness {
                     serde_json::from_str(&json)
                         .unwrap_or_else(|e| panic!("not JSON ({e}): {json}")),
                 ),
+                Output::Persist { seq } => Ev::Persist(seq),
                 Output::Resumable { token } => Ev::Resumable(token),
                 Output::AnswerClose => Ev::AnswerClose,
                 Output::CloseSuperseded => Ev::CloseSuperseded,
@@ -639,6 +642,7 @@ fn kinds(evs: &[Ev]) -> Vec<String> {
                 }
             }
             Ev::Event(m) => format!("Event {}", m["type"].as_str().unwrap_or("?")),
+            Ev::Persist(seq) => format!("Persist {seq}"),
             Ev::Resumable(_) => "Resumable".into(),
             Ev::AnswerClose => "AnswerClose".into(),
             Ev::CloseSuperseded => "CloseSuperseded".into(),
@@ -895,7 +899,37 @@ fn in_cluster_mode_every_event_but_acks_goes_to_nats_without_the_resume_token() 
     assert_eq!(started["session_id"], only(&evs, "started")["session_id"]);
     h.audio(seq(0, 0, &ramp(0, F)));
     let evs = h.at(20).text(r#"{"type":"stop"}"#);
-    assert_eq!(kinds(&evs), ["ack", "stats", "Event stats", "FinishSinks"]);
+    // The last ack waits for the journal (it would go out before `closed`).
+    assert_eq!(kinds(&evs), ["Persist 0", "stats", "Event stats", "FinishSinks"]);
+}
+
+#[test]
+fn in_cluster_mode_an_ack_waits_until_the_journal_holds_its_audio() {
+    let mut config = config();
+    config.cluster.nats_url = Some("nats://127.0.0.1:4222".into());
+    let mut h = Harness::with_config(config, &format!("{SEQ16K}&sinks=rec"));
+    h.drain();
+    assert_eq!(h.core.journal_request().and_then(|r| r.sample_rate), Some(16_000));
+    assert!(kinds(&h.audio(seq(0, 0, &ramp(0, F)))).is_empty());
+    // The ack interval (100 ms) has passed: the sinks committed, but the
+    // ack waits for the journal.
+    let evs = h.at(150).audio(seq(1, F as u64, &ramp(0, F)));
+    assert_eq!(kinds(&evs), ["Persist 1"]);
+    let evs = h.input(Input::Durable { seq: 0 });
+    assert!(kinds(&evs).is_empty(), "seq 1 is not durable yet: {evs:?}");
+    let evs = h.input(Input::Durable { seq: 1 });
+    assert_eq!(kinds(&evs), ["ack"]);
+    assert_eq!(only(&evs, "ack")["seq"], 1);
+}
+
+#[test]
+fn without_cluster_mode_acks_do_not_wait_for_a_journal() {
+    let mut h = Harness::new(&format!("{SEQ16K}&sinks=rec"));
+    h.drain();
+    assert_eq!(h.core.journal_request(), None);
+    h.audio(seq(0, 0, &ramp(0, F)));
+    let evs = h.at(150).audio(seq(1, F as u64, &ramp(0, F)));
+    assert_eq!(kinds(&evs), ["ack"]);
 }
 
 #[test]

@@ -105,6 +105,7 @@ impl SessionCore {
         if let (Some(seq), true) = (self.handed_seq, client_may_listen) {
             if self.acked_seq != Some(seq) && self.commit_sinks(now).is_ok() {
                 self.ack_waiting = Some(seq);
+                self.persist(seq);
                 self.send_ack_if_committed();
             }
         }
@@ -211,7 +212,7 @@ impl SessionCore {
         let media_seconds = finishing.summary.duration_seconds;
         let audio_messages = finishing.summary.audio_messages;
         // Every sink has finished: all it was given is written.
-        if let Some(seq) = self.ack_waiting.take() {
+        if let Some(seq) = self.ack_waiting.take().filter(|seq| self.durable(*seq)) {
             self.acked_seq = Some(seq);
             self.send(&ServerMessage::Ack { seq });
         }

@@ -59,6 +59,9 @@ pub enum Input<'a> {
     Shutdown,
     /// A resuming connection took the session over.
     TakenOver,
+    /// Cluster mode: every audio message up to `seq` is in the session's
+    /// journal on NATS (answer to [`Output::Persist`]).
+    Durable { seq: u32 },
     /// Parked, and nobody resumed it within `resume_window_ms`.
     ResumeExpired,
     /// The transport failed in a way that ends the session (a frame over
@@ -89,6 +92,10 @@ pub enum Output {
     /// The connection dropped and the session can be resumed: keep the core
     /// for `resume_window_ms`, then feed [`Input::ResumeExpired`].
     Park,
+    /// Cluster mode: append the audio messages received so far to the
+    /// session's journal, then feed [`Input::Durable`] with `seq`; the ack
+    /// for `seq` waits for it.
+    Persist { seq: u32 },
     /// A server event in the native protocol's JSON (whatever the socket's
     /// dialect), without credentials: for NATS in cluster mode.
     Event(String),
@@ -107,6 +114,7 @@ impl std::fmt::Debug for Output {
         match self {
             Output::Text(text) => f.debug_tuple("Text").field(text).finish(),
             Output::Event(json) => f.debug_tuple("Event").field(json).finish(),
+            Output::Persist { seq } => write!(f, "Persist({seq})"),
             Output::Resumable { .. } => f.write_str("Resumable"),
             Output::AnswerClose => f.write_str("AnswerClose"),
             Output::CloseSuperseded => f.write_str("CloseSuperseded"),
@@ -250,6 +258,12 @@ pub struct SessionCore {
     resume_token: Option<String>,
     /// Highest `seq` handed to the sinks, and the highest acknowledged.
     handed_seq: Option<u32>,
+    /// Cluster mode, resumable sessions: acks wait for the journal.
+    journaled: bool,
+    /// The highest `seq` the journal holds.
+    durable_seq: Option<u32>,
+    /// What the stream was started with, for a node that takes it over.
+    journal_request: Option<StartRequest>,
     acked_seq: Option<u32>,
     /// An ack waiting for the sinks to commit what it covers.
     ack_waiting: Option<u32>,
@@ -306,6 +320,9 @@ impl SessionCore {
             flushes_reported: 0,
             resume_token: None,
             handed_seq: None,
+            journaled: false,
+            durable_seq: None,
+            journal_request: None,
             acked_seq: None,
             ack_waiting: None,
             backlog_since: None,
@@ -357,6 +374,7 @@ impl SessionCore {
             match input {
                 Input::Sink(event) => self.on_final_sink_event(event),
                 Input::SinksFinished => self.close(),
+                Input::Durable { seq } => self.note_durable(seq),
                 // The client's messages and timers no longer matter.
                 _ => {}
             }
@@ -372,6 +390,11 @@ impl SessionCore {
             Input::ClientGone { close_frame } => Ok(Some(EndReason::ClientGone { close_frame })),
             Input::Shutdown => Ok(Some(EndReason::Shutdown)),
             Input::TakenOver => Ok(Some(EndReason::TakenOver)),
+            Input::Durable { seq } => {
+                self.note_durable(seq);
+                self.send_ack_if_committed();
+                Ok(None)
+            }
             Input::ResumeExpired => Ok(Some(EndReason::ResumeExpired)),
             Input::Failed(error) => Err(error),
         };
@@ -458,6 +481,37 @@ impl SessionCore {
 
     pub fn resumes(&self) -> u32 {
         self.resumes
+    }
+
+    /// Cluster mode: the request the stream started with (for the session's
+    /// record, from which another node rebuilds it).
+    pub fn journal_request(&self) -> Option<&StartRequest> {
+        self.journal_request.as_ref()
+    }
+
+    /// A node rebuilding a session from its journal: the client holds the
+    /// original token, and has been acked up to `resumes` resumes ago.
+    pub fn restore(&mut self, token: String, resumes: u32) {
+        self.resume_token = Some(token);
+        self.resumes = resumes;
+    }
+
+    fn note_durable(&mut self, seq: u32) {
+        if self.durable_seq.is_none_or(|d| d < seq) {
+            self.durable_seq = Some(seq);
+        }
+    }
+
+    /// Whether the journal holds everything up to `seq`.
+    fn durable(&self, seq: u32) -> bool {
+        !self.journaled || self.durable_seq.is_some_and(|d| d >= seq)
+    }
+
+    /// An ack for `seq` is wanted: in cluster mode, the journal first.
+    fn persist(&mut self, seq: u32) {
+        if self.journaled && !self.durable(seq) {
+            self.outputs.push_back(Output::Persist { seq });
+        }
     }
 
     /// Binds a parked session to the connection that resumed it at `now`,

@@ -266,6 +266,7 @@ impl SessionCore {
             {
                 self.last_ack_at = now;
                 self.ack_waiting = Some(seq);
+                self.persist(seq);
                 self.commit_sinks(now)?;
                 self.send_ack_if_committed();
             }
@@ -321,7 +322,7 @@ impl SessionCore {
                 .filter(|s| !s.failed)
                 .all(|s| s.commits_done >= s.commits_wanted)
         });
-        if committed {
+        if committed && self.durable(seq) {
             self.ack_waiting = None;
             self.acked_seq = Some(seq);
             self.send(&ServerMessage::Ack { seq });

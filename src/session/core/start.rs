@@ -114,6 +114,10 @@ impl SessionCore {
                 token: token.clone(),
             });
             self.resume_token = Some(token);
+            if self.config.cluster.enabled() {
+                self.journaled = true;
+                self.journal_request = Some(request.clone());
+            }
         }
         let encoding = format.encoding.as_str();
         let counters = AudioCounters {

@@ -182,8 +182,17 @@ pub struct HeardWord {
 /// Upstreams close an idle connection (Deepgram after 10 s without audio
 /// or KeepAlive).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(4);
-/// Chunks waiting for a link's task; beyond it audio is dropped.
-const COMMAND_CAPACITY: usize = 512;
+/// Audio a link's queue holds while its task connects or the upstream is
+/// slow; beyond it audio is dropped (and reported). Measured in time, not
+/// in chunks: a client may send a burst of seconds at the start (up to
+/// `realtime_burst_ms`), before the first connection is even up.
+const QUEUE_MS: u32 = 30_000;
+
+/// The queue's length in chunks for `kind` (chunks are at least its
+/// `min_chunk_ms`, or a 20 ms block).
+fn queue_capacity(kind: &StreamingKind) -> usize {
+    (QUEUE_MS / kind.min_chunk_ms.max(20)).max(64) as usize
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -285,7 +294,7 @@ impl StreamingTranscriber {
         let next_id = Arc::new(AtomicU64::new(0));
         let mut links = Vec::new();
         for first_channel in (0..channels).step_by(usize::from(per_link)) {
-            let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
+            let (commands_tx, commands_rx) = mpsc::channel(queue_capacity(kind));
             let task = link::Link::new(link::LinkSettings {
                 backend: backend.clone(),
                 kind,
@@ -492,6 +501,16 @@ mod tests {
         let mut config = config(kind, "wss://127.0.0.1:1/v1/listen");
         change(&mut config);
         Backend::new("live", &config).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_queue_holds_thirty_seconds_of_audio() {
+        // 512 chunks of 20 ms (10 s) overflowed while a Deepgram link was
+        // still connecting under a 12 s burst (upstream_deepgram, flaky).
+        for kind in KINDS {
+            let chunk_ms = kind.min_chunk_ms.max(20) as usize;
+            assert!(queue_capacity(kind) * chunk_ms >= 30_000, "{}", kind.name);
+        }
     }
 
     #[test]

@@ -1,0 +1,97 @@
+//! Session records in the KV bucket `cochlea_sessions`: who owns each
+//! resumable session, the hash of its resume token, and what it was started
+//! with. Ownership moves only by compare-and-swap on the record's revision,
+//! so two nodes can never both take a session.
+
+use async_nats::jetstream;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{check_session_id, jetstream_error, ClusterError};
+use crate::protocol::StartRequest;
+
+pub(super) const SESSIONS_BUCKET: &str = "cochlea_sessions";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionRecord {
+    /// The node that holds the session now.
+    pub owner: String,
+    /// That node's process: a restarted node with the same id is another.
+    pub owner_instance: String,
+    /// SHA-256 of the resume token, hex: the token itself is not stored.
+    pub token_sha256: String,
+    /// What the stream was started with.
+    pub request: StartRequest,
+    /// Resumes so far (the core's counter, carried across nodes).
+    pub resumes: u32,
+    pub started_at: String,
+}
+
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bucket's handle.
+#[derive(Clone)]
+pub struct Sessions {
+    kv: jetstream::kv::Store,
+}
+
+impl Sessions {
+    pub(super) fn new(kv: jetstream::kv::Store) -> Self {
+        Self { kv }
+    }
+
+    /// Records a new session; its revision.
+    pub async fn create(&self, id: &str, record: &SessionRecord) -> Result<u64, ClusterError> {
+        check_session_id(id)?;
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        self.kv
+            .create(id, value.into())
+            .await
+            .map_err(|e| jetstream_error("session record")(&e))
+    }
+
+    /// The record and its revision, if the session is known.
+    pub async fn get(&self, id: &str) -> Result<Option<(SessionRecord, u64)>, ClusterError> {
+        check_session_id(id)?;
+        let entry = self
+            .kv
+            .entry(id)
+            .await
+            .map_err(|e| jetstream_error("session record")(&e))?;
+        let Some(entry) = entry else { return Ok(None) };
+        if entry.operation != jetstream::kv::Operation::Put {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice(&entry.value)
+            .ok()
+            .map(|record| (record, entry.revision)))
+    }
+
+    /// Writes `record` if the record is still at `revision` (taking the
+    /// session over, or updating it as its owner); the new revision.
+    pub async fn swap(
+        &self,
+        id: &str,
+        record: &SessionRecord,
+        revision: u64,
+    ) -> Result<u64, ClusterError> {
+        check_session_id(id)?;
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        self.kv
+            .update(id, value.into(), revision)
+            .await
+            .map_err(|e| jetstream_error("session record")(&e))
+    }
+
+    /// The session has ended: it can no longer be resumed anywhere.
+    pub async fn remove(&self, id: &str) -> Result<(), ClusterError> {
+        check_session_id(id)?;
+        self.kv
+            .delete(id)
+            .await
+            .map_err(|e| jetstream_error("session record")(&e))
+    }
+}
