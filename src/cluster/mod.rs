@@ -188,6 +188,11 @@ impl Cluster {
         self.load.get().map_or(0, |load| load())
     }
 
+    /// How long a node's lease lasts without renewal.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     pub fn node_id(&self) -> &str {
         &self.node_id
     }

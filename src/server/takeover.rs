@@ -54,11 +54,17 @@ pub async fn take_over(
         // Ours, yet not in the local registry: it has just ended.
         return Err(not_resumable().into());
     }
-    if cluster
+    // A client that lost a node usually comes back before the node's lease
+    // has run out: wait for it (a lease and a little), rather than refuse.
+    let give_up_at = tokio::time::Instant::now() + cluster.lease() + Duration::from_secs(1);
+    while cluster
         .node_alive(&record.owner, &record.owner_instance)
         .await?
     {
-        return Err(ResumeError::Busy(session_id.to_owned()).into());
+        if tokio::time::Instant::now() >= give_up_at {
+            return Err(ResumeError::Busy(session_id.to_owned()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     record.owner = cluster.node_id().to_owned();
     record.owner_instance = cluster.instance().to_owned();

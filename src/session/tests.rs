@@ -900,7 +900,10 @@ fn in_cluster_mode_every_event_but_acks_goes_to_nats_without_the_resume_token() 
     h.audio(seq(0, 0, &ramp(0, F)));
     let evs = h.at(20).text(r#"{"type":"stop"}"#);
     // The last ack waits for the journal (it would go out before `closed`).
-    assert_eq!(kinds(&evs), ["Persist 0", "stats", "Event stats", "FinishSinks"]);
+    assert_eq!(
+        kinds(&evs),
+        ["Persist 0", "stats", "Event stats", "FinishSinks"]
+    );
 }
 
 #[test]
@@ -909,7 +912,10 @@ fn in_cluster_mode_an_ack_waits_until_the_journal_holds_its_audio() {
     config.cluster.nats_url = Some("nats://127.0.0.1:4222".into());
     let mut h = Harness::with_config(config, &format!("{SEQ16K}&sinks=rec"));
     h.drain();
-    assert_eq!(h.core.journal_request().and_then(|r| r.sample_rate), Some(16_000));
+    assert_eq!(
+        h.core.journal_request().and_then(|r| r.sample_rate),
+        Some(16_000)
+    );
     assert!(kinds(&h.audio(seq(0, 0, &ramp(0, F)))).is_empty());
     // The ack interval (100 ms) has passed: the sinks committed, but the
     // ack waits for the journal.

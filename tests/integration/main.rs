@@ -35,6 +35,7 @@
 
 mod bad_input;
 mod browser;
+mod cluster;
 mod cluster_infra;
 mod cluster_support;
 mod concurrency;

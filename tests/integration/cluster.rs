@@ -1,0 +1,230 @@
+//! Scale-out on loopback: three cochlea nodes on a real nats-server
+//! (JetStream) and moto's S3, behind haproxy.
+//!
+//! The kill test: 24 real-time streams through haproxy with `cochlea
+//! stream`, then kill -9 the node holding the most sessions. Every stream
+//! must resume on another node (the session taken over from its journal),
+//! `cochlea stream` must exit 0, every recording in the bucket must be
+//! sample-exact, and every session's events, `closed` included, must be on
+//! NATS (read back through `GET /v1/sessions/<id>/events` on a live node).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster_support::*;
+use crate::harness::*;
+
+const BUCKET: &str = "calls";
+
+fn node(index: usize, nats: &NatsServer, s3: &S3Server) -> Server {
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = nats.url();
+    let id = format!("n{index}");
+    Server::start_with(
+        &[
+            "--nats-url",
+            &url,
+            "--node-id",
+            &id,
+            "--cluster-lease-ms",
+            "1500",
+            "--recordings-url",
+            &format!("s3://{BUCKET}/rec"),
+        ],
+        &env,
+    )
+}
+
+/// 12 s of 16 kHz mono whose every sample is known: a sweep of tones with a
+/// counter in the low bits, so any sample lost, doubled or moved shows.
+fn source_samples() -> Vec<i16> {
+    (0..16_000 * 12)
+        .map(|i: i32| {
+            let t = f64::from(i) / 16_000.0;
+            let tone = (t * (300.0 + 40.0 * t) * std::f64::consts::TAU).sin() * 8_000.0;
+            (tone as i32 & !0xff | (i & 0xff)) as i16
+        })
+        .collect()
+}
+
+fn write_wav(path: &std::path::Path, samples: &[i16]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for s in samples {
+        writer.write_sample(*s).unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+fn sessions_active(addr: SocketAddr) -> u64 {
+    http_get(addr, "/healthz")
+        .and_then(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .and_then(|v| v["sessions_active"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The recording of `id` as the cluster serves it (from the bucket), once
+/// uploaded; `None` if it is not there within the wait.
+fn recording(addr: SocketAddr, id: &str) -> Option<Vec<i16>> {
+    let path = format!("/v1/recordings/{id}/files/{id}.wav");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(response) = http_get(addr, &path).filter(|r| r.status == 200) {
+            let reader = hound::WavReader::new(std::io::Cursor::new(response.body)).ok()?;
+            return Some(reader.into_samples::<i16>().map_while(Result::ok).collect());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// The session's events from NATS, through a node's SSE route, up to
+/// `closed` (bounded).
+fn events(addr: SocketAddr, id: &str) -> Vec<String> {
+    let path = format!("/v1/sessions/{id}/events");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        match std::io::Read::read(&mut stream, &mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&buffer[..n]),
+        }
+        if String::from_utf8_lossy(&body).contains("event: closed") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: ").map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn killing_a_node_loses_no_stream_and_no_acknowledged_audio() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let mut nodes: Vec<Option<Server>> = (0..3).map(|i| Some(node(i, &nats, &s3))).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
+    let haproxy = Haproxy::start(&addrs);
+    haproxy.wait_all_up(Duration::from_secs(10));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("call.wav");
+    let samples = source_samples();
+    write_wav(&file, &samples);
+    let mut stream = Command::new(env!("CARGO_BIN_EXE_cochlea"));
+    stream
+        .arg("stream")
+        .arg("--url")
+        .arg(haproxy.ws_url("/v1/stream"))
+        .arg("--json")
+        .arg("--jobs")
+        .arg("24")
+        .arg("--resume-timeout-ms")
+        .arg("40000");
+    for _ in 0..24 {
+        stream.arg(&file);
+    }
+    let mut client = stream
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Mid-stream: kill -9 the node holding the most sessions.
+    std::thread::sleep(Duration::from_secs(4));
+    let loads: Vec<u64> = addrs.iter().map(|a| sessions_active(*a)).collect();
+    assert_eq!(
+        loads.iter().sum::<u64>(),
+        24,
+        "sessions per node: {loads:?}"
+    );
+    let victim = (0..3).max_by_key(|i| loads[*i]).unwrap();
+    let killed_at = Instant::now();
+    nodes[victim].as_ref().unwrap().signal("KILL");
+    let mut dead = nodes[victim].take().unwrap();
+    dead.wait_exit(Duration::from_secs(5));
+    let survivor = addrs[(victim + 1) % 3];
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("cochlea stream did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let survivors_logs: String = nodes.iter().flatten().map(|n| n.log()).collect();
+    assert!(
+        status.success(),
+        "cochlea stream failed ({status}):\n{stderr}\n{stdout}\nnodes:\n{survivors_logs}"
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(results.len(), 24, "{stdout}");
+    let resumed = results
+        .iter()
+        .filter(|r| r["resumes"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(
+        resumed as u64, loads[victim],
+        "every session of the killed node resumed elsewhere"
+    );
+    eprintln!(
+        "kill test: {} sessions resumed after the kill of n{victim}; all done {:.1} s after it",
+        resumed,
+        killed_at.elapsed().as_secs_f64()
+    );
+    for result in &results {
+        assert_eq!(result["ok"], true, "{result}");
+        let id = result["session_id"].as_str().unwrap();
+        let recorded =
+            recording(survivor, id).unwrap_or_else(|| panic!("no recording of {id} in the bucket"));
+        assert!(
+            recorded == samples,
+            "recording of {id}: {} samples, not the {} sent, or not the same",
+            recorded.len(),
+            samples.len()
+        );
+        let kinds = events(survivor, id);
+        assert!(
+            kinds.first().is_some_and(|k| k == "started"),
+            "{id}: {kinds:?}"
+        );
+        assert!(kinds.iter().any(|k| k == "recording"), "{id}: {kinds:?}");
+        assert_eq!(
+            kinds.last().map(String::as_str),
+            Some("closed"),
+            "{id}: {kinds:?}"
+        );
+    }
+}
