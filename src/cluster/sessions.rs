@@ -25,6 +25,11 @@ pub struct SessionRecord {
     /// Resumes so far (the core's counter, carried across nodes).
     pub resumes: u32,
     pub started_at: String,
+    /// The session has ended (its owner finished it). Kept, not deleted,
+    /// so that a node which lost the session while paused sees that
+    /// another owner finished it, rather than no owner at all.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 pub fn token_hash(token: &str) -> String {
@@ -86,12 +91,16 @@ impl Sessions {
             .map_err(|e| jetstream_error("session record")(&e))
     }
 
-    /// The session has ended: it can no longer be resumed anywhere.
-    pub async fn remove(&self, id: &str) -> Result<(), ClusterError> {
-        check_session_id(id)?;
-        self.kv
-            .delete(id)
-            .await
-            .map_err(|e| jetstream_error("session record")(&e))
+    /// The session has ended here: it can no longer be resumed anywhere.
+    /// Only its owner marks it (compare-and-swap on the revision read).
+    pub async fn close(&self, id: &str, owner: &str, instance: &str) -> Result<(), ClusterError> {
+        let Some((mut record, revision)) = self.get(id).await? else {
+            return Ok(());
+        };
+        if record.owner != owner || record.owner_instance != instance {
+            return Ok(());
+        }
+        record.closed = true;
+        self.swap(id, &record, revision).await.map(|_| ())
     }
 }

@@ -95,6 +95,9 @@ enum Flow {
     Continue,
     Park,
     Closed,
+    /// Cluster mode: another node owns the session; this one must not
+    /// write for it.
+    Abandon,
 }
 
 /// Runs a new, admitted session until it ends or is parked for resume.
@@ -298,6 +301,10 @@ async fn drive(
             Flow::Park => {
                 park(session, guard, env, generation + 1).await;
                 return;
+            }
+            Flow::Abandon => {
+                tracing::warn!("the session belongs to another node now: finishing nothing");
+                return abandon(session, connection, guard, &env).await;
             }
         }
         let wanted = session
@@ -535,6 +542,7 @@ async fn apply_outputs(
                         resumes: 0,
                         started_at: humantime::format_rfc3339_seconds(SystemTime::now())
                             .to_string(),
+                        closed: false,
                     };
                     session.journal =
                         Some(Journaling::new(cluster.clone(), session.core.id(), record));
@@ -564,7 +572,14 @@ async fn apply_outputs(
                     let _ = c.ws.close(Some(reason)).await;
                 }
             }
-            Output::FinishSinks { sinks, events } => finish_sinks(sinks, events),
+            Output::FinishSinks { sinks, events } => {
+                if !still_owner(session, env).await {
+                    drop(sinks);
+                    drop(events);
+                    return Flow::Abandon;
+                }
+                finish_sinks(sinks, events)
+            }
             Output::AbortSink { sink, reason } => {
                 let span = tracing::Span::current();
                 tokio::task::spawn_blocking(move || span.in_scope(|| sink.abort(&reason)));
@@ -756,8 +771,8 @@ async fn journal_next(
     }
 }
 
-/// A closed session can no longer be resumed anywhere: its record goes.
-/// (Its journal expires with the stream's age limit.)
+/// A closed session can no longer be resumed anywhere: its record says so
+/// (and expires with the bucket's age limit, as its journal does).
 fn forget_record(session: &Suspended, env: &SessionEnv) {
     if let (Some(cluster), Some(_)) = (&env.cluster, &session.journal) {
         if cluster.fenced() {
@@ -766,8 +781,11 @@ fn forget_record(session: &Suspended, env: &SessionEnv) {
         let cluster = cluster.clone();
         let id = session.core.id().to_owned();
         tokio::spawn(async move {
-            if let Err(e) = cluster.sessions().remove(&id).await {
-                tracing::warn!(error = %e, "session record not removed");
+            let closing = cluster
+                .sessions()
+                .close(&id, cluster.node_id(), cluster.instance());
+            if let Err(e) = closing.await {
+                tracing::warn!(error = %e, "session record not marked closed");
             }
         });
     }
@@ -782,8 +800,14 @@ async fn abandon(
     guard: SessionGuard,
     env: &SessionEnv,
 ) {
-    env.resumes.remove(session.core.id());
+    let id = session.core.id().to_owned();
+    env.resumes.remove(&id);
+    // Closes the sinks' files; their uploads stay incomplete (never
+    // completed, so never visible in the store).
     drop(session);
+    // What this node wrote must not come back: a restart would upload its
+    // spool as an unfinished recording over the new owner's.
+    remove_spool_files(&env.config.recorder_dir(), &id);
     if let Some(c) = connection {
         let _ =
             c.ws.close(Some(CloseReason {
@@ -793,6 +817,52 @@ async fn abandon(
             .await;
     }
     drop(guard);
+}
+
+/// Cluster mode, before the sinks finish (and the recording is uploaded):
+/// whether this node still owns the session. A node that was paused or cut
+/// off past its lease may find another node took it over; it then finishes
+/// nothing. If NATS cannot say, the node goes on: it had the session last.
+async fn still_owner(session: &Suspended, env: &SessionEnv) -> bool {
+    let (Some(cluster), Some(_)) = (&env.cluster, &session.journal) else {
+        return true;
+    };
+    if cluster.fenced() {
+        return false;
+    }
+    let lookup = cluster.sessions().get(session.core.id());
+    match tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await {
+        Ok(Ok(Some((record, _)))) => {
+            record.owner == cluster.node_id() && record.owner_instance == cluster.instance()
+        }
+        // No record: none was written yet (the first append is pending):
+        // nobody else can hold it.
+        Ok(Ok(None)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot check the session's owner; finishing it");
+            true
+        }
+        Err(_) => {
+            tracing::warn!("no answer on the session's owner within 2 s; finishing it");
+            true
+        }
+    }
+}
+
+/// Deletes the spool's files of session `id` (`<id>.*`: audio, sidecar,
+/// transcripts). Ids are server-made UUIDs: the prefix names nothing else.
+fn remove_spool_files(dir: &std::path::Path, id: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{id}.");
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(error = %e, path = %entry.path().display(), "spool file not removed");
+            }
+        }
+    }
 }
 
 /// Resolves once shutdown has been signalled; never if the signal is gone.

@@ -46,6 +46,9 @@ pub async fn take_over(
     let Some((mut record, revision)) = cluster.sessions().get(session_id).await? else {
         return Err(not_resumable().into());
     };
+    if record.closed {
+        return Err(not_resumable().into());
+    }
     if !constant_time_eq(token_hash(token).as_bytes(), record.token_sha256.as_bytes()) {
         tracing::info!("cluster resume refused: wrong token");
         return Err(not_resumable().into());

@@ -228,3 +228,111 @@ fn killing_a_node_loses_no_stream_and_no_acknowledged_audio() {
         );
     }
 }
+
+/// Sends `frames` (20 ms each) from `first` as seq messages.
+async fn send_frames(client: &mut Client, frames: &[&[i16]], first: usize) {
+    for (i, frame) in frames.iter().enumerate() {
+        let seq = first + i;
+        client
+            .send_binary(seq_message(seq as u32, seq as u64 * 320, &s16_bytes(frame)))
+            .await;
+    }
+}
+
+/// Reads until the ack of `seq` (everything up to it is journalled).
+async fn await_ack(client: &mut Client, seq: u64) {
+    loop {
+        let message = client.next_message().await;
+        if message["type"] == "ack" && message["seq"].as_u64() >= Some(seq) {
+            return;
+        }
+        assert_ne!(message["type"], "error", "{message}");
+    }
+}
+
+#[tokio::test]
+async fn a_paused_node_that_lost_its_lease_writes_nothing_more() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = nats.url();
+    let start = |id: &str| {
+        Server::start_with(
+            &[
+                "--nats-url",
+                &url,
+                "--node-id",
+                id,
+                "--cluster-lease-ms",
+                "1500",
+                "--resume-window-ms",
+                "3000",
+                "--recordings-url",
+                &format!("s3://{BUCKET}/rec"),
+            ],
+            &env,
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    let samples = source_samples();
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+
+    let mut first = Client::connect(&a, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    let started = first.expect("started").await;
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    let token = started["resume_token"].as_str().unwrap().to_owned();
+    send_frames(&mut first, &frames[..150], 0).await;
+    await_ack(&mut first, 149).await;
+
+    // Node a stops dead; its client gives up on it and, once a's lease has
+    // run out, resumes on b.
+    a.signal("STOP");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut second = Client::connect(&b, &format!("resume={id}&resume_token={token}")).await;
+    let resumed = second.expect("started").await;
+    assert_eq!(resumed["resume_from_seq"], 150, "{resumed}");
+    send_frames(&mut second, &frames[150..], 150).await;
+    let t = second.stop().await;
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    assert_eq!(
+        t.one("closed")["sample_frames"],
+        samples.len(),
+        "{:#?}",
+        t.messages
+    );
+    let recorded = recording(b.addr, &id).expect("b's recording in the bucket");
+    assert!(recorded == samples, "b's recording is not the stream");
+
+    // a wakes up: it must see it lost its lease, and its parked copy of
+    // the session must end (after its 3 s resume window) without a write.
+    a.signal("CONT");
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    let ready = http_get(a.addr, "/readyz").expect("a answers");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let health: Value =
+        serde_json::from_slice(&http_get(a.addr, "/healthz").unwrap().body).unwrap();
+    assert_eq!(health["cluster"]["fenced"], true, "{health}");
+    let recorded = recording(b.addr, &id).expect("the recording is still there");
+    assert!(recorded == samples, "a overwrote b's recording");
+    let left: Vec<String> = std::fs::read_dir(a.recordings_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&id))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a kept {left:?} in its spool");
+    let log = a.log();
+    assert!(log.contains("lost the node lease"), "{log}");
+    assert!(
+        log.contains("the session belongs to another node now")
+            || log.contains("session lost to another node"),
+        "a's copy of the session did not end as lost: {log}"
+    );
+}
