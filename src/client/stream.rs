@@ -277,6 +277,12 @@ impl Session<'_> {
             }
             "vad" => self.emit(Event::Vad(message)),
             "recording" => self.outcome.recordings.push(message),
+            // Cluster mode: the node is shutting down; the close (1012)
+            // that follows is answered by resuming, as for any drop.
+            "reconnect" => self.emit(Event::Warning(format!(
+                "the server asked for a reconnect ({}); resuming",
+                message["reason"].as_str().unwrap_or("?")
+            ))),
             "error" if message["fatal"] == true => self.error = Some(message),
             "error" => {
                 if message["code"] == ErrorCode::AudioTooFast.as_str() {
@@ -433,6 +439,13 @@ impl Session<'_> {
     }
 }
 
+/// Refusals of a resume that another try (on another node, behind a load
+/// balancer) can overcome: a node shutting down, or full.
+fn retryable_refusal(error: &Value) -> bool {
+    let code = error["code"].as_str().unwrap_or_default();
+    code == ErrorCode::ShuttingDown.as_str() || code == ErrorCode::ServerFull.as_str()
+}
+
 /// Streams `source` to the server; resumes after drops.
 pub async fn stream(
     source: &Source,
@@ -490,6 +503,21 @@ pub async fn stream(
         }
         let started = match session.await_started(&mut conn).await {
             Ok(started) => started,
+            // A node on its way down refused the resume: another will take it.
+            Err(End::Closed) | Err(End::Lost(_))
+                if resuming && session.error.as_ref().is_some_and(retryable_refusal) =>
+            {
+                let error = session.error.take().unwrap_or_default();
+                let since = lost
+                    .get_or_insert((Instant::now(), error["message"].to_string()))
+                    .0;
+                if since.elapsed() >= options.resume_timeout {
+                    return Err(session.server_error(&error));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
             Err(End::Closed) | Err(End::Lost(_)) if session.error.is_some() => {
                 let error = session.error.clone().unwrap_or_default();
                 return Err(session.server_error(&error));

@@ -91,6 +91,20 @@ impl Sessions {
             .map_err(|e| jetstream_error("session record")(&e))
     }
 
+    /// The owner leaves the session for another node to take at once (a
+    /// node shutting down): the record keeps no owner.
+    pub async fn release(&self, id: &str, owner: &str, instance: &str) -> Result<(), ClusterError> {
+        let Some((mut record, revision)) = self.get(id).await? else {
+            return Ok(());
+        };
+        if record.owner != owner || record.owner_instance != instance {
+            return Ok(());
+        }
+        record.owner.clear();
+        record.owner_instance.clear();
+        self.swap(id, &record, revision).await.map(|_| ())
+    }
+
     /// The session has ended here: it can no longer be resumed anywhere.
     /// Only its owner marks it (compare-and-swap on the revision read).
     pub async fn close(&self, id: &str, owner: &str, instance: &str) -> Result<(), ClusterError> {

@@ -127,6 +127,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         }
         false => None,
     };
+    let cluster_handle = cluster.clone();
     let ready = Arc::new(AtomicBool::new(true));
     let state = web::Data::new(AppState {
         auth,
@@ -234,6 +235,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     });
 
     let shutdown_timeout = config.shutdown_timeout();
+    let cluster_at_exit = cluster_handle;
     actix_web::rt::spawn(async move {
         let signal = signals.wait().await;
         tracing::info!(signal, "shutting down: finishing sessions");
@@ -254,6 +256,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
                 left = registry.active(),
                 "shutdown timeout: stopping with sessions still open"
             );
+        }
+        if let Some(cluster) = &cluster_at_exit {
+            cluster.leave().await;
         }
         // Graceful only when nothing is left to wait for: the whole
         // shutdown fits shutdown_timeout_ms.

@@ -321,6 +321,9 @@ async fn drive(
             biased;
             () = &mut shutdown_signal, if watching && !shutdown_seen => {
                 shutdown_seen = true;
+                if env.cluster.is_some() && session.journal.is_some() {
+                    return hand_off(session, connection, guard, &env).await;
+                }
                 Some(Input::Shutdown)
             }
             () = async { match takeover_signal.as_mut() {
@@ -664,6 +667,26 @@ async fn park(session: Suspended, guard: SessionGuard, env: SessionEnv, generati
         () = tokio::time::sleep(window) => Input::ResumeExpired,
         () = wait_for_shutdown(env.shutdown.clone()) => Input::Shutdown,
     };
+    if matches!(input, Input::Shutdown) && env.cluster.is_some() {
+        // Cluster mode: another node takes the parked session when its
+        // client comes back (it was journalled up to its last ack).
+        if let Some(parked) = env.resumes.take_expired(&id, generation) {
+            metrics::gauge!(names::SESSIONS_PARKED).decrement(1.0);
+            let session = *parked.session;
+            if session.journal.is_some() {
+                return hand_off(session, None, parked.guard, &env).await;
+            }
+            env.resumes.park(
+                &id,
+                Parked {
+                    session: Box::new(session),
+                    guard: parked.guard,
+                    generation,
+                },
+            );
+            metrics::gauge!(names::SESSIONS_PARKED).increment(1.0);
+        }
+    }
     metrics::gauge!(names::SESSIONS_PARKED).decrement(1.0);
     if let Some(parked) = env.resumes.take_expired(&id, generation) {
         tracing::info!("resume window over: finishing the session");
@@ -817,6 +840,65 @@ async fn abandon(
             .await;
     }
     drop(guard);
+}
+
+/// Cluster mode, a node shutting down (rolling restart): journals what the
+/// session was handed, tells the client to come back (`reconnect` with its
+/// resume credentials, then close 1012), and leaves the session to whichever
+/// node the client reaches, writing nothing more for it here.
+async fn hand_off(
+    mut session: Suspended,
+    connection: Option<Connection>,
+    guard: SessionGuard,
+    env: &SessionEnv,
+) {
+    let id = session.core.id().to_owned();
+    let handed = session.core.resume_from_seq();
+    if let Some(journal) = session.journal.as_mut() {
+        if handed > 0 {
+            journal.want(handed - 1);
+        }
+        let deadline = Instant::now() + env.config.shutdown_timeout();
+        while journal.busy() {
+            match tokio::time::timeout_at(deadline, journal.next()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "hand-off: the journal was not completed");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("hand-off: the journal was not completed in time");
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(mut c) = connection {
+        let reconnect = serde_json::json!({
+            "type": "reconnect",
+            "reason": "node_shutdown",
+            "session_id": id,
+            "resume_token": session.core.resume_token(),
+        });
+        let _ = c.ws.text(reconnect.to_string()).await;
+        let _ =
+            c.ws.close(Some(CloseReason {
+                code: CloseCode::Restart,
+                description: Some("node_shutdown".into()),
+            }))
+            .await;
+    }
+    if let Some(cluster) = &env.cluster {
+        let release = cluster
+            .sessions()
+            .release(&id, cluster.node_id(), cluster.instance());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
+            Ok(Ok(())) => tracing::info!("session handed off for another node to take"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "session not released; its lease will be"),
+            Err(_) => tracing::warn!("session not released within 2 s; its lease will be"),
+        }
+    }
+    abandon(session, None, guard, env).await;
 }
 
 /// Cluster mode, before the sinks finish (and the recording is uploaded):

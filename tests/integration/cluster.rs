@@ -336,3 +336,105 @@ async fn a_paused_node_that_lost_its_lease_writes_nothing_more() {
         "a's copy of the session did not end as lost: {log}"
     );
 }
+
+/// `cochlea stream` with `count` copies of `file` at once, through `url`.
+fn stream_files(url: &str, file: &std::path::Path, count: usize) -> std::process::Child {
+    let mut stream = Command::new(env!("CARGO_BIN_EXE_cochlea"));
+    stream
+        .arg("stream")
+        .arg("--url")
+        .arg(url)
+        .arg("--json")
+        .arg("--jobs")
+        .arg(count.to_string())
+        .arg("--resume-timeout-ms")
+        .arg("40000");
+    for _ in 0..count {
+        stream.arg(file);
+    }
+    stream
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_rolling_restart_cuts_no_stream() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let mut nodes: Vec<Option<Server>> = (0..4).map(|i| Some(node(i, &nats, &s3))).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
+    let haproxy = Haproxy::start(&addrs);
+    haproxy.wait_all_up(Duration::from_secs(10));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("call.wav");
+    let samples = source_samples();
+    write_wav(&file, &samples);
+    let mut client = stream_files(&haproxy.ws_url("/v1/stream"), &file, 12);
+
+    // SIGTERM three of the four nodes in turn while the streams run; each
+    // hands its sessions off, and their clients resume on the others.
+    for (victim, slot) in nodes.iter_mut().enumerate().take(3) {
+        std::thread::sleep(Duration::from_millis(2_500));
+        let mut node = slot.take().unwrap();
+        node.signal("TERM");
+        let status = node.wait_exit(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "n{victim} exited with {status}: {}",
+            node.log()
+        );
+        assert!(
+            node.log().contains("session handed off") || sessions_moved_none(&node),
+            "n{victim} handed nothing off: {}",
+            node.log()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("cochlea stream did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = nodes[3].as_ref().unwrap();
+    assert!(
+        status.success(),
+        "cochlea stream failed ({status}):\n{stderr}\n{stdout}\nlast node:\n{}",
+        last.log()
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(results.len(), 12, "{stdout}");
+    let resumes: u64 = results
+        .iter()
+        .map(|r| r["resumes"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        resumes >= 9,
+        "three nodes went down under 12 streams: {resumes} resumes"
+    );
+    for result in &results {
+        assert_eq!(result["ok"], true, "{result}");
+        let id = result["session_id"].as_str().unwrap();
+        let recorded = recording(last.addr, id)
+            .unwrap_or_else(|| panic!("no recording of {id} in the bucket"));
+        assert!(recorded == samples, "recording of {id} is not the stream");
+    }
+}
+
+/// A node that held no session when it went down has nothing to hand off.
+fn sessions_moved_none(node: &Server) -> bool {
+    !node.log().contains("session opened") && !node.log().contains("taken over")
+}
