@@ -129,6 +129,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     };
     let cluster_handle = cluster.clone();
     let ready = Arc::new(AtomicBool::new(true));
+    let handovers = cluster.clone();
     let state = web::Data::new(AppState {
         auth,
         env: SessionEnv {
@@ -149,6 +150,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         catalog: catalog.clone(),
     });
 
+    if let Some(cluster) = handovers {
+        actix_web::rt::spawn(takeover::serve_handovers(cluster, state.env.clone()));
+    }
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,

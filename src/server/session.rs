@@ -901,6 +901,12 @@ async fn hand_off(
     abandon(session, None, guard, env).await;
 }
 
+/// A parked session handed to another node (it asked: its client came back
+/// there).
+pub(super) async fn hand_off_parked(session: Suspended, guard: SessionGuard, env: &SessionEnv) {
+    hand_off(session, None, guard, env).await;
+}
+
 /// Cluster mode, before the sinks finish (and the recording is uploaded):
 /// whether this node still owns the session. A node that was paused or cut
 /// off past its lease may find another node took it over; it then finishes

@@ -43,7 +43,7 @@ pub async fn take_over(
     request: &StartRequest,
 ) -> Result<Suspended, TakeoverError> {
     let not_resumable = || ResumeError::NotResumable(session_id.to_owned());
-    let Some((mut record, revision)) = cluster.sessions().get(session_id).await? else {
+    let Some((mut record, mut revision)) = cluster.sessions().get(session_id).await? else {
         return Err(not_resumable().into());
     };
     if record.closed {
@@ -56,6 +56,19 @@ pub async fn take_over(
     if record.owner == cluster.node_id() && record.owner_instance == cluster.instance() {
         // Ours, yet not in the local registry: it has just ended.
         return Err(not_resumable().into());
+    }
+    // A live owner is asked to hand the session over (its client came back
+    // through another node: a network blip, a load balancer's choice).
+    if !record.owner.is_empty()
+        && cluster
+            .node_alive(&record.owner, &record.owner_instance)
+            .await?
+        && ask_handover(cluster, &record.owner, session_id, token).await
+    {
+        if let Some((fresh, fresh_revision)) = cluster.sessions().get(session_id).await? {
+            record = fresh;
+            revision = fresh_revision;
+        }
     }
     // A client that lost a node usually comes back before the node's lease
     // has run out: wait for it (a lease and a little), rather than refuse.
@@ -104,6 +117,88 @@ pub async fn take_over(
         first_arrival,
     ));
     Ok(suspended)
+}
+
+/// Asks `owner` to let the session go: it journals what it was handed and
+/// releases the record. True if it says it did.
+async fn ask_handover(cluster: &Cluster, owner: &str, session_id: &str, token: &str) -> bool {
+    let request = serde_json::json!({ "session_id": session_id, "resume_token": token });
+    let asking = cluster
+        .client()
+        .request(Cluster::handover_subject(owner), request.to_string().into());
+    match tokio::time::timeout(Duration::from_secs(5), asking).await {
+        Ok(Ok(reply)) => {
+            let answer: serde_json::Value =
+                serde_json::from_slice(&reply.payload).unwrap_or_default();
+            if answer["released"] == true {
+                tracing::info!(%owner, "the owner handed the session over");
+                true
+            } else {
+                tracing::info!(%owner, answer = %answer, "the owner kept the session");
+                false
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%owner, error = %e, "hand-over request failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%owner, "no answer to the hand-over request within 5 s");
+            false
+        }
+    }
+}
+
+/// Answers other nodes' hand-over requests for this node's sessions (see
+/// [`ask_handover`]) until the connection to NATS ends.
+pub async fn serve_handovers(cluster: Arc<Cluster>, env: SessionEnv) {
+    let subject = Cluster::handover_subject(cluster.node_id());
+    let mut requests = match cluster.client().subscribe(subject).await {
+        Ok(requests) => requests,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer hand-over requests");
+            return;
+        }
+    };
+    while let Some(message) = futures_util::StreamExt::next(&mut requests).await {
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let (cluster, env) = (cluster.clone(), env.clone());
+        // Sessions live on the worker threads' local sets.
+        actix_web::rt::spawn(async move {
+            let answer = hand_over(&env, &message.payload).await;
+            let body = match answer {
+                Ok(()) => serde_json::json!({ "released": true }),
+                Err(why) => serde_json::json!({ "released": false, "reason": why }),
+            };
+            if let Err(e) = cluster
+                .client()
+                .publish(reply, body.to_string().into())
+                .await
+            {
+                tracing::warn!(error = %e, "hand-over answer not sent");
+            }
+        });
+    }
+}
+
+/// Lets a session go to another node: claims it as a local resume would
+/// (so a connection still attached lets go first), then hands it off.
+async fn hand_over(env: &SessionEnv, payload: &[u8]) -> Result<(), String> {
+    let request: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| format!("unreadable request: {e}"))?;
+    let id = request["session_id"].as_str().unwrap_or_default();
+    let token = request["resume_token"].as_str().unwrap_or_default();
+    crate::cluster::check_session_id(id).map_err(|e| e.to_string())?;
+    let claimed = env
+        .resumes
+        .claim(id, token, &StartRequest::default(), Duration::from_secs(3))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parked, _) = claimed;
+    super::session::hand_off_parked(*parked.session, parked.guard, env).await;
+    Ok(())
 }
 
 /// A fresh core fed the journal at the times its messages first arrived

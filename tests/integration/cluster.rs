@@ -438,3 +438,45 @@ fn a_rolling_restart_cuts_no_stream() {
 fn sessions_moved_none(node: &Server) -> bool {
     !node.log().contains("session opened") && !node.log().contains("taken over")
 }
+
+#[tokio::test]
+async fn a_live_owner_hands_a_session_over_to_the_node_its_client_reached() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let a = node(0, &nats, &s3);
+    let b = node(1, &nats, &s3);
+    let samples = source_samples();
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+    let mut first = Client::connect(&a, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    let started = first.expect("started").await;
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    let token = started["resume_token"].as_str().unwrap().to_owned();
+    send_frames(&mut first, &frames[..150], 0).await;
+    await_ack(&mut first, 149).await;
+
+    // The client comes back through another node while its first
+    // connection still looks alive to a (a half-open connection): a lets
+    // it go at b's request, well before any lease could run out.
+    let asked = Instant::now();
+    let mut second = Client::connect(&b, &format!("resume={id}&resume_token={token}")).await;
+    let resumed = second.expect("started").await;
+    let waited = asked.elapsed();
+    assert_eq!(resumed["resume_from_seq"], 150, "{resumed}");
+    assert!(
+        waited < Duration::from_millis(1_500),
+        "the hand-over took {waited:?}, as long as a lease"
+    );
+    let old = first.finish().await;
+    assert!(
+        [1001, 1012].contains(&old.close_code()),
+        "the old connection ends: {:?}",
+        old.close
+    );
+    send_frames(&mut second, &frames[150..], 150).await;
+    let t = second.stop().await;
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    let recorded = recording(b.addr, &id).expect("the recording in the bucket");
+    assert!(recorded == samples, "the recording is not the stream");
+    assert!(a.log().contains("session handed off"), "{}", a.log());
+}
