@@ -224,6 +224,7 @@ fn summary_json(file: &FileResult) -> Value {
             "recordings": o.recordings,
             "transcripts": o.transcripts,
             "resumes": o.resumes,
+            "resume_waits_ms": o.resume_waits_ms,
             "closed": o.closed,
         }),
         Err(e) => json!({ "file": file.path, "ok": false, "error": e.to_string() }),

@@ -123,6 +123,9 @@ pub struct Outcome {
     /// The `closed` message.
     pub closed: Value,
     pub resumes: u32,
+    /// For each resume, milliseconds from the lost connection to the
+    /// server's `started` on the new one.
+    pub resume_waits_ms: Vec<u64>,
 }
 
 /// When each message is due, in wall time.
@@ -564,6 +567,13 @@ pub async fn stream(
             }
             session.next = from;
             session.outcome.resumes += 1;
+            if let Some((since, _)) = &lost {
+                let waited = since.elapsed().as_millis();
+                session
+                    .outcome
+                    .resume_waits_ms
+                    .push(u64::try_from(waited).unwrap_or(u64::MAX));
+            }
             session.emit(Event::Resumed {
                 from_seq: from as u32,
                 at_seconds: session.sent_seconds(),

@@ -199,9 +199,20 @@ fn killing_a_node_loses_no_stream_and_no_acknowledged_audio() {
         resumed as u64, loads[victim],
         "every session of the killed node resumed elsewhere"
     );
+    let mut waits: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r["resume_waits_ms"].as_array().cloned().unwrap_or_default())
+        .filter_map(|w| w.as_u64())
+        .collect();
+    waits.sort_unstable();
+    assert_eq!(waits.len(), resumed, "one wait per resume");
+    // Nearest rank.
+    let rank = |p: f64| waits[((p * waits.len() as f64).ceil() as usize).clamp(1, waits.len()) - 1];
     eprintln!(
-        "kill test: {} sessions resumed after the kill of n{victim}; all done {:.1} s after it",
-        resumed,
+        "kill test: {resumed} sessions resumed after the kill of n{victim}; resume wait p50 {} ms, p99 {} ms, max {} ms (lease 1500 ms); all done {:.1} s after the kill",
+        rank(0.5),
+        rank(0.99),
+        waits[waits.len() - 1],
         killed_at.elapsed().as_secs_f64()
     );
     for result in &results {
