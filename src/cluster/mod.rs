@@ -29,6 +29,7 @@ pub mod journal;
 mod node;
 pub mod sessions;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,10 @@ pub struct Cluster {
     fenced: AtomicBool,
     /// How many sessions the node holds, for its lease (set by the server).
     load: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// The node's sessions per key (set by the server).
+    key_load: std::sync::OnceLock<Box<dyn Fn() -> BTreeMap<String, usize> + Send + Sync>>,
+    /// Told the other nodes' sessions per key after each renewal.
+    on_keys_elsewhere: std::sync::OnceLock<Box<dyn Fn(HashMap<String, usize>) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -172,6 +177,8 @@ impl Cluster {
             nodes,
             fenced: AtomicBool::new(false),
             load: std::sync::OnceLock::new(),
+            key_load: std::sync::OnceLock::new(),
+            on_keys_elsewhere: std::sync::OnceLock::new(),
         });
         let revision = node::acquire(&cluster).await?;
         tokio::spawn(node::renew(cluster.clone(), revision));
@@ -186,6 +193,37 @@ impl Cluster {
 
     fn load(&self) -> usize {
         self.load.get().map_or(0, |load| load())
+    }
+
+    /// `max_sessions_per_key` across the cluster: `counts` gives this node's
+    /// sessions per key (published in its lease), `elsewhere` is told the
+    /// other nodes' sums after each renewal.
+    pub fn share_key_counts(
+        &self,
+        counts: impl Fn() -> BTreeMap<String, usize> + Send + Sync + 'static,
+        elsewhere: impl Fn(HashMap<String, usize>) + Send + Sync + 'static,
+    ) {
+        let _ = self.key_load.set(Box::new(counts));
+        let _ = self.on_keys_elsewhere.set(Box::new(elsewhere));
+    }
+
+    fn key_load(&self) -> BTreeMap<String, usize> {
+        self.key_load
+            .get()
+            .map_or_else(BTreeMap::new, |load| load())
+    }
+
+    fn note_view(&self, nodes: &[NodeView]) {
+        let Some(tell) = self.on_keys_elsewhere.get() else {
+            return;
+        };
+        let mut sums: HashMap<String, usize> = HashMap::new();
+        for node in nodes.iter().filter(|n| n.node_id != self.node_id) {
+            for (key, count) in &node.keys {
+                *sums.entry(key.clone()).or_default() += count;
+            }
+        }
+        tell(sums);
     }
 
     /// How long a node's lease lasts without renewal.

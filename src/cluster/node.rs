@@ -17,6 +17,10 @@ pub struct NodeView {
     pub instance: String,
     pub started_at: String,
     pub sessions: usize,
+    /// Sessions per API key id, for `max_sessions_per_key` across the
+    /// cluster.
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, usize>,
     /// Seconds since the Unix epoch of the last renewal.
     pub renewed_at: u64,
 }
@@ -33,6 +37,7 @@ fn lease_value(cluster: &Cluster, instance: &str, started_at: &str) -> bytes::By
         instance: instance.to_owned(),
         started_at: started_at.to_owned(),
         sessions: cluster.load(),
+        keys: cluster.key_load(),
         renewed_at: now_s(),
     };
     serde_json::to_vec(&view).unwrap_or_default().into()
@@ -86,7 +91,12 @@ pub(super) async fn renew(cluster: Arc<Cluster>, mut lease: Lease) {
         )
         .await;
         match renewal {
-            Ok(Ok(revision)) => lease.revision = revision,
+            Ok(Ok(revision)) => {
+                lease.revision = revision;
+                if let Ok(nodes) = view(&cluster).await {
+                    cluster.note_view(&nodes);
+                }
+            }
             Ok(Err(e)) => {
                 use async_nats::jetstream::kv::UpdateErrorKind;
                 if e.kind() == UpdateErrorKind::WrongLastRevision {

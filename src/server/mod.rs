@@ -123,6 +123,13 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             let cluster = crate::cluster::Cluster::start(&config.cluster).await?;
             let counted = registry.clone();
             cluster.count_sessions_with(move || counted.active());
+            if config.max_sessions_per_key > 0 {
+                let (mine, others) = (registry.clone(), registry.clone());
+                cluster.share_key_counts(
+                    move || mine.per_key_counts().into_iter().collect(),
+                    move |elsewhere| others.set_elsewhere(elsewhere),
+                );
+            }
             Some(cluster)
         }
         false => None,

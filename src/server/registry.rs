@@ -15,6 +15,9 @@ pub struct SessionRegistry {
     /// Sessions per API key id, for `max_sessions_per_key` (0: unlimited).
     per_key: Mutex<HashMap<String, usize>>,
     max_per_key: usize,
+    /// Cluster mode: each key's sessions on the other nodes, as their
+    /// leases last said (refreshed every third of a lease).
+    elsewhere: Mutex<HashMap<String, usize>>,
     /// Woken whenever the count drops to zero (graceful shutdown waits on it).
     drained: Notify,
 }
@@ -53,6 +56,7 @@ impl SessionRegistry {
             max_sessions,
             per_key: Mutex::new(HashMap::new()),
             max_per_key,
+            elsewhere: Mutex::new(HashMap::new()),
             drained: Notify::new(),
         })
     }
@@ -69,6 +73,28 @@ impl SessionRegistry {
         self.max_per_key
     }
 
+    /// Sessions per key on this node, for the node's lease.
+    pub fn per_key_counts(&self) -> HashMap<String, usize> {
+        self.per_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Cluster mode: what the other nodes hold per key.
+    pub fn set_elsewhere(&self, counts: HashMap<String, usize>) {
+        *self.elsewhere.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    }
+
+    fn held_elsewhere(&self, key: &str) -> usize {
+        self.elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Takes a slot if one is free, globally and for the key.
     pub fn try_admit(self: &Arc<Self>, key_id: Option<&str>) -> Result<SessionGuard, Refusal> {
         self.active
@@ -77,9 +103,10 @@ impl SessionRegistry {
             })
             .map_err(|_| Refusal::ServerFull)?;
         if let (Some(key), true) = (key_id, self.max_per_key > 0) {
+            let elsewhere = self.held_elsewhere(key);
             let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
             let count = per_key.entry(key.to_owned()).or_insert(0);
-            if *count >= self.max_per_key {
+            if *count + elsewhere >= self.max_per_key {
                 drop(per_key);
                 self.active.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::KeyFull);
@@ -104,9 +131,10 @@ impl SessionRegistry {
                 key_id: None,
             });
         }
+        let elsewhere = self.held_elsewhere(key_id);
         let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
         let count = per_key.entry(key_id.to_owned()).or_insert(0);
-        if *count >= self.max_per_key {
+        if *count + elsewhere >= self.max_per_key {
             return Err(Refusal::KeyFull);
         }
         *count += 1;

@@ -491,3 +491,52 @@ async fn a_live_owner_hands_a_session_over_to_the_node_its_client_reached() {
     assert!(recorded == samples, "the recording is not the stream");
     assert!(a.log().contains("session handed off"), "{}", a.log());
 }
+
+#[tokio::test]
+async fn max_sessions_per_key_holds_across_the_cluster() {
+    const KEY: &str = "cluster-key-0123456789abcdef";
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = nats.url();
+    let start = |id: &str| {
+        Server::start_with(
+            &[
+                "--nats-url",
+                &url,
+                "--node-id",
+                id,
+                "--cluster-lease-ms",
+                "1500",
+                "--recordings-url",
+                &format!("s3://{BUCKET}/rec"),
+                "--api-key",
+                KEY,
+                "--max-sessions-per-key",
+                "2",
+            ],
+            &env,
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    let query = format!("encoding=pcm_s16le&sample_rate=16000&token={KEY}");
+    let mut one = Client::connect(&a, &query).await;
+    one.expect("started").await;
+    let mut two = Client::connect(&a, &query).await;
+    two.expect("started").await;
+    // b learns a's count from a's lease (renewed every 500 ms).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let third = Client::connect(&b, &query).await;
+    let t = third.finish().await;
+    t.assert_refused("key_full", 1013);
+    // One ends on a: b takes the key's next session.
+    let _ = one.stop().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut fourth = Client::connect(&b, &query).await;
+    fourth.expect("started").await;
+    let _ = fourth.stop().await;
+    let _ = two.stop().await;
+}
