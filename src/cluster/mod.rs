@@ -31,7 +31,7 @@ pub mod sessions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -67,6 +67,9 @@ fn jetstream_error(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> Clu
     }
 }
 
+type KeyCounts = dyn Fn() -> BTreeMap<String, usize> + Send + Sync;
+type KeysElsewhere = dyn Fn(HashMap<String, usize>) + Send + Sync;
+
 /// A node's handle on the cluster, shared by its sessions.
 pub struct Cluster {
     node_id: String,
@@ -81,11 +84,11 @@ pub struct Cluster {
     /// Set when the node finds it lost its lease.
     fenced: AtomicBool,
     /// How many sessions the node holds, for its lease (set by the server).
-    load: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    load: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
     /// The node's sessions per key (set by the server).
-    key_load: std::sync::OnceLock<Box<dyn Fn() -> BTreeMap<String, usize> + Send + Sync>>,
+    key_load: OnceLock<Box<KeyCounts>>,
     /// Told the other nodes' sessions per key after each renewal.
-    on_keys_elsewhere: std::sync::OnceLock<Box<dyn Fn(HashMap<String, usize>) + Send + Sync>>,
+    on_keys_elsewhere: OnceLock<Box<KeysElsewhere>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -176,9 +179,9 @@ impl Cluster {
             js,
             nodes,
             fenced: AtomicBool::new(false),
-            load: std::sync::OnceLock::new(),
-            key_load: std::sync::OnceLock::new(),
-            on_keys_elsewhere: std::sync::OnceLock::new(),
+            load: OnceLock::new(),
+            key_load: OnceLock::new(),
+            on_keys_elsewhere: OnceLock::new(),
         });
         let revision = node::acquire(&cluster).await?;
         tokio::spawn(node::renew(cluster.clone(), revision));
