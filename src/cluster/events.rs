@@ -68,6 +68,35 @@ async fn publish_all(js: jetstream::Context, mut events: mpsc::Receiver<(String,
     while acks.next().await.is_some() {}
 }
 
+/// The session's events stored so far (none if NATS has none), in order.
+pub async fn read_all(
+    js: &jetstream::Context,
+    session_id: &str,
+) -> Result<Vec<Bytes>, ClusterError> {
+    check_session_id(session_id)?;
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| jetstream_error("events stream")(&e))?;
+    let last = match stream
+        .get_last_raw_message_by_subject(&subject(session_id))
+        .await
+    {
+        Ok(message) => message.sequence,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut stored = std::pin::pin!(follow(js, session_id, 0).await?);
+    let mut events = Vec::new();
+    while let Some(event) = stored.next().await {
+        let event = event?;
+        events.push(event.json);
+        if event.sequence >= last {
+            break;
+        }
+    }
+    Ok(events)
+}
+
 /// One stored event: its stream sequence (the SSE id) and its JSON.
 pub struct StoredEvent {
     pub sequence: u64,

@@ -118,6 +118,23 @@ impl Journal {
     }
 }
 
+/// Drops a closed session's journal (its recording is in the store, or in
+/// the node's spool until the store takes it): the stream holds live
+/// sessions only, not a day of every call.
+pub async fn purge(js: &jetstream::Context, session_id: &str) -> Result<(), ClusterError> {
+    check_session_id(session_id)?;
+    let stream = js
+        .get_stream(AUDIO_STREAM)
+        .await
+        .map_err(|e| jetstream_error("journal")(&e))?;
+    stream
+        .purge()
+        .filter(subject(session_id))
+        .await
+        .map(|_| ())
+        .map_err(|e| jetstream_error("journal purge")(&e))
+}
+
 /// Everything a session's journal holds, in order, and its last sequence.
 pub async fn read_all(
     js: &jetstream::Context,

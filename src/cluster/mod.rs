@@ -5,9 +5,12 @@
 //!
 //! - holds a lease in the KV bucket `cochlea_nodes` (its key, rewritten every
 //!   third of `cluster.lease_ms`; the bucket's age limit removes it when the
-//!   node stops renewing). A node whose renewal finds its key gone or changed
-//!   has lost the lease (it was paused or cut off): it is *fenced* and writes
-//!   nothing more for the sessions it held ([`Cluster::fenced`]);
+//!   node stops renewing). Other nodes take a session over only from a node
+//!   whose lease is gone. A node that finds its lease gone (it was paused,
+//!   or NATS was out of reach) takes a new one: the sessions taken over
+//!   meanwhile are fenced one by one (journal sequence, owner check);
+//!   a node whose id another live process holds is *fenced* for good
+//!   ([`Cluster::fenced`]);
 //! - publishes every server event of its sessions to the JetStream subject
 //!   `cochlea.events.<session_id>` (stream `COCHLEA_EVENTS`, kept
 //!   `cluster.events_max_age_s`), the JSON the native protocol sends,
@@ -238,7 +241,7 @@ impl Cluster {
         &self.node_id
     }
 
-    /// The node lost its lease: it must not write for its sessions.
+    /// Another live process holds this node's id: it must not write at all.
     pub fn fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
     }

@@ -76,8 +76,13 @@ pub(super) struct Lease {
 }
 
 /// Renews the lease every third of its length. A renewal that finds the key
-/// changed or gone means another process took it or it ran out (this one
-/// was paused, or cut off from NATS): the node is fenced for good.
+/// changed or gone means the lease ran out (this process was paused, or NATS
+/// was out of reach for longer than a lease): other nodes may have taken
+/// some of its sessions over meanwhile. Those are safe without the lease:
+/// each journal append states the sequence it expects, and a session is
+/// finished only after its record is found to still name this process. So
+/// the node takes a new lease and goes on; only if another live process
+/// holds its id is it fenced for good.
 pub(super) async fn renew(cluster: Arc<Cluster>, mut lease: Lease) {
     let every = cluster.lease / 3;
     loop {
@@ -87,7 +92,7 @@ pub(super) async fn renew(cluster: Arc<Cluster>, mut lease: Lease) {
             cluster.lease,
             cluster
                 .nodes
-                .update(&cluster.node_id, value, lease.revision),
+                .update(&cluster.node_id, value.clone(), lease.revision),
         )
         .await;
         match renewal {
@@ -99,15 +104,29 @@ pub(super) async fn renew(cluster: Arc<Cluster>, mut lease: Lease) {
             }
             Ok(Err(e)) => {
                 use async_nats::jetstream::kv::UpdateErrorKind;
-                if e.kind() == UpdateErrorKind::WrongLastRevision {
-                    cluster.fenced.store(true, Ordering::Release);
-                    tracing::error!(
-                        node_id = %cluster.node_id,
-                        "lost the node lease (paused or cut off for longer than cluster.lease_ms): fenced, writing nothing more for its sessions; restart this node"
-                    );
-                    return;
+                if e.kind() != UpdateErrorKind::WrongLastRevision {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    continue;
                 }
-                tracing::warn!(error = %e, "lease renewal failed; retrying");
+                tracing::warn!(
+                    node_id = %cluster.node_id,
+                    "lost the node lease (paused, or NATS out of reach, for longer than cluster.lease_ms): sessions taken over meanwhile are dropped here as they are found"
+                );
+                match cluster.nodes.create(&cluster.node_id, value).await {
+                    Ok(revision) => {
+                        lease.revision = revision;
+                        tracing::info!(node_id = %cluster.node_id, "took a new node lease");
+                    }
+                    Err(e) => {
+                        cluster.fenced.store(true, Ordering::Release);
+                        tracing::error!(
+                            error = %e,
+                            node_id = %cluster.node_id,
+                            "another process holds this node id: fenced, writing nothing more; give each node its own --node-id"
+                        );
+                        return;
+                    }
+                }
             }
             Err(_) => tracing::warn!("lease renewal timed out; retrying"),
         }

@@ -75,6 +75,31 @@ impl Sessions {
             .map(|record| (record, entry.revision)))
     }
 
+    /// Every session not closed, with its record.
+    pub async fn open_records(&self) -> Result<Vec<(String, SessionRecord)>, ClusterError> {
+        use futures_util::StreamExt;
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| jetstream_error("session records")(&e))?;
+        let mut ids = Vec::new();
+        while let Some(key) = keys.next().await {
+            if let Ok(key) = key {
+                ids.push(key);
+            }
+        }
+        let mut open = Vec::new();
+        for id in ids {
+            if let Ok(Some((record, _))) = self.get(&id).await {
+                if !record.closed {
+                    open.push((id, record));
+                }
+            }
+        }
+        Ok(open)
+    }
+
     /// Writes `record` if the record is still at `revision` (taking the
     /// session over, or updating it as its owner); the new revision.
     pub async fn swap(

@@ -106,6 +106,11 @@ impl Journaling {
         if self.in_flight.is_some() {
             return;
         }
+        // Both are checked before either is taken: taking the journal for
+        // nothing lost it, and every append after the first with it.
+        if self.wanted.is_none() || self.journal.is_none() {
+            return;
+        }
         let (Some(seq), Some(mut journal)) = (self.wanted.take(), self.journal.take()) else {
             return;
         };
@@ -205,4 +210,29 @@ async fn append_all(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: usize) -> Entry {
+        Entry {
+            arrival_ms: 0,
+            bytes: Bytes::from(vec![0u8; n]),
+        }
+    }
+
+    #[test]
+    fn batches_stay_under_the_payload_limit_and_keep_every_message() {
+        let entries: Vec<Entry> = (0..40).map(|_| entry(40_000)).collect();
+        let batches = split(entries.clone());
+        assert!(batches.len() > 1);
+        assert!(batches.iter().all(|b| b.len() <= MAX_BATCH_BYTES));
+        let back: Vec<Entry> = batches
+            .iter()
+            .flat_map(|b| journal::decode(b).unwrap())
+            .collect();
+        assert_eq!(back, entries);
+    }
 }

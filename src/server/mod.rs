@@ -158,7 +158,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     });
 
     if let Some(cluster) = handovers {
-        actix_web::rt::spawn(takeover::serve_handovers(cluster, state.env.clone()));
+        actix_web::rt::spawn(takeover::serve_handovers(
+            cluster.clone(),
+            state.env.clone(),
+        ));
+        actix_web::rt::spawn(takeover::sweep_orphans(cluster, state.env.clone()));
     }
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -683,7 +687,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if state.env.cluster.as_ref().is_some_and(|c| c.fenced()) {
         return HttpResponse::ServiceUnavailable()
-            .json(json!({ "ready": false, "reason": "lost its cluster lease" }));
+            .json(json!({ "ready": false, "reason": "another process holds this node id" }));
     }
     if state.ready.load(Ordering::Acquire) {
         HttpResponse::Ok().json(json!({ "ready": true }))

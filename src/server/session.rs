@@ -55,6 +55,10 @@ pub struct Suspended {
     events: mpsc::UnboundedReceiver<SinkEvent>,
     /// Cluster mode, resumable sessions: the audio's way to the journal.
     journal: Option<Journaling>,
+    /// A session rebuilt from its journal: per channel, the last utterance
+    /// whose final its client already had; the rebuilt transcriber's
+    /// messages about it and earlier ones are not sent again.
+    delivered: std::collections::HashMap<u16, u64>,
 }
 
 impl Suspended {
@@ -63,7 +67,37 @@ impl Suspended {
             core,
             events,
             journal: None,
+            delivered: std::collections::HashMap::new(),
         }
+    }
+
+    pub(super) fn suppress_delivered(&mut self, delivered: std::collections::HashMap<u16, u64>) {
+        self.delivered = delivered;
+    }
+
+    /// Whether a message is about an utterance the client already had in
+    /// full (see `delivered`).
+    fn already_delivered(&self, json: &str) -> bool {
+        if self.delivered.is_empty()
+            || !(json.starts_with(r#"{"type":"transcript""#)
+                || json.starts_with(r#"{"type":"vad""#)
+                || json.starts_with(r#"{"type":"error""#))
+        {
+            return false;
+        }
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(json) else {
+            return false;
+        };
+        let (Some(channel), Some(id)) = (
+            message["channel"].as_u64(),
+            message["utterance_id"].as_u64(),
+        ) else {
+            return false;
+        };
+        u16::try_from(channel)
+            .ok()
+            .and_then(|c| self.delivered.get(&c))
+            .is_some_and(|last| id <= *last)
     }
 
     pub(super) fn attach_journal(&mut self, journal: Journaling) {
@@ -134,11 +168,7 @@ pub async fn run(
             partial: None,
         };
         drive(
-            Suspended {
-                core,
-                events,
-                journal: None,
-            },
+            Suspended::new(core, events),
             Some(connection),
             guard,
             env,
@@ -520,6 +550,8 @@ async fn apply_outputs(
 ) -> Flow {
     while let Some(output) = session.core.poll_output() {
         match output {
+            Output::Text(text) if session.already_delivered(&text) => {}
+            Output::Event(json) if session.already_delivered(&json) => {}
             Output::Text(text) => {
                 if let Some(c) = connection.as_mut() {
                     if c.ws.text(text).await.is_err() {
@@ -795,7 +827,7 @@ async fn journal_next(
 }
 
 /// A closed session can no longer be resumed anywhere: its record says so
-/// (and expires with the bucket's age limit, as its journal does).
+/// (and expires with the bucket's age limit), and its journal goes.
 fn forget_record(session: &Suspended, env: &SessionEnv) {
     if let (Some(cluster), Some(_)) = (&env.cluster, &session.journal) {
         if cluster.fenced() {
@@ -809,6 +841,11 @@ fn forget_record(session: &Suspended, env: &SessionEnv) {
                 .close(&id, cluster.node_id(), cluster.instance());
             if let Err(e) = closing.await {
                 tracing::warn!(error = %e, "session record not marked closed");
+                return;
+            }
+            let purge = crate::cluster::journal::purge(cluster.jetstream(), &id);
+            if let Err(e) = purge.await {
+                tracing::warn!(error = %e, "journal not purged; it expires in a day");
             }
         });
     }
@@ -899,6 +936,20 @@ async fn hand_off(
         }
     }
     abandon(session, None, guard, env).await;
+}
+
+/// A session nobody will resume, rebuilt here to be finished: ends it as
+/// an expired resume window would, and drives it to its close.
+pub(super) async fn finish_detached(mut session: Suspended, guard: SessionGuard, env: SessionEnv) {
+    let span = tracing::info_span!("session", id = %session.core.id());
+    async move {
+        session
+            .core
+            .handle_input(Input::ResumeExpired, Instant::now().into_std());
+        drive(session, None, guard, env, None, 0).await;
+    }
+    .instrument(span)
+    .await
 }
 
 /// A parked session handed to another node (it asked: its client came back

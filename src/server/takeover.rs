@@ -10,6 +10,7 @@
 //! rest. The recording is rebuilt whole on this node's spool and uploaded
 //! as one object when the session ends.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,7 +20,7 @@ use super::auth::constant_time_eq;
 use super::journaling::Journaling;
 use super::resume::ResumeError;
 use super::session::{SessionEnv, Suspended};
-use crate::cluster::{journal, sessions::token_hash, Cluster, ClusterError};
+use crate::cluster::{events, journal, sessions::token_hash, Cluster, ClusterError};
 use crate::protocol::StartRequest;
 use crate::session::{Input, Output, SessionCore, SessionLimits};
 
@@ -102,6 +103,7 @@ pub async fn take_over(
     suspended
         .core
         .restore(token.to_owned(), record.resumes.saturating_sub(1));
+    suspended.suppress_delivered(delivered_finals(cluster, session_id).await);
     suspended
         .core
         .check_resume_request(request)
@@ -117,6 +119,113 @@ pub async fn take_over(
         first_arrival,
     ));
     Ok(suspended)
+}
+
+/// Finishes, here, a session whose owner is gone and whose client did not
+/// come back: rebuilt from its journal, then ended as an expired resume
+/// window ends a parked session (the recording completed and uploaded, the
+/// record closed). Without this, acknowledged audio would wait in the
+/// journal for a client that never returns, and no recording would appear.
+pub async fn finish_orphan(
+    env: &SessionEnv,
+    cluster: &Arc<Cluster>,
+    session_id: &str,
+) -> Result<bool, TakeoverError> {
+    let Some((mut record, revision)) = cluster.sessions().get(session_id).await? else {
+        return Ok(false);
+    };
+    if record.closed
+        || (!record.owner.is_empty()
+            && cluster
+                .node_alive(&record.owner, &record.owner_instance)
+                .await?)
+    {
+        return Ok(false);
+    }
+    let Ok(guard) = env.registry.try_admit(None) else {
+        // Full: another node, or a later sweep, finishes it.
+        return Ok(false);
+    };
+    record.owner = cluster.node_id().to_owned();
+    record.owner_instance = cluster.instance().to_owned();
+    if cluster
+        .sessions()
+        .swap(session_id, &record, revision)
+        .await
+        .is_err()
+    {
+        return Ok(false);
+    }
+    let (entries, last_sequence) = journal::read_all(cluster.jetstream(), session_id).await?;
+    tracing::info!(
+        session_id,
+        messages = entries.len(),
+        "finishing a session whose node and client are gone"
+    );
+    let mut suspended = replay(env, session_id, &record.request, &entries)?;
+    suspended.suppress_delivered(delivered_finals(cluster, session_id).await);
+    // Nobody can resume it now; the token only keeps the core resumable.
+    suspended
+        .core
+        .restore(uuid::Uuid::new_v4().simple().to_string(), record.resumes);
+    suspended.attach_journal(Journaling::resumed(
+        cluster.clone(),
+        session_id,
+        last_sequence,
+        std::time::Instant::now(),
+    ));
+    super::session::finish_detached(suspended, guard, env.clone()).await;
+    Ok(true)
+}
+
+/// Every node looks for orphans: at start, when it sees a node's lease go,
+/// and once a minute. A session first seen orphaned is finished after
+/// `resume_window_ms` more (its client's chance to come back, as on one
+/// node). Two nodes finishing the same orphan cannot both win: the record
+/// changes hands by compare-and-swap.
+pub async fn sweep_orphans(cluster: Arc<Cluster>, env: SessionEnv) {
+    use std::collections::{HashMap, HashSet};
+    let window = Duration::from_millis(env.config.resume_window_ms);
+    let mut alive: HashSet<(String, String)> = HashSet::new();
+    let mut orphaned_since: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut last_scan: Option<tokio::time::Instant> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        let view = cluster.view().await.unwrap_or_default();
+        let alive_now: HashSet<(String, String)> = view
+            .iter()
+            .map(|n| (n.node_id.clone(), n.instance.clone()))
+            .collect();
+        let someone_died = alive.difference(&alive_now).next().is_some();
+        alive = alive_now;
+        let due = last_scan.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+            || someone_died
+            || !orphaned_since.is_empty();
+        if due {
+            last_scan = Some(now);
+            let mut still = HashMap::new();
+            for (id, record) in cluster.sessions().open_records().await.unwrap_or_default() {
+                let owner_alive = !record.owner.is_empty()
+                    && alive.contains(&(record.owner.clone(), record.owner_instance.clone()));
+                if owner_alive {
+                    continue;
+                }
+                let since = orphaned_since.get(&id).copied().unwrap_or(now);
+                if now.duration_since(since) >= window {
+                    match finish_orphan(&env, &cluster, &id).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(session_id = %id, error = %e, "orphan not finished")
+                        }
+                    }
+                } else {
+                    still.insert(id, since);
+                }
+            }
+            orphaned_since = still;
+        }
+        tokio::time::sleep(cluster.lease()).await;
+    }
 }
 
 /// Asks `owner` to let the session go: it journals what it was handed and
@@ -199,6 +308,41 @@ async fn hand_over(env: &SessionEnv, payload: &[u8]) -> Result<(), String> {
     let (parked, _) = claimed;
     super::session::hand_off_parked(*parked.session, parked.guard, env).await;
     Ok(())
+}
+
+/// Per channel, the last utterance whose final result (a final transcript,
+/// or its `transcribe_failed`) the session's subscribers, and so its client,
+/// already had: the rebuilt transcriber hears the same audio, cuts the same
+/// utterances with the same ids, and must not say them again.
+async fn delivered_finals(cluster: &Cluster, session_id: &str) -> HashMap<u16, u64> {
+    let events = match events::read_all(cluster.jetstream(), session_id).await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "events unreadable: transcripts may come again");
+            return HashMap::new();
+        }
+    };
+    let mut last = HashMap::new();
+    for json in events {
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(&json) else {
+            continue;
+        };
+        let final_result = match event["type"].as_str() {
+            Some("transcript") => event["is_final"] == true,
+            Some("error") => event["code"] == "transcribe_failed",
+            _ => false,
+        };
+        let (Some(channel), Some(id)) = (event["channel"].as_u64(), event["utterance_id"].as_u64())
+        else {
+            continue;
+        };
+        if final_result {
+            let channel = u16::try_from(channel).unwrap_or(u16::MAX);
+            let entry = last.entry(channel).or_insert(id);
+            *entry = (*entry).max(id);
+        }
+    }
+    last
 }
 
 /// A fresh core fed the journal at the times its messages first arrived

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::cluster_support::*;
@@ -250,6 +251,30 @@ async fn send_frames(client: &mut Client, frames: &[&[i16]], first: usize) {
     }
 }
 
+/// Sends `frames` at real-time pace (20 ms apart); returns how many acks
+/// arrived meanwhile.
+async fn send_frames_realtime(client: &mut Client, frames: &[&[i16]], first: usize) -> usize {
+    let mut acks = 0;
+    let start = tokio::time::Instant::now();
+    for (i, frame) in frames.iter().enumerate() {
+        let seq = first + i;
+        client
+            .send_binary(seq_message(seq as u32, seq as u64 * 320, &s16_bytes(frame)))
+            .await;
+        let due = start + Duration::from_millis(20 * (i as u64 + 1));
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(due, client.ws.next()).await {
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                assert_ne!(value["type"], "error", "{value}");
+                if value["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }
+    }
+    acks
+}
+
 /// Reads until the ack of `seq` (everything up to it is journalled).
 async fn await_ack(client: &mut Client, seq: u64) {
     loop {
@@ -319,14 +344,15 @@ async fn a_paused_node_that_lost_its_lease_writes_nothing_more() {
     assert!(recorded == samples, "b's recording is not the stream");
 
     // a wakes up: it must see it lost its lease, and its parked copy of
-    // the session must end (after its 3 s resume window) without a write.
+    // the session must end (after its 3 s resume window) without a write;
+    // then it serves again, under a new lease.
     a.signal("CONT");
     tokio::time::sleep(Duration::from_millis(5_000)).await;
     let ready = http_get(a.addr, "/readyz").expect("a answers");
-    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.status, 200, "{}", ready.text());
     let health: Value =
         serde_json::from_slice(&http_get(a.addr, "/healthz").unwrap().body).unwrap();
-    assert_eq!(health["cluster"]["fenced"], true, "{health}");
+    assert_eq!(health["cluster"]["fenced"], false, "{health}");
     let recorded = recording(b.addr, &id).expect("the recording is still there");
     assert!(recorded == samples, "a overwrote b's recording");
     let left: Vec<String> = std::fs::read_dir(a.recordings_dir())
@@ -341,6 +367,7 @@ async fn a_paused_node_that_lost_its_lease_writes_nothing_more() {
     assert!(left.is_empty(), "a kept {left:?} in its spool");
     let log = a.log();
     assert!(log.contains("lost the node lease"), "{log}");
+    assert!(log.contains("took a new node lease"), "{log}");
     assert!(
         log.contains("the session belongs to another node now")
             || log.contains("session lost to another node"),
@@ -539,4 +566,138 @@ async fn max_sessions_per_key_holds_across_the_cluster() {
     fourth.expect("started").await;
     let _ = fourth.stop().await;
     let _ = two.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_whose_node_and_client_are_gone_is_finished_by_another_node() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = nats.url();
+    let start = |id: &str| {
+        Server::start_with(
+            &[
+                "--nats-url",
+                &url,
+                "--node-id",
+                id,
+                "--cluster-lease-ms",
+                "1500",
+                "--resume-window-ms",
+                "2000",
+                "--recordings-url",
+                &format!("s3://{BUCKET}/rec"),
+            ],
+            &env,
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    let samples = source_samples();
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+    let mut client = Client::connect(&a, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    let started = client.expect("started").await;
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    // In real time: an ack every 250 ms, each after its own journal append
+    // (only the first one went out when a lost journal stalled the rest).
+    let acks = send_frames_realtime(&mut client, &frames[..150], 0).await;
+    assert!(acks >= 8, "{acks} acks in 3 s of real-time audio");
+    await_ack(&mut client, 149).await;
+    // The node dies, and the client never comes back: what it was acked
+    // must still become a recording.
+    a.signal("KILL");
+    drop(client);
+    let recorded = recording(b.addr, &id).expect("b finished the orphan");
+    assert!(
+        recorded == samples[..150 * 320],
+        "{} samples recorded, {} acked",
+        recorded.len(),
+        150 * 320
+    );
+    let kinds = events(b.addr, &id);
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("closed"),
+        "{kinds:?}"
+    );
+    assert!(b
+        .log()
+        .contains("finishing a session whose node and client are gone"));
+}
+
+#[tokio::test]
+async fn a_session_taken_over_does_not_repeat_the_transcripts_its_client_had() {
+    use crate::dialect_client::padded;
+    use crate::stt_stub::{Reply, Stub};
+    let stub =
+        Stub::start(|_, request| Reply::verbose("alpha beta gamma", request.audio_seconds())).await;
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = nats.url();
+    let start = |id: &str| {
+        Server::start_with(
+            &[
+                "--nats-url",
+                &url,
+                "--node-id",
+                id,
+                "--cluster-lease-ms",
+                "1500",
+                "--recordings-url",
+                &format!("s3://{BUCKET}/rec"),
+                "--transcribe-url",
+                stub.url.as_str(),
+                "--max-realtime-factor",
+                "0",
+            ],
+            &env,
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    // Two utterances; the node dies after the first one's final.
+    let speech = read_wav_i16(&fixture("speech-16k.wav")).samples;
+    let samples = padded(&speech, 16_000, 2, 1.2);
+    let frames: Vec<&[i16]> = samples.chunks(320).collect();
+    let half = (0.5 + speech.len() as f64 / 16_000.0 + 1.2) as usize * 50;
+    let mut first = Client::connect(&a, "encoding=pcm_s16le&sample_rate=16000&framing=seq").await;
+    let started = first.expect("started").await;
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    let token = started["resume_token"].as_str().unwrap().to_owned();
+    send_frames(&mut first, &frames[..half], 0).await;
+    let mut had = Vec::new();
+    loop {
+        let message = first.next_message().await;
+        if message["type"] == "transcript" && message["is_final"] == true {
+            had.push(message);
+            break;
+        }
+    }
+    await_ack(&mut first, half as u64 - 1).await;
+    a.signal("KILL");
+    drop(first);
+    let mut second = Client::connect(&b, &format!("resume={id}&resume_token={token}")).await;
+    let resumed = second.expect("started").await;
+    let from = resumed["resume_from_seq"].as_u64().unwrap() as usize;
+    send_frames(&mut second, &frames[from..], from).await;
+    let t = second.stop().await;
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    let finals: Vec<u64> = had
+        .iter()
+        .chain(t.of_type("transcript"))
+        .filter(|m| m["is_final"] == true)
+        .map(|m| m["utterance_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(finals, [0, 1], "each utterance's final once, ids going on");
+    // b's transcriber did hear utterance 0 again (its replay), and said nothing.
+    assert!(
+        stub.requests().len() >= 3,
+        "{} requests",
+        stub.requests().len()
+    );
 }
