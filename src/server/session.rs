@@ -365,7 +365,17 @@ async fn drive(
             }
             event = session.events.recv() => Some(match event {
                 Some(event) => Input::Sink(event),
-                None => Input::SinksFinished,
+                None => {
+                    // The last ack (before `closed`) waits for the journal
+                    // too: let a running append land first (bounded).
+                    if let Some(seq) = last_append(&mut session.journal).await {
+                        session.core.handle_input(
+                            Input::Durable { seq },
+                            Instant::now().into_std(),
+                        );
+                    }
+                    Input::SinksFinished
+                }
             }),
             message = next_message(&mut connection), if reading => {
                 if let Some(connection) = connection.as_mut() {
@@ -814,6 +824,21 @@ fn wait_for_takeover(
     notify: Arc<Notify>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move { notify.notified().await })
+}
+
+/// At the end of a session: waits (at most 5 s) for the journal's running
+/// appends; the `seq` they made durable.
+async fn last_append(journal: &mut Option<Journaling>) -> Option<u32> {
+    let journal = journal.as_mut()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let mut durable = None;
+    while journal.busy() {
+        match tokio::time::timeout_at(deadline, journal.next()).await {
+            Ok(Ok(seq)) => durable = Some(seq),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    durable
 }
 
 /// The running journal append of a session, if any.
