@@ -935,6 +935,20 @@ async fn hand_off(
             }
         }
     }
+    // Released before the client hears of it: its resume, wherever it
+    // lands, then finds no owner to wait for (a resume that raced the
+    // release waited out this node's lease and was refused).
+    env.resumes.remove(&id);
+    if let Some(cluster) = &env.cluster {
+        let release = cluster
+            .sessions()
+            .release(&id, cluster.node_id(), cluster.instance());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
+            Ok(Ok(())) => tracing::info!("session handed off for another node to take"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "session not released; its lease will be"),
+            Err(_) => tracing::warn!("session not released within 2 s; its lease will be"),
+        }
+    }
     if let Some(mut c) = connection {
         let reconnect = serde_json::json!({
             "type": "reconnect",
@@ -949,16 +963,6 @@ async fn hand_off(
                 description: Some("node_shutdown".into()),
             }))
             .await;
-    }
-    if let Some(cluster) = &env.cluster {
-        let release = cluster
-            .sessions()
-            .release(&id, cluster.node_id(), cluster.instance());
-        match tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
-            Ok(Ok(())) => tracing::info!("session handed off for another node to take"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "session not released; its lease will be"),
-            Err(_) => tracing::warn!("session not released within 2 s; its lease will be"),
-        }
     }
     abandon(session, None, guard, env).await;
 }

@@ -73,8 +73,9 @@ pub async fn take_over(
     }
     // A client that lost a node usually comes back before the node's lease
     // has run out: wait for it (a lease and a little), rather than refuse.
+    // The record is read again each time: an owner shutting down releases
+    // the session (no owner) while it still holds its lease.
     let give_up_at = tokio::time::Instant::now() + cluster.lease() + Duration::from_secs(1);
-    // An owner that released the session (shutting down) left no owner.
     while !record.owner.is_empty()
         && cluster
             .node_alive(&record.owner, &record.owner_instance)
@@ -84,6 +85,13 @@ pub async fn take_over(
             return Err(ResumeError::Busy(session_id.to_owned()).into());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+        match cluster.sessions().get(session_id).await? {
+            Some((fresh, fresh_revision)) if !fresh.closed => {
+                record = fresh;
+                revision = fresh_revision;
+            }
+            _ => return Err(not_resumable().into()),
+        }
     }
     record.owner = cluster.node_id().to_owned();
     record.owner_instance = cluster.instance().to_owned();

@@ -431,9 +431,12 @@ async fn vosk_upstream_relays_partials_and_results_and_survives_a_drop() {
 
     let first = until_final(&mut client, 0).await;
     assert!(first.len() >= 2, "partials before the final: {first:#?}");
-    assert!(first[..first.len() - 1]
-        .iter()
-        .all(|p| p["is_final"] == false && p["text"] == "fir"));
+    assert!(
+        first[..first.len() - 1]
+            .iter()
+            .all(|p| p["is_final"] == false && p["text"] == "fir"),
+        "{first:#?}"
+    );
     assert_final(first.last().unwrap(), 0, "first", 0.2, 0.6, 0.001);
     // Utterance 1 began on connection 1 ("sec") and goes on on connection
     // 2, which replays from 1.5 s: its 0.1-0.4 s is 1.6-1.9 s.
