@@ -328,9 +328,11 @@ fn padded_speech(dir: &Path) -> (PathBuf, Vec<i16>) {
 /// correlation with the source.
 ///
 /// A capture disturbed by CPU starvation (more than a few inserted or
-/// dropped buffers, which other processes on a busy 2-core machine cause;
-/// the page cannot) gets one more attempt, reported as such; a page that
-/// garbles audio fails both.
+/// dropped buffers, which other processes on a busy 2-core machine cause,
+/// and CPU time the host steals from this VM: 6-15 % measured with vmstat
+/// during these tests, when they failed as often at the previous session's
+/// commit; the page cannot) is tried again, up to [`CAPTURE_ATTEMPTS`]
+/// times, each reported; a page that garbles audio fails them all.
 async fn speech_through_the_page(encoding: &str, extra: &str, screenshot: &str) -> Option<f64> {
     let binary = chromium_or_skip()?;
     let _one = ONE_BROWSER.lock().await;
@@ -338,7 +340,7 @@ async fn speech_through_the_page(encoding: &str, extra: &str, screenshot: &str) 
     loop {
         let (correlation, jumps) = capture_once(&binary, encoding, extra, screenshot).await;
         let disturbed = correlation < 0.95 || jumps > MAX_LAG_JUMPS;
-        if !disturbed || attempt == 2 {
+        if !disturbed || attempt == CAPTURE_ATTEMPTS {
             assert!(jumps <= MAX_LAG_JUMPS, "{jumps} lag jumps");
             return Some(correlation);
         }
@@ -350,6 +352,9 @@ async fn speech_through_the_page(encoding: &str, extra: &str, screenshot: &str) 
 /// More discontinuities than this in one capture is not a starved moment
 /// now and then.
 const MAX_LAG_JUMPS: usize = 4;
+
+/// Captures tried before a disturbed one counts as a failure.
+const CAPTURE_ATTEMPTS: u32 = 5;
 
 async fn capture_once(
     binary: &Path,
@@ -422,10 +427,12 @@ async fn capture_once(
     // buffers, which would wreck a single alignment of faithful audio.
     let recorded = read_wav_i16(&path).samples;
     let duration = recorded.len() as f64 / 16000.0;
-    assert!(
-        duration >= seconds as f64 - 0.5,
-        "recorded {duration:.2} s of a {seconds} s session"
-    );
+    if duration < seconds as f64 - 0.5 {
+        // A starved capture can end early too: disturbed, not garbled (the
+        // last attempt's correlation of 0 fails the caller's check).
+        eprintln!("recorded {duration:.2} s of a {seconds} s session");
+        return (0.0, 0);
+    }
     let (recorded, source) = (to_f64(&recorded), to_f64(&source));
     let (single, lag) = best_alignment(&recorded, &source, 16000, 16000);
     // The first window (after the skipped second) finds its own lag, in
@@ -580,13 +587,13 @@ async fn the_browser_snippet_streams_the_microphone() {
         return;
     };
     let _one = ONE_BROWSER.lock().await;
-    // As for the page: a capture disturbed by CPU starvation gets one more
-    // attempt; a snippet that garbles audio fails both.
+    // As for the page: a capture disturbed by CPU starvation is tried
+    // again (up to CAPTURE_ATTEMPTS); a snippet that garbles audio fails all.
     let mut attempt = 1;
     loop {
         let (correlation, jumps, windows) = snippet_capture_once(&binary).await;
         let disturbed = correlation < 0.95 || jumps > MAX_LAG_JUMPS;
-        if !disturbed || attempt == 2 {
+        if !disturbed || attempt == CAPTURE_ATTEMPTS {
             assert!(jumps <= MAX_LAG_JUMPS, "{jumps} lag jumps: {windows}");
             assert!(correlation >= 0.95, "{windows}");
             return;
