@@ -10,8 +10,12 @@ scripts/setup.sh
 # recording is compared with the source sample by sample.
 # (Criterion's bench harnesses take no --skip, so the benches' test mode
 # runs in its own step.)
-cargo test --lib --bins --tests --examples "$@" -- --skip browser::
+# The cluster tests (three or four nodes, nats-server, moto and haproxy, up
+# to 24 real-time streams each) also run apart, one at a time: beside the
+# other tests they starve the timing-sensitive ones on two cores.
+cargo test --lib --bins --tests --examples "$@" -- --skip browser:: --skip cluster::
 cargo test --benches "$@"
+cargo test --test integration "$@" -- cluster:: --test-threads=1
 cargo test --test integration "$@" -- browser:: --test-threads=1
 # Transcription end to end with a real engine (pocketsphinx in a venv under
 # target/): speech from flite, streamed through cochlea in real time.
