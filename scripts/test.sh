@@ -13,9 +13,9 @@ scripts/setup.sh
 # The cluster tests (three or four nodes, nats-server, moto and haproxy, up
 # to 24 real-time streams each) also run apart, one at a time: beside the
 # other tests they starve the timing-sensitive ones on two cores.
-cargo test --lib --bins --tests --examples "$@" -- --skip browser:: --skip cluster::
+cargo test --lib --bins --tests --examples "$@" -- --skip browser:: --skip scale_out::
 cargo test --benches "$@"
-cargo test --test integration "$@" -- cluster:: --test-threads=1
+cargo test --test integration "$@" -- scale_out:: --test-threads=1
 cargo test --test integration "$@" -- browser:: --test-threads=1
 # Transcription end to end with a real engine (pocketsphinx in a venv under
 # target/): speech from flite, streamed through cochlea in real time.

@@ -35,7 +35,7 @@
 
 mod bad_input;
 mod browser;
-mod cluster;
+mod scale_out;
 mod cluster_infra;
 mod cluster_support;
 mod concurrency;
