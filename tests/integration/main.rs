@@ -35,7 +35,6 @@
 
 mod bad_input;
 mod browser;
-mod scale_out;
 mod cluster_infra;
 mod cluster_support;
 mod concurrency;
@@ -60,6 +59,7 @@ mod page;
 mod record_formats;
 mod recordings_api;
 mod resume;
+mod scale_out;
 mod security;
 mod signal;
 mod snippets;
