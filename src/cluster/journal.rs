@@ -112,10 +112,6 @@ impl Journal {
         self.last_sequence = ack.sequence;
         Ok(())
     }
-
-    pub fn last_sequence(&self) -> u64 {
-        self.last_sequence
-    }
 }
 
 /// Drops a closed session's journal (its recording is in the store, or in

@@ -209,26 +209,18 @@ pub async fn resume(
                 return;
             }
         };
-        let mut suspended = *parked.session;
-        suspended.core.reattach(Instant::now().into_std());
-        metrics::counter!(names::RESUMES_TOTAL).increment(1);
-        tracing::info!(
-            resume_from_seq = suspended.core.resume_from_seq(),
-            resumes = suspended.core.resumes(),
-            "session resumed"
-        );
-        let connection = Connection {
+        let resumed = Resumed {
+            guard: parked.guard,
+            takeover,
+            generation: parked.generation,
+        };
+        drive_resumed(
+            *parked.session,
             ws,
             messages,
-            partial: None,
-        };
-        drive(
-            suspended,
-            Some(connection),
-            parked.guard,
+            resumed,
             env,
-            Some(takeover),
-            parked.generation,
+            "session resumed",
         )
         .await;
     }
@@ -261,7 +253,7 @@ async fn resume_from_cluster(
         }
     };
     let taken = super::takeover::take_over(&env, &cluster, &session_id, &token, &request).await;
-    let mut suspended = match taken {
+    let suspended = match taken {
         Ok(suspended) => suspended,
         Err(error) => {
             metrics::counter!(names::RESUMES_REJECTED_TOTAL).increment(1);
@@ -276,20 +268,60 @@ async fn resume_from_cluster(
             return;
         }
     };
+    let resumed = Resumed {
+        guard,
+        takeover: env.resumes.attach_new(&session_id, &token),
+        generation: 0,
+    };
+    drive_resumed(
+        suspended,
+        ws,
+        messages,
+        resumed,
+        env,
+        "session taken over from another node",
+    )
+    .await;
+}
+
+/// What a resumed session is driven with besides its state and socket.
+struct Resumed {
+    guard: SessionGuard,
+    takeover: Arc<Notify>,
+    generation: u64,
+}
+
+/// A resumed session on its new connection: `started` again with
+/// `resume_from_seq`, then driven as any other.
+async fn drive_resumed(
+    mut suspended: Suspended,
+    ws: actix_ws::Session,
+    messages: MessageStream,
+    resumed: Resumed,
+    env: SessionEnv,
+    how: &'static str,
+) {
     suspended.core.reattach(Instant::now().into_std());
     metrics::counter!(names::RESUMES_TOTAL).increment(1);
     tracing::info!(
         resume_from_seq = suspended.core.resume_from_seq(),
         resumes = suspended.core.resumes(),
-        "session taken over from another node"
+        "{how}"
     );
-    let takeover = env.resumes.attach_new(&session_id, &token);
     let connection = Connection {
         ws,
         messages,
         partial: None,
     };
-    drive(suspended, Some(connection), guard, env, Some(takeover), 0).await;
+    drive(
+        suspended,
+        Some(connection),
+        resumed.guard,
+        env,
+        Some(resumed.takeover),
+        resumed.generation,
+    )
+    .await;
 }
 
 /// Drives the session until it closes or parks. With no connection (a

@@ -21,24 +21,36 @@ use crate::harness::*;
 
 const BUCKET: &str = "calls";
 
-fn node(index: usize, nats: &NatsServer, s3: &S3Server) -> Server {
+/// A nats-server, and an S3 server with the bucket.
+fn services() -> (NatsServer, S3Server) {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    (nats, s3)
+}
+
+/// A cluster node `id` on those services (a 1.5 s lease), with `extra`
+/// arguments.
+fn node_with(id: &str, nats: &NatsServer, s3: &S3Server, extra: &[&str]) -> Server {
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = nats.url();
-    let id = format!("n{index}");
-    Server::start_with(
-        &[
-            "--nats-url",
-            &url,
-            "--node-id",
-            &id,
-            "--cluster-lease-ms",
-            "1500",
-            "--recordings-url",
-            &format!("s3://{BUCKET}/rec"),
-        ],
-        &env,
-    )
+    let (url, recordings) = (nats.url(), format!("s3://{BUCKET}/rec"));
+    let mut args = vec![
+        "--nats-url",
+        &url,
+        "--node-id",
+        id,
+        "--cluster-lease-ms",
+        "1500",
+        "--recordings-url",
+        &recordings,
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(&args, &env)
+}
+
+fn node(index: usize, nats: &NatsServer, s3: &S3Server) -> Server {
+    node_with(&format!("n{index}"), nats, s3, &[])
 }
 
 /// 12 s of 16 kHz mono whose every sample is known: a sweep of tones with a
@@ -122,9 +134,7 @@ fn events(addr: SocketAddr, id: &str) -> Vec<String> {
 
 #[test]
 fn killing_a_node_loses_no_stream_and_no_acknowledged_audio() {
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
+    let (nats, s3) = services();
     let mut nodes: Vec<Option<Server>> = (0..3).map(|i| Some(node(i, &nats, &s3))).collect();
     let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
     let haproxy = Haproxy::start(&addrs);
@@ -288,29 +298,8 @@ async fn await_ack(client: &mut Client, seq: u64) {
 
 #[tokio::test]
 async fn a_paused_node_that_lost_its_lease_writes_nothing_more() {
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = nats.url();
-    let start = |id: &str| {
-        Server::start_with(
-            &[
-                "--nats-url",
-                &url,
-                "--node-id",
-                id,
-                "--cluster-lease-ms",
-                "1500",
-                "--resume-window-ms",
-                "3000",
-                "--recordings-url",
-                &format!("s3://{BUCKET}/rec"),
-            ],
-            &env,
-        )
-    };
+    let (nats, s3) = services();
+    let start = |id: &str| node_with(id, &nats, &s3, &["--resume-window-ms", "3000"]);
     let a = start("a");
     let b = start("b");
     let samples = source_samples();
@@ -399,9 +388,7 @@ fn stream_files(url: &str, file: &std::path::Path, count: usize) -> std::process
 
 #[test]
 fn a_rolling_restart_cuts_no_stream() {
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
+    let (nats, s3) = services();
     let mut nodes: Vec<Option<Server>> = (0..4).map(|i| Some(node(i, &nats, &s3))).collect();
     let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
     let haproxy = Haproxy::start(&addrs);
@@ -479,9 +466,7 @@ fn sessions_moved_none(node: &Server) -> bool {
 
 #[tokio::test]
 async fn a_live_owner_hands_a_session_over_to_the_node_its_client_reached() {
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
+    let (nats, s3) = services();
     let a = node(0, &nats, &s3);
     let b = node(1, &nats, &s3);
     let samples = source_samples();
@@ -522,29 +507,13 @@ async fn a_live_owner_hands_a_session_over_to_the_node_its_client_reached() {
 #[tokio::test]
 async fn max_sessions_per_key_holds_across_the_cluster() {
     const KEY: &str = "cluster-key-0123456789abcdef";
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = nats.url();
+    let (nats, s3) = services();
     let start = |id: &str| {
-        Server::start_with(
-            &[
-                "--nats-url",
-                &url,
-                "--node-id",
-                id,
-                "--cluster-lease-ms",
-                "1500",
-                "--recordings-url",
-                &format!("s3://{BUCKET}/rec"),
-                "--api-key",
-                KEY,
-                "--max-sessions-per-key",
-                "2",
-            ],
-            &env,
+        node_with(
+            id,
+            &nats,
+            &s3,
+            &["--api-key", KEY, "--max-sessions-per-key", "2"],
         )
     };
     let a = start("a");
@@ -570,29 +539,8 @@ async fn max_sessions_per_key_holds_across_the_cluster() {
 
 #[tokio::test]
 async fn a_session_whose_node_and_client_are_gone_is_finished_by_another_node() {
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = nats.url();
-    let start = |id: &str| {
-        Server::start_with(
-            &[
-                "--nats-url",
-                &url,
-                "--node-id",
-                id,
-                "--cluster-lease-ms",
-                "1500",
-                "--resume-window-ms",
-                "2000",
-                "--recordings-url",
-                &format!("s3://{BUCKET}/rec"),
-            ],
-            &env,
-        )
-    };
+    let (nats, s3) = services();
+    let start = |id: &str| node_with(id, &nats, &s3, &["--resume-window-ms", "2000"]);
     let a = start("a");
     let b = start("b");
     let samples = source_samples();
@@ -633,29 +581,18 @@ async fn a_session_taken_over_does_not_repeat_the_transcripts_its_client_had() {
     use crate::stt_stub::{Reply, Stub};
     let stub =
         Stub::start(|_, request| Reply::verbose("alpha beta gamma", request.audio_seconds())).await;
-    let nats = NatsServer::start();
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = nats.url();
+    let (nats, s3) = services();
     let start = |id: &str| {
-        Server::start_with(
+        node_with(
+            id,
+            &nats,
+            &s3,
             &[
-                "--nats-url",
-                &url,
-                "--node-id",
-                id,
-                "--cluster-lease-ms",
-                "1500",
-                "--recordings-url",
-                &format!("s3://{BUCKET}/rec"),
                 "--transcribe-url",
                 stub.url.as_str(),
                 "--max-realtime-factor",
                 "0",
             ],
-            &env,
         )
     };
     let a = start("a");

@@ -3,9 +3,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::agreement::LocalAgreement;
 use super::persist::TranscriptLog;
+use super::TranscriptionService;
 use crate::protocol::{ErrorCode, ServerMessage, TranscribeErrorInfo, Transcript};
 use crate::sinks::SinkEvent;
 use crate::telemetry::names;
@@ -132,7 +134,23 @@ impl Orderer {
 /// With a `log`, final transcripts are appended to it after they are sent;
 /// the task waits for each append, so by the time the session reports
 /// `closed` its transcripts are on disk.
-pub(super) async fn order(
+/// Starts a session's orderer task (with its transcript log, when the
+/// service keeps transcripts); the sender its outcomes go to.
+pub(super) fn start_orderer(
+    service: &TranscriptionService,
+    session_id: &str,
+    events: &mpsc::UnboundedSender<SinkEvent>,
+    span: &tracing::Span,
+) -> mpsc::UnboundedSender<Outcome> {
+    let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
+    let log = service
+        .transcripts_dir()
+        .map(|dir| TranscriptLog::new(dir, session_id, service.uploader()));
+    tokio::spawn(order(outcomes_rx, events.clone(), log).instrument(span.clone()));
+    outcomes_tx
+}
+
+async fn order(
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
     events: mpsc::UnboundedSender<SinkEvent>,
     log: Option<TranscriptLog>,

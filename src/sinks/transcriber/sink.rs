@@ -10,8 +10,7 @@ use tracing::Instrument;
 use super::backend::Backend;
 use super::detector::Earshot;
 use super::interim::{Interim, InterimParts};
-use super::order::{order, Outcome};
-use super::persist::TranscriptLog;
+use super::order::{start_orderer, Outcome};
 use super::queue::{Queue, Utterance};
 use super::segment::{Segment, Segmenter};
 use super::sender::Sender;
@@ -55,12 +54,8 @@ impl Transcriber {
         let settings = config.segmenter_settings();
         let channels = usize::from(context.format.channels);
         let queue = Arc::new(Queue::new());
-        let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("transcribe", backend = %backend.name);
-        let log = service
-            .transcripts_dir()
-            .map(|dir| TranscriptLog::new(dir, &context.session_id, service.uploader()));
-        tokio::spawn(order(outcomes_rx, events.clone(), log).instrument(span.clone()));
+        let outcomes_tx = start_orderer(service, &context.session_id, &events, &span);
         let metadata = Arc::new(context.metadata.clone());
         let interim = interim.then(|| {
             Interim::new(InterimParts {

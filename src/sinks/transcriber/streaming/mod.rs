@@ -47,8 +47,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::Instrument;
 
 use super::backend::Backend;
-use super::order::order;
-use super::persist::TranscriptLog;
+use super::order::start_orderer;
 use super::{TranscriptionService, NAME};
 use crate::pipeline::convert::{Layout, OutputFormat};
 use crate::pipeline::{AudioBlock, BlockSamples};
@@ -236,6 +235,22 @@ pub fn request_to(url: Url, setup: &Setup, scheme: &str) -> Result<Request, Stre
     Ok(request)
 }
 
+/// The backend's URL with cochlea's own parameters (`own`, the audio format
+/// from the session), then the configured `query` passed through.
+pub fn url_with_query(setup: &Setup, own: &[(&str, String)]) -> Url {
+    let mut url = setup.backend.streaming_url().clone();
+    {
+        let mut pairs = url.query_pairs_mut();
+        for (key, value) in own {
+            pairs.append_pair(key, value);
+        }
+        for (key, value) in setup.backend.streaming_query() {
+            pairs.append_pair(key, value);
+        }
+    }
+    url
+}
+
 /// `{"type":"<kind>"}`, the control message most upstreams take.
 pub fn control(kind: &str) -> Message {
     Message::text(serde_json::json!({ "type": kind }).to_string())
@@ -284,12 +299,8 @@ impl StreamingTranscriber {
         interim: bool,
     ) -> Self {
         let channels = context.format.channels.max(1);
-        let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("transcribe", backend = %backend.name);
-        let log = service
-            .transcripts_dir()
-            .map(|dir| TranscriptLog::new(dir, &context.session_id, service.uploader()));
-        tokio::spawn(order(outcomes_rx, events.clone(), log).instrument(span.clone()));
+        let outcomes_tx = start_orderer(service, &context.session_id, &events, &span);
         let per_link = if kind.mono { 1 } else { channels };
         let next_id = Arc::new(AtomicU64::new(0));
         let mut links = Vec::new();

@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{
-    control, request_to, Heard, HeardWord, Protocol, Reply, Setup, StreamError, StreamingKind,
+    control, request_to, url_with_query, Heard, HeardWord, Protocol, Reply, Setup, StreamError,
+    StreamingKind,
 };
 
 pub static KIND: StreamingKind = StreamingKind {
@@ -39,16 +40,13 @@ struct AssemblyAi {
 
 impl Protocol for AssemblyAi {
     fn request(&self, setup: &Setup) -> Result<Request, StreamError> {
-        let mut url = setup.backend.streaming_url().clone();
-        {
-            let mut pairs = url.query_pairs_mut();
-            pairs
-                .append_pair("sample_rate", &setup.sample_rate.to_string())
-                .append_pair("encoding", "pcm_s16le");
-            for (key, value) in setup.backend.streaming_query() {
-                pairs.append_pair(key, value);
-            }
-        }
+        let url = url_with_query(
+            setup,
+            &[
+                ("sample_rate", setup.sample_rate.to_string()),
+                ("encoding", "pcm_s16le".to_owned()),
+            ],
+        );
         request_to(url, setup, "")
     }
 

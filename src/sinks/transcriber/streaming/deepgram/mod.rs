@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{
-    control, request_to, Heard, HeardWord, Protocol, Reply, Setup, StreamError, StreamingKind,
+    control, request_to, url_with_query, Heard, HeardWord, Protocol, Reply, Setup, StreamError,
+    StreamingKind,
 };
 
 pub static KIND: StreamingKind = StreamingKind {
@@ -36,25 +37,17 @@ struct Deepgram;
 
 impl Protocol for Deepgram {
     fn request(&self, setup: &Setup) -> Result<Request, StreamError> {
-        let mut url = setup.backend.streaming_url().clone();
-        {
-            let mut pairs = url.query_pairs_mut();
-            pairs
-                .append_pair("encoding", "linear16")
-                .append_pair("sample_rate", &setup.sample_rate.to_string())
-                .append_pair("channels", &setup.channels.to_string())
-                .append_pair(
-                    "multichannel",
-                    if setup.channels > 1 { "true" } else { "false" },
-                )
-                .append_pair(
-                    "interim_results",
-                    if setup.interim { "true" } else { "false" },
-                );
-            for (key, value) in setup.backend.streaming_query() {
-                pairs.append_pair(key, value);
-            }
-        }
+        let flag = |on: bool| if on { "true" } else { "false" }.to_owned();
+        let url = url_with_query(
+            setup,
+            &[
+                ("encoding", "linear16".to_owned()),
+                ("sample_rate", setup.sample_rate.to_string()),
+                ("channels", setup.channels.to_string()),
+                ("multichannel", flag(setup.channels > 1)),
+                ("interim_results", flag(setup.interim)),
+            ],
+        );
         request_to(url, setup, "Token")
     }
 
