@@ -298,6 +298,8 @@ pub struct Config {
     pub transcription: TranscriptionConfig,
     #[command(flatten)]
     pub cluster: ClusterConfig,
+    #[command(flatten)]
+    pub webrtc: crate::server::webrtc::WebrtcConfig,
     /// Named sink instances (`[sinks.<name>]`, tagged by `kind`), which
     /// sessions pick by name in `sinks=`. File only.
     #[arg(skip)]
@@ -922,7 +924,7 @@ mod tests {
             count += 1;
         }
         // Every key of the README's table but the four quick-start flags.
-        assert_eq!(count, 57);
+        assert_eq!(count, 60);
     }
 
     #[test]

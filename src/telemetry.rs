@@ -51,6 +51,10 @@ pub mod names {
     pub const UPLOADS_TOTAL: &str = "cochlea_uploads_total";
     pub const UPLOAD_BYTES_TOTAL: &str = "cochlea_upload_bytes_total";
     pub const UPLOAD_FAILURES_TOTAL: &str = "cochlea_upload_failures_total";
+    pub const WEBRTC_PEERS: &str = "cochlea_webrtc_peers";
+    pub const WEBRTC_SESSIONS_TOTAL: &str = "cochlea_webrtc_sessions_total";
+    pub const WEBRTC_DATAGRAMS_DROPPED_TOTAL: &str = "cochlea_webrtc_datagrams_dropped_total";
+    pub const WEBRTC_PACKETS_DROPPED_TOTAL: &str = "cochlea_webrtc_packets_dropped_total";
 }
 
 /// Installs the global tracing subscriber. `RUST_LOG` filters (default `info`).
@@ -124,6 +128,7 @@ fn register_at_zero() {
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
     metrics::gauge!(SESSIONS_PARKED).set(0.0);
     metrics::gauge!(TRANSCRIBE_INFLIGHT_REQUESTS).set(0.0);
+    metrics::gauge!(WEBRTC_PEERS).set(0.0);
     for name in [
         SESSIONS_TOTAL,
         AUDIO_DUPLICATE_MESSAGES_TOTAL,
@@ -142,6 +147,8 @@ fn register_at_zero() {
         UPLOADS_TOTAL,
         UPLOAD_BYTES_TOTAL,
         UPLOAD_FAILURES_TOTAL,
+        WEBRTC_DATAGRAMS_DROPPED_TOTAL,
+        WEBRTC_PACKETS_DROPPED_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -245,6 +252,19 @@ fn describe() {
     describe_counter!(
         UPLOAD_FAILURES_TOTAL,
         "Object store requests that failed (each is retried with backoff)."
+    );
+    describe_gauge!(WEBRTC_PEERS, "WebRTC peers (ICE, DTLS, SRTP) now open.");
+    describe_counter!(
+        WEBRTC_SESSIONS_TOTAL,
+        "WebRTC sessions negotiated, by signalling (whip, websocket)."
+    );
+    describe_counter!(
+        WEBRTC_DATAGRAMS_DROPPED_TOTAL,
+        "UDP datagrams dropped because their peer's queue was full."
+    );
+    describe_counter!(
+        WEBRTC_PACKETS_DROPPED_TOTAL,
+        "RTP packets dropped because their session was not reading (parked, or a sink over budget); concealed as losses."
     );
     describe_counter!(
         TRANSCRIBE_UTTERANCES_TOTAL,

@@ -4,8 +4,12 @@
 // and stats messages, errors, and finally a link to the recording.
 //
 // No build step and nothing from other sites: the server embeds this file.
-// Page query: token=… (API key or token), encoding=pcm|opus, transcribe=NAME,
-// autostart=1, seconds=N (stop after N seconds).
+// With transport=webrtc the microphone track goes over WebRTC instead
+// (Opus over SRTP, negotiated on the same socket: `start` carries the SDP
+// offer, `webrtc_answer` the answer); events still come on the socket.
+// Page query: token=… (API key or token), encoding=pcm|opus,
+// transport=webrtc, transcribe=NAME, autostart=1, seconds=N (stop after N
+// seconds).
 
 const RATE = 16000; // what the page sends (and the server records)
 const FRAME = 320; // samples per message: 20 ms at 16 kHz
@@ -198,7 +202,7 @@ function recordingUrl(path) {
 
 class Session {
   constructor(encoding, transcribe) {
-    this.encoding = encoding; // "pcm" or "opus"
+    this.encoding = encoding; // "pcm", "opus" or "webrtc"
     this.transcribe = transcribe;
     this.seq = 0;
     this.timestamp = 0; // sample frames at 16 kHz
@@ -229,7 +233,30 @@ class Session {
     }
     await this.openAudio();
     status("Connecting to the server…");
+    if (this.encoding === "webrtc") {
+      await this.openPeer();
+    }
     this.openSocket();
+  }
+
+  // The offer is complete (all candidates gathered) before it is sent:
+  // one message, no trickle ICE.
+  async openPeer() {
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc = pc;
+    for (const track of this.stream.getAudioTracks()) pc.addTrack(track, this.stream);
+    pc.onconnectionstatechange = () => {
+      state.peerState = pc.connectionState;
+      if (pc.connectionState === "failed") this.fail("The WebRTC connection failed.");
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    if (pc.iceGatheringState !== "complete") {
+      await new Promise((resolve) => {
+        const done = () => pc.iceGatheringState === "complete" && resolve();
+        pc.addEventListener("icegatheringstatechange", done);
+        setTimeout(resolve, 3000);
+      });
+    }
   }
 
   async openAudio() {
@@ -284,6 +311,17 @@ class Session {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     ws.onopen = () => {
+      if (this.pc) {
+        const start = {
+          type: "start",
+          transport: "webrtc",
+          sdp: this.pc.localDescription.sdp,
+          metadata: { source: "browser", user_agent: navigator.userAgent },
+        };
+        if (this.transcribe) start.transcribe = this.transcribe;
+        ws.send(JSON.stringify(start));
+        return;
+      }
       const start = {
         type: "start",
         encoding: this.encoding === "opus" ? "opus" : "pcm_s16le",
@@ -315,7 +353,10 @@ class Session {
     if (data.type !== "audio") return;
     showLevel(data.rms, data.peak);
     const samples = data.samples;
-    if (this.encoding === "opus") {
+    if (this.encoding === "webrtc") {
+      // The level meter only: the track itself goes over WebRTC.
+      this.timestamp += samples.length;
+    } else if (this.encoding === "opus") {
       const audio = new AudioData({
         format: "f32-planar",
         sampleRate: RATE,
@@ -400,6 +441,11 @@ class Session {
           addLine(ui.vad, null, `${message.code}: ${message.message}`, "warn");
         }
         break;
+      case "webrtc_answer":
+        this.pc
+          .setRemoteDescription({ type: "answer", sdp: message.sdp })
+          .catch((e) => this.fail(`The server's WebRTC answer was refused: ${e.message}`));
+        break;
       case "recording":
         showRecording(message);
         break;
@@ -450,6 +496,7 @@ class Session {
     if (this.captureEnded) return;
     this.captureEnded = true;
     if (this.stream) this.stream.getTracks().forEach((t) => t.stop());
+    if (this.pc) this.pc.close();
     if (this.source) this.source.disconnect();
     if (this.context) this.context.close();
     showLevel(0, 0);
@@ -469,6 +516,16 @@ class Session {
         setTimeout(resolve, 1000);
       });
     }
+    if (this.pc) {
+      // What is on the wire and in the server's jitter buffer gets there
+      // before the stop does; the stop goes before the peer closes, so the
+      // server ends the session as stopped, not as a lost peer.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      if (this.ws && this.ws.readyState === WebSocket.OPEN && this.started) {
+        this.ws.send(JSON.stringify({ type: "stop" }));
+        this.stopSent = true;
+      }
+    }
     this.endCapture();
     if (this.encoder && this.encoder.state === "configured") {
       try {
@@ -482,7 +539,7 @@ class Session {
         this.ws.close(1000, "stopped before start");
         return;
       }
-      this.ws.send(JSON.stringify({ type: "stop" }));
+      if (!this.stopSent) this.ws.send(JSON.stringify({ type: "stop" }));
       status("Finishing: waiting for the server…");
     } else if (this.ws && this.ws.readyState === WebSocket.CONNECTING) {
       this.ws.close();
@@ -576,6 +633,7 @@ async function init() {
     ui.encoding.querySelector('option[value="opus"]').textContent = "Opus (needs WebCodecs)";
   }
   if (wanted === "opus" || wanted === "pcm") ui.encoding.value = wanted;
+  if (params.get("transport") === "webrtc") ui.encoding.value = "webrtc";
   const reason = unsupportedReason();
   if (reason) {
     showError(reason);

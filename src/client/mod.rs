@@ -12,6 +12,7 @@
 mod connection;
 pub mod source;
 pub mod stream;
+pub mod whip;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

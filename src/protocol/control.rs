@@ -29,6 +29,10 @@ pub struct StartRequest {
     /// `interim=true`: partial transcripts while an utterance is open.
     pub interim: Option<bool>,
     pub metadata: Map<String, Value>,
+    /// `webrtc`: the audio comes over WebRTC, negotiated with `sdp` (the
+    /// client's offer); `websocket` or unset: in binary messages.
+    pub transport: Option<String>,
+    pub sdp: Option<String>,
 }
 
 impl StartRequest {
@@ -88,8 +92,48 @@ impl StartRequest {
         if start.interim.is_some() {
             self.interim = start.interim;
         }
+        if start.transport.is_some() {
+            self.transport = start.transport;
+        }
+        if start.sdp.is_some() {
+            self.sdp = start.sdp;
+        }
         self.metadata.extend(start.metadata);
         self
+    }
+
+    /// Whether the audio comes over WebRTC (`transport: webrtc`).
+    pub fn webrtc(&self) -> Result<bool, ProtocolError> {
+        match self.transport.as_deref() {
+            None | Some("websocket") => Ok(false),
+            Some("webrtc") => Ok(true),
+            Some(other) => Err(ProtocolError::InvalidMessage(format!(
+                "transport must be websocket or webrtc, not '{}'",
+                other.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+
+    /// A `transport: webrtc` request as the stream it becomes: Opus
+    /// packets at 48 kHz in `channels`, with RTP's sequence numbers and
+    /// media time as `framing=seq` headers. The client names no format.
+    pub fn for_webrtc(mut self, channels: u16) -> Result<Self, ProtocolError> {
+        let named = [
+            ("encoding", self.encoding.is_some()),
+            ("sample_rate", self.sample_rate.is_some()),
+            ("channels", self.channels.is_some()),
+            ("framing", self.framing.is_some()),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, set)| *set) {
+            return Err(ProtocolError::InvalidMessage(format!(
+                "transport webrtc takes its format from the SDP offer: omit {name}"
+            )));
+        }
+        self.encoding = Some("opus".into());
+        self.sample_rate = Some(48_000);
+        self.channels = Some(channels);
+        self.framing = Some("seq".into());
+        Ok(self)
     }
 
     /// Validates the request into the effective stream format.
@@ -237,6 +281,8 @@ pub enum ClientMessage {
     Keepalive,
     Flush,
     Stop,
+    /// A new SDP offer for a `transport: webrtc` session (an ICE restart).
+    WebrtcOffer(String),
 }
 
 #[derive(Deserialize)]
@@ -253,6 +299,16 @@ struct StartMessage {
     record_format: Option<String>,
     interim: Option<bool>,
     metadata: Option<Map<String, Value>>,
+    transport: Option<String>,
+    sdp: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfferMessage {
+    #[serde(rename = "type")]
+    _type: String,
+    sdp: String,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +366,8 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 record_format: m.record_format,
                 interim: m.interim,
                 metadata: m.metadata.unwrap_or_default(),
+                transport: m.transport,
+                sdp: m.sdp,
             }))
         }
         "keepalive" | "flush" | "stop" => {
@@ -319,6 +377,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 "flush" => ClientMessage::Flush,
                 _ => ClientMessage::Stop,
             })
+        }
+        "webrtc_offer" => {
+            let m: OfferMessage = serde_json::from_value(value.clone()).map_err(invalid)?;
+            Ok(ClientMessage::WebrtcOffer(m.sdp))
         }
         other => Err(ProtocolError::UnknownMessageType(other.to_owned())),
     }

@@ -91,6 +91,9 @@ error_codes! {
     AuthWrongKey = "auth_wrong_key",
     AuthBadToken = "auth_bad_token",
     AuthExpired = "auth_expired",
+    BadSdp = "bad_sdp",
+    WebrtcUnavailable = "webrtc_unavailable",
+    WebrtcFailed = "webrtc_failed",
 }
 
 impl std::fmt::Display for ErrorCode {

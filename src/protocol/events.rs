@@ -41,6 +41,10 @@ pub enum ServerMessage {
     /// the fields that say which audio it concerns.
     #[serde(rename = "error")]
     TranscribeError(TranscribeErrorInfo),
+    /// `transport: webrtc`: the server's SDP answer to the client's offer.
+    WebrtcAnswer {
+        sdp: String,
+    },
 }
 
 /// `speech_started` / `speech_ended` on one channel.
@@ -178,6 +182,26 @@ pub struct StreamStats {
     pub target_delay_ms: u32,
     /// Times this session has been resumed after a dropped connection.
     pub resumes: u32,
+    /// WebRTC sessions: what RTCP says about the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webrtc: Option<WebrtcStats>,
+}
+
+/// RTCP figures of a WebRTC session's audio, as of the last receiver report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WebrtcStats {
+    /// RTP packets received, retransmissions included.
+    pub packets_received: u64,
+    /// Fraction of packets lost in the last report's interval (0–1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_fraction: Option<f64>,
+    /// Interarrival jitter (RFC 3550 §6.4.1).
+    pub jitter_ms: f64,
+    /// Round trip to the client, where it answered an RTCP XR report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// NACKs sent asking the client to resend lost packets.
+    pub nacks_sent: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -16,7 +16,7 @@ pub use control::{
 pub use error_code::ErrorCode;
 pub use events::{
     ClosedSummary, RecordingInfo, ServerMessage, StartedInfo, StreamStats, TranscribeErrorInfo,
-    Transcript, VadEvent, VadEventKind, Word, PROTOCOL_VERSION,
+    Transcript, VadEvent, VadEventKind, WebrtcStats, Word, PROTOCOL_VERSION,
 };
 pub use format::{
     parse_sample_rate, Encoding, Framing, StreamFormat, MAX_CHANNELS, MAX_SAMPLE_RATE,
@@ -36,7 +36,9 @@ pub enum ProtocolError {
     InvalidUtf8,
     #[error("invalid message: {0}")]
     InvalidMessage(String),
-    #[error("unknown message type '{0}'; expected one of start, keepalive, flush, stop")]
+    #[error(
+        "unknown message type '{0}'; expected one of start, keepalive, flush, stop, webrtc_offer"
+    )]
     UnknownMessageType(String),
     #[error("unknown query parameter '{0}'")]
     UnknownParameter(String),

@@ -11,6 +11,7 @@ use crate::sinks::SinkError;
 
 use super::dialect::DialectError;
 use super::resume::ResumeError;
+use super::webrtc::WebrtcError;
 
 /// RFC 6455 §7.4.1 close codes used by cochlea.
 pub mod codes {
@@ -68,6 +69,8 @@ pub enum SessionError {
     /// `Protocol` (see the `From` below).
     #[error(transparent)]
     Dialect(DialectError),
+    #[error(transparent)]
+    Webrtc(#[from] WebrtcError),
 }
 
 impl From<DialectError> for SessionError {
@@ -160,6 +163,18 @@ impl SessionError {
             SessionError::ShuttingDown => (ErrorCode::ShuttingDown, GOING_AWAY),
             SessionError::Resume(_) => (ErrorCode::ResumeRejected, POLICY_VIOLATION),
             SessionError::Resample(_) => (ErrorCode::ResampleFailed, INTERNAL_ERROR),
+            SessionError::Webrtc(e) => match e {
+                WebrtcError::BadOffer(_) | WebrtcError::Negotiation(_) => {
+                    (ErrorCode::BadSdp, UNSUPPORTED_DATA)
+                }
+                WebrtcError::Disabled => (ErrorCode::WebrtcUnavailable, UNSUPPORTED_DATA),
+                // The media path went away (ICE did not connect, or did not
+                // come back): the session ends with what it received.
+                WebrtcError::PeerGone => (ErrorCode::WebrtcFailed, GOING_AWAY),
+                WebrtcError::Bind { .. } | WebrtcError::Config(_) => {
+                    (ErrorCode::WebrtcUnavailable, INTERNAL_ERROR)
+                }
+            },
         }
     }
 
@@ -167,6 +182,12 @@ impl SessionError {
     pub fn close_reason(&self) -> &'static str {
         self.codes().0.as_str()
     }
+}
+
+/// The error code of a protocol error (for HTTP answers, which have no
+/// close code).
+pub fn protocol_error_code(e: &ProtocolError) -> ErrorCode {
+    protocol_codes(e).0
 }
 
 /// `(error code, close code)` of the native protocol's errors.

@@ -17,6 +17,7 @@ pub mod session;
 mod session_events;
 mod takeover;
 mod tls;
+pub mod webrtc;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ pub enum ServerError {
     Transcription(#[from] crate::sinks::transcriber::backend::BackendError),
     #[error(transparent)]
     Sinks(#[from] crate::sinks::registry::RegistryError),
+    #[error("webrtc: {0}")]
+    Webrtc(String),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("server failed: {0}")]
@@ -136,6 +139,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
     };
     let cluster_handle = cluster.clone();
     let ready = Arc::new(AtomicBool::new(true));
+    let webrtc_endpoint: Arc<std::sync::OnceLock<Arc<webrtc::Endpoint>>> = Arc::default();
     let handovers = cluster.clone();
     let state = web::Data::new(AppState {
         auth,
@@ -150,6 +154,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             )?),
             cluster,
             registry: registry.clone(),
+            webrtc: webrtc_endpoint.clone(),
         },
         registry: registry.clone(),
         prometheus: prometheus.clone(),
@@ -183,6 +188,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
             .configure(page::routes)
             .configure(recordings::routes)
             .configure(session_events::routes)
+            .configure(webrtc::whip::routes)
     })
     .workers(workers)
     // Signals are ours: sessions must finish their sinks before workers stop.
@@ -207,6 +213,17 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> Result<(), Ser
         addr: config.listen,
         source,
     })?;
+
+    // The WebRTC socket, on the HTTP listener's address unless configured:
+    // bound before the address is announced, so the first WHIP offer finds it.
+    if let Some(http) = server.addrs().first().copied() {
+        let endpoint = webrtc::Endpoint::start(&config.webrtc, http)
+            .await
+            .map_err(|e| ServerError::Webrtc(e.to_string()))?;
+        if let Some(endpoint) = endpoint {
+            let _ = webrtc_endpoint.set(endpoint);
+        }
+    }
 
     // Handlers go in before the address is announced: a signal sent right
     // after the "listening" line must find them (found by a test that did).

@@ -22,6 +22,7 @@ use super::dialect::Dialect;
 use super::journaling::Journaling;
 use super::registry::SessionGuard;
 use super::resume::{Parked, ResumeRegistry};
+use super::webrtc::{Endpoint, PeerCommand, PeerEvent, PeerLink, WebrtcError};
 use crate::config::Config;
 use crate::protocol::{ProtocolError, ServerMessage, StartRequest};
 use crate::session::{Input, Output, SessionCore};
@@ -47,6 +48,9 @@ pub struct SessionEnv {
     pub registry: Arc<super::registry::SessionRegistry>,
     /// Cluster mode: the node's handle on NATS.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The WebRTC endpoint, once the server has bound its UDP socket
+    /// (unset when WebRTC is off).
+    pub webrtc: Arc<std::sync::OnceLock<Arc<Endpoint>>>,
 }
 
 /// A session without a connection: what is parked for resume.
@@ -59,6 +63,8 @@ pub struct Suspended {
     /// whose final its client already had; the rebuilt transcriber's
     /// messages about it and earlier ones are not sent again.
     delivered: std::collections::HashMap<u16, u64>,
+    /// WebRTC sessions: the peer the audio comes from.
+    peer: Option<PeerLink>,
 }
 
 impl Suspended {
@@ -68,6 +74,7 @@ impl Suspended {
             events,
             journal: None,
             delivered: std::collections::HashMap::new(),
+            peer: None,
         }
     }
 
@@ -176,6 +183,26 @@ pub async fn run(
             0,
         )
         .await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs a WHIP session: negotiated already, its audio from `peer`, its
+/// messages out on the peer's data channel, no WebSocket.
+pub async fn run_whip(
+    core: SessionCore,
+    events: mpsc::UnboundedReceiver<SinkEvent>,
+    peer: PeerLink,
+    env: SessionEnv,
+    guard: SessionGuard,
+) {
+    let span = tracing::info_span!("session", id = %core.id(), dialect = "whip");
+    async move {
+        tracing::info!("session opened");
+        let mut session = Suspended::new(core, events);
+        session.peer = Some(peer);
+        drive(session, None, guard, env, None, 0).await;
     }
     .instrument(span)
     .await
@@ -409,6 +436,21 @@ async fn drive(
                     Input::SinksFinished
                 }
             }),
+            event = next_peer_event(&mut session.peer), if watching && session.peer.is_some() && session.core.wants_input() => {
+                match event {
+                    PeerEvent::Media(data) => {
+                        session.core.handle_input(Input::Media(&data), std::time::Instant::now());
+                        None
+                    }
+                    PeerEvent::Stats(stats) => Some(Input::TransportStats(stats)),
+                    PeerEvent::Stop => Some(Input::Stop),
+                    PeerEvent::Gone(reason) => {
+                        tracing::info!(%reason, "webrtc media ended");
+                        session.peer = None;
+                        Some(Input::Failed(SessionError::Webrtc(WebrtcError::PeerGone)))
+                    }
+                }
+            }
             message = next_message(&mut connection), if reading => {
                 if let Some(connection) = connection.as_mut() {
                     let now = std::time::Instant::now();
@@ -599,6 +641,17 @@ async fn apply_outputs(
                     if c.ws.text(text).await.is_err() {
                         tracing::debug!("client gone; message not sent");
                     }
+                } else if let Some(peer) = session.peer.as_ref().filter(|_| session.core.is_whip())
+                {
+                    // WHIP: the events data channel is the only way back.
+                    let _ = peer.commands.try_send(PeerCommand::Send(text));
+                }
+            }
+            Output::Negotiate { offer } => {
+                let now = std::time::Instant::now();
+                match negotiate(session, env, offer).await {
+                    Ok(answer) => session.core.handle_input(Input::WebrtcAnswer(answer), now),
+                    Err(error) => session.core.handle_input(Input::Failed(error.into()), now),
                 }
             }
             Output::Event(json) => {
@@ -683,6 +736,39 @@ async fn apply_outputs(
         }
     }
     Flow::Continue
+}
+
+/// Negotiates a `transport: webrtc` offer: a new peer, or a new offer (an
+/// ICE restart) on the session's peer.
+async fn negotiate(
+    session: &mut Suspended,
+    env: &SessionEnv,
+    offer: String,
+) -> Result<String, WebrtcError> {
+    if let Some(peer) = session.peer.as_ref() {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        peer.commands
+            .send(PeerCommand::Offer { sdp: offer, reply })
+            .await
+            .map_err(|_| WebrtcError::PeerGone)?;
+        return answer.await.map_err(|_| WebrtcError::PeerGone)?;
+    }
+    let endpoint = env.webrtc.get().ok_or(WebrtcError::Disabled)?;
+    let negotiated = endpoint.negotiate(session.core.id(), &offer, false)?;
+    metrics::counter!(names::WEBRTC_SESSIONS_TOTAL, "signalling" => "websocket").increment(1);
+    session.peer = Some(negotiated.link);
+    Ok(negotiated.answer)
+}
+
+async fn next_peer_event(peer: &mut Option<PeerLink>) -> PeerEvent {
+    match peer.as_mut() {
+        Some(link) => link
+            .events
+            .recv()
+            .await
+            .unwrap_or_else(|| PeerEvent::Gone("the peer task ended".into())),
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs each sink's `finish` on the blocking pool and reports what it says.

@@ -411,6 +411,8 @@ fn discard(core: &mut SessionCore) -> Result<(), TakeoverError> {
             | Output::Resumable { .. }
             | Output::AnswerClose
             | Output::CloseSuperseded
+            // WebRTC sessions are never journalled.
+            | Output::Negotiate { .. }
             | Output::Park => {}
         }
     }

@@ -420,6 +420,8 @@ enum Ev {
     FinishSinks(Vec<&'static str>),
     AbortSink(&'static str),
     Park,
+    /// `transport: webrtc`: the offer to negotiate.
+    Negotiate(String),
     Close {
         code: u16,
         reason: String,
@@ -550,6 +552,7 @@ impl Harness {
                         .unwrap_or_else(|e| panic!("not JSON ({e}): {json}")),
                 ),
                 Output::Persist { seq } => Ev::Persist(seq),
+                Output::Negotiate { offer } => Ev::Negotiate(offer),
                 Output::Resumable { token } => Ev::Resumable(token),
                 Output::AnswerClose => Ev::AnswerClose,
                 Output::CloseSuperseded => Ev::CloseSuperseded,
@@ -649,6 +652,7 @@ fn kinds(evs: &[Ev]) -> Vec<String> {
             Ev::FinishSinks(_) => "FinishSinks".into(),
             Ev::AbortSink(name) => format!("AbortSink {name}"),
             Ev::Park => "Park".into(),
+            Ev::Negotiate(_) => "Negotiate".into(),
             Ev::Close { code, reason, .. } => format!("Close {code} {reason}"),
         })
         .collect()
@@ -2066,4 +2070,87 @@ fn a_backlogged_sink_stops_the_reading_then_ends_the_session_after_the_stall() {
         reason: "sink_overloaded".into(),
         drain: true
     }));
+}
+
+// ───────────────────────────── webrtc ─────────────────────────────
+
+const WEBRTC_OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:abcd\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;stereo=1;useinbandfec=1\r\n";
+
+#[test]
+fn transport_webrtc_starts_opus_seq_from_the_offer_negotiates_and_sends_no_acks() {
+    let mut h = Harness::new("sinks=tx");
+    let start = json!({"type": "start", "transport": "webrtc", "sdp": WEBRTC_OFFER});
+    let evs = h.text(&start.to_string());
+    assert_eq!(kinds(&evs), ["Resumable", "started", "Negotiate"]);
+    let started = only(&evs, "started");
+    assert_eq!(
+        started["format"],
+        json!({"encoding":"opus","sample_rate":48000,"channels":2,"framing":"seq"}),
+        "stereo=1 in the offer's Opus fmtp line"
+    );
+    let Some(Ev::Negotiate(offer)) = evs.last() else {
+        panic!("no Negotiate");
+    };
+    assert_eq!(offer, WEBRTC_OFFER);
+    let evs = h.input(Input::WebrtcAnswer("v=0 answer".into()));
+    assert_eq!(only(&evs, "webrtc_answer")["sdp"], "v=0 answer");
+    // Media as the peer hands it: seq-framed Opus packets. A damaged
+    // packet is fine here; what matters is that no ack ever goes out.
+    let packet = Bytes::from(
+        [
+            SeqHeader {
+                seq: 0,
+                timestamp: 0,
+            }
+            .encode()
+            .to_vec(),
+            vec![0xfc, 0xff, 0xfe],
+        ]
+        .concat(),
+    );
+    h.input(Input::Media(&packet));
+    h.input(Input::TransportStats(crate::protocol::WebrtcStats {
+        packets_received: 1,
+        loss_fraction: Some(0.25),
+        jitter_ms: 2.0,
+        rtt_ms: None,
+        nacks_sent: 0,
+    }));
+    let mut evs = Vec::new();
+    for ms in [300, 600, 1200, 2400, 4000] {
+        evs.extend(h.at(ms).timeout());
+    }
+    assert!(messages(&evs, "ack").is_empty(), "{:?}", kinds(&evs));
+    let stats = messages(&evs, "stats");
+    assert!(!stats.is_empty(), "{:?}", kinds(&evs));
+    assert_eq!(stats[0]["webrtc"]["loss_fraction"], 0.25);
+    // An ICE restart is one more negotiation on the same session.
+    let evs = h.text(&json!({"type": "webrtc_offer", "sdp": WEBRTC_OFFER}).to_string());
+    assert_eq!(kinds(&evs), ["Negotiate"]);
+    // The peer asking to stop (WHIP DELETE) ends it as `stop` does.
+    let mut evs = h.input(Input::Stop);
+    evs.extend(h.finish_sinks());
+    assert_eq!(only(&evs, "closed")["reason"], "stop");
+}
+
+#[test]
+fn transport_webrtc_refuses_a_format_and_needs_an_offer() {
+    for (start, code) in [
+        (
+            json!({"type": "start", "transport": "webrtc"}),
+            "invalid_message",
+        ),
+        (
+            json!({"type": "start", "transport": "webrtc", "sdp": WEBRTC_OFFER, "framing": "raw"}),
+            "invalid_message",
+        ),
+        (
+            json!({"type": "start", "transport": "webrtc", "sdp": "v=0\r\nm=video 9 RTP 96\r\n"}),
+            "bad_sdp",
+        ),
+    ] {
+        let mut h = Harness::new("sinks=tx");
+        let evs = h.text(&start.to_string());
+        assert_eq!(only(&evs, "error")["code"], code, "{start}");
+    }
 }

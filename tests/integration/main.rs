@@ -69,3 +69,4 @@ mod stt_stub;
 mod transcribe;
 mod upstream_deepgram;
 mod upstream_fakes;
+mod webrtc;

@@ -81,6 +81,8 @@ pub enum Inbound {
     Keepalive,
     Flush,
     Stop,
+    /// A new SDP offer for a `transport: webrtc` session (an ICE restart).
+    WebrtcOffer(String),
     /// A text frame to send back as is (an answer the protocol requires).
     Reply(String),
     /// Something the platform reported (DTMF, a mark, extra metadata): kept

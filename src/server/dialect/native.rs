@@ -25,6 +25,7 @@ impl Dialect for Native {
             ClientMessage::Keepalive => Inbound::Keepalive,
             ClientMessage::Flush => Inbound::Flush,
             ClientMessage::Stop => Inbound::Stop,
+            ClientMessage::WebrtcOffer(sdp) => Inbound::WebrtcOffer(sdp),
         });
         Ok(())
     }

@@ -20,7 +20,7 @@ use crate::pipeline::convert::{Converter, OutputFormat};
 use crate::pipeline::{AudioBlock, OpusPacket, Pipeline, PipelineStats};
 use crate::protocol::{
     ClosedSummary, ErrorCode, Framing, ProtocolError, ServerMessage, StartRequest, StartedInfo,
-    StreamStats, PROTOCOL_VERSION,
+    StreamStats, WebrtcStats, PROTOCOL_VERSION,
 };
 use crate::server::close::{codes, SessionError};
 use crate::server::dialect::{Dialect, Inbound};
@@ -67,6 +67,14 @@ pub enum Input<'a> {
     /// The transport failed in a way that ends the session (a frame over
     /// the size limit, a broken continuation, invalid UTF-8).
     Failed(SessionError),
+    /// WebRTC sessions: one RTP packet as a `framing=seq` message.
+    Media(&'a Bytes),
+    /// WebRTC sessions: the answer to the offer of [`Output::Negotiate`].
+    WebrtcAnswer(String),
+    /// WebRTC sessions: the latest RTCP figures, for `stats`.
+    TransportStats(WebrtcStats),
+    /// The transport asks to end the session as `stop` does (WHIP `DELETE`).
+    Stop,
 }
 
 /// What the driver must do, in order.
@@ -96,6 +104,10 @@ pub enum Output {
     /// session's journal, then feed [`Input::Durable`] with `seq`; the ack
     /// for `seq` waits for it.
     Persist { seq: u32 },
+    /// `transport: webrtc`: negotiate this SDP offer (the first, or an ICE
+    /// restart on the same peer), then feed [`Input::WebrtcAnswer`] or
+    /// [`Input::Failed`].
+    Negotiate { offer: String },
     /// A server event in the native protocol's JSON (whatever the socket's
     /// dialect), without credentials: for NATS in cluster mode.
     Event(String),
@@ -115,6 +127,7 @@ impl std::fmt::Debug for Output {
             Output::Text(text) => f.debug_tuple("Text").field(text).finish(),
             Output::Event(json) => f.debug_tuple("Event").field(json).finish(),
             Output::Persist { seq } => write!(f, "Persist({seq})"),
+            Output::Negotiate { .. } => f.write_str("Negotiate"),
             Output::Resumable { .. } => f.write_str("Resumable"),
             Output::AnswerClose => f.write_str("AnswerClose"),
             Output::CloseSuperseded => f.write_str("CloseSuperseded"),
@@ -283,6 +296,12 @@ pub struct SessionCore {
     /// was warned that it sends too fast.
     first_audio_at: Option<Instant>,
     too_fast_since: Option<Instant>,
+    /// The audio comes over WebRTC: no acks (RTP has no `seq` of the
+    /// client's), and RTCP figures in `stats`.
+    webrtc: bool,
+    /// A WHIP session: no resume token (there is no socket to resume).
+    whip: bool,
+    webrtc_stats: Option<WebrtcStats>,
 }
 
 impl SessionCore {
@@ -336,6 +355,9 @@ impl SessionCore {
             connected_at: now,
             first_audio_at: None,
             too_fast_since: None,
+            webrtc: false,
+            whip: false,
+            webrtc_stats: None,
         };
         core.apply_limits(limits);
         core
@@ -343,6 +365,23 @@ impl SessionCore {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// A WHIP session, negotiated before the core was made: its audio comes
+    /// as [`Input::Media`] and its messages go out on a data channel.
+    pub fn use_whip(&mut self) {
+        self.webrtc = true;
+        self.whip = true;
+    }
+
+    /// A WHIP session: its messages go out on the peer's data channel.
+    pub fn is_whip(&self) -> bool {
+        self.whip
+    }
+
+    /// Whether the audio comes over WebRTC.
+    pub fn is_webrtc(&self) -> bool {
+        self.webrtc
     }
 
     /// Takes the connection's query: the stream starts at once when it
@@ -397,6 +436,16 @@ impl SessionCore {
             }
             Input::ResumeExpired => Ok(Some(EndReason::ResumeExpired)),
             Input::Failed(error) => Err(error),
+            Input::Media(data) => self.on_audio(data, now).map(|()| None),
+            Input::WebrtcAnswer(sdp) => {
+                self.send(&ServerMessage::WebrtcAnswer { sdp });
+                Ok(None)
+            }
+            Input::TransportStats(stats) => {
+                self.webrtc_stats = Some(stats);
+                Ok(None)
+            }
+            Input::Stop => Ok(Some(EndReason::Stop)),
         };
         match result {
             Ok(None) => self.watch_backlog(now),
@@ -550,11 +599,19 @@ impl SessionCore {
     /// Renders a session message in the socket's protocol, and in cluster
     /// mode hands it (but acks) to the driver as an event for NATS.
     fn send(&mut self, message: &ServerMessage) {
+        if self.webrtc && matches!(message, ServerMessage::Ack { .. }) {
+            return;
+        }
         self.dialect.render(message, &mut self.rendered);
         for frame in self.rendered.drain(..) {
             self.outputs.push_back(Output::Text(frame));
         }
-        if self.config.cluster.enabled() && !matches!(message, ServerMessage::Ack { .. }) {
+        if self.config.cluster.enabled()
+            && !matches!(
+                message,
+                ServerMessage::Ack { .. } | ServerMessage::WebrtcAnswer { .. }
+            )
+        {
             self.outputs.push_back(Output::Event(event_json(message)));
         }
     }

@@ -360,6 +360,7 @@ impl SessionCore {
             current_delay_ms: stats.current_delay_ms,
             target_delay_ms: stats.target_delay_ms,
             resumes: self.resumes,
+            webrtc: self.webrtc_stats,
         })
     }
 }

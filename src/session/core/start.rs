@@ -62,6 +62,16 @@ impl SessionCore {
                     self.flush(now)?;
                 }
                 Inbound::Stop => return Ok(Some(EndReason::Stop)),
+                Inbound::WebrtcOffer(offer) => {
+                    if !self.webrtc || self.whip || self.active.is_none() {
+                        return Err(ProtocolError::InvalidMessage(
+                            "webrtc_offer is only for a started transport webrtc session".into(),
+                        )
+                        .into());
+                    }
+                    self.last_activity = now;
+                    self.outputs.push_back(Output::Negotiate { offer });
+                }
                 Inbound::Reply(text) => self.outputs.push_back(Output::Text(text)),
                 Inbound::Event { name, detail } => {
                     self.last_activity = now;
@@ -83,6 +93,7 @@ impl SessionCore {
     /// is known: at once, or for a container once its header has arrived.
     pub(super) fn start(&mut self, start: StartRequest, now: Instant) -> Result<(), SessionError> {
         let request = std::mem::take(&mut self.query).merged_with(start);
+        let (request, offer) = self.webrtc_request(request)?;
         let format = request.resolve()?;
         let mut planned = self
             .factory
@@ -106,6 +117,7 @@ impl SessionCore {
         if format.framing == Framing::Seq
             && self.config.resume_window_ms > 0
             && self.dialect.resumable()
+            && !self.whip
         {
             // 122 random bits: the only thing standing between a session id,
             // which appears in logs and file names, and taking the stream over.
@@ -114,7 +126,9 @@ impl SessionCore {
                 token: token.clone(),
             });
             self.resume_token = Some(token);
-            if self.config.cluster.enabled() {
+            // A WebRTC session's media reaches this node only: no other
+            // node could take it over, so it is not journalled.
+            if self.config.cluster.enabled() && !self.webrtc {
                 self.journaled = true;
                 self.journal_request = Some(request.clone());
             }
@@ -148,7 +162,39 @@ impl SessionCore {
             counters,
         });
         self.last_ack_at = now;
-        self.open_sinks_when_format_known()
+        self.open_sinks_when_format_known()?;
+        if let Some(offer) = offer {
+            self.outputs.push_back(Output::Negotiate { offer });
+        }
+        Ok(())
+    }
+
+    /// A `transport: webrtc` request becomes an Opus `framing=seq` stream
+    /// in the offer's channel count; the offer is returned for the driver
+    /// to negotiate once the stream has started.
+    fn webrtc_request(
+        &mut self,
+        mut request: StartRequest,
+    ) -> Result<(StartRequest, Option<String>), SessionError> {
+        if !request.webrtc()? {
+            if request.sdp.is_some() {
+                return Err(ProtocolError::InvalidMessage(
+                    "sdp is only for transport webrtc".into(),
+                )
+                .into());
+            }
+            return Ok((request, None));
+        }
+        let Some(offer) = request.sdp.take() else {
+            return Err(ProtocolError::InvalidMessage(
+                "transport webrtc needs sdp: the client's SDP offer".into(),
+            )
+            .into());
+        };
+        let channels = crate::server::webrtc::sdp::opus_offer(&offer)?.channels;
+        self.webrtc = true;
+        request.transport = None;
+        Ok((request.for_webrtc(channels)?, Some(offer)))
     }
 
     pub(super) fn open_sinks_when_format_known(&mut self) -> Result<(), SessionError> {
