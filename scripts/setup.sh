@@ -64,6 +64,8 @@ fi
 "$(dirname "$0")/moto-venv.sh" >/dev/null
 # nats-server (2.15, newer than Debian's) for the cluster tests (a venv under target/).
 "$(dirname "$0")/nats-venv.sh" >/dev/null
+# aiortc, a second WebRTC stack, for the WHIP end-to-end test (a venv under target/).
+"$(dirname "$0")/aiortc-venv.sh" >/dev/null
 
 if ! command -v cc >/dev/null 2>&1; then
   log "no C compiler (cc) found; some dependencies need one"

@@ -22,5 +22,9 @@ cargo test --test integration "$@" -- browser:: --test-threads=1
 python=$(scripts/stt-venv.sh)
 "$python" -m unittest discover -s tests/e2e -p 'test_*.py'
 tests/e2e/run.sh
+# WHIP from aiortc, a WebRTC stack independent of the server's (a venv under
+# target/): a WAV sent as Opus, its recording compared with the source.
+python=$(scripts/aiortc-venv.sh)
+"$python" tests/e2e/whip_aiortc.py
 # The official Deepgram SDK against /v1/listen (a venv under target/).
 scripts/deepgram-sdk-test.sh

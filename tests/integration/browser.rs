@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
-use crate::signal::{best_alignment, to_f64, tracked_alignment};
+use crate::signal::{best_alignment, to_f64, tracked_alignment, voip_high_pass};
 
 const SPEECH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/samples/audio/speaker-16k.wav");
 const SCREENSHOTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser");
@@ -113,6 +113,10 @@ impl Browser {
             "--disable-background-timer-throttling",
             "--disable-backgrounding-occluded-windows",
             "--disable-renderer-backgrounding",
+            // WebRTC on 127.0.0.1: offer the loopback address as a host
+            // candidate, not an mDNS name the server cannot resolve.
+            "--allow-loopback-in-peer-connection",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
         ]);
         command.arg(format!("--user-data-dir={}", profile.path().display()));
         command.arg(format!(
@@ -358,11 +362,21 @@ fn padded_speech(dir: &Path) -> (PathBuf, Vec<i16>) {
 /// commit; the page cannot) is tried again, up to [`CAPTURE_ATTEMPTS`]
 /// times, each reported; a page that garbles audio fails them all.
 async fn speech_through_the_page(encoding: &str, extra: &str, screenshot: &str) -> Option<f64> {
+    speech_through_the_page_of(&[], encoding, extra, screenshot).await
+}
+
+/// As [`speech_through_the_page`], with the server started with `args`.
+async fn speech_through_the_page_of(
+    args: &[&str],
+    encoding: &str,
+    extra: &str,
+    screenshot: &str,
+) -> Option<f64> {
     let binary = chromium_or_skip()?;
     let _one = ONE_BROWSER.lock().await;
     let mut attempt = 1;
     loop {
-        let (correlation, jumps) = capture_once(&binary, encoding, extra, screenshot).await;
+        let (correlation, jumps) = capture_once(&binary, args, encoding, extra, screenshot).await;
         let disturbed = correlation < 0.95 || jumps > MAX_LAG_JUMPS;
         if !disturbed || attempt == CAPTURE_ATTEMPTS {
             assert!(jumps <= MAX_LAG_JUMPS, "{jumps} lag jumps");
@@ -382,11 +396,12 @@ const CAPTURE_ATTEMPTS: u32 = 5;
 
 async fn capture_once(
     binary: &Path,
+    args: &[&str],
     encoding: &str,
     extra: &str,
     screenshot: &str,
 ) -> (f64, usize) {
-    let server = Server::start();
+    let server = Server::start_with(args, &[]);
     let (microphone, source) = padded_speech(server.dir.path());
     let seconds = (source.len() as f64 / 16000.0).ceil() as u64 + 1;
     let url = format!(
@@ -417,7 +432,7 @@ async fn capture_once(
     );
     assert_eq!(state["closeCode"], 1000);
     assert_eq!(state["closeEventCode"], 1000);
-    let expected_encoding = if encoding == "opus" {
+    let expected_encoding = if encoding == "opus" || extra.contains("transport=webrtc") {
         "opus"
     } else {
         "pcm_s16le"
@@ -457,7 +472,12 @@ async fn capture_once(
         eprintln!("recorded {duration:.2} s of a {seconds} s session");
         return (0.0, 0);
     }
-    let (recorded, source) = (to_f64(&recorded), to_f64(&source));
+    let (recorded, mut source) = (to_f64(&recorded), to_f64(&source));
+    if extra.contains("transport=webrtc") {
+        // Chromium's WebRTC encodes in libopus's VoIP mode, whose 60 Hz
+        // high-pass is part of what it sends (see `voip_high_pass`).
+        source = voip_high_pass(&source, 16000);
+    }
     let (single, lag) = best_alignment(&recorded, &source, 16000, 16000);
     // The first window (after the skipped second) finds its own lag, in
     // the first half-second: how much of the file played before capture.
@@ -487,6 +507,24 @@ async fn capture_once(
 #[tokio::test]
 async fn browser_page_streams_the_microphone_as_pcm() {
     let Some(correlation) = speech_through_the_page("pcm", "", "page.png").await else {
+        return;
+    };
+    assert!(correlation >= 0.95, "correlation {correlation:.4} < 0.95");
+}
+
+/// The page's WebRTC transport: the microphone track over WebRTC (Opus
+/// over SRTP at 48 kHz, negotiated on the page's WebSocket), recorded at
+/// 16 kHz to compare with the source.
+#[tokio::test]
+async fn browser_page_streams_the_microphone_over_webrtc() {
+    let Some(correlation) = speech_through_the_page_of(
+        &["--recorder-sample-rate", "16000"],
+        "pcm",
+        "&transport=webrtc",
+        "page-webrtc.png",
+    )
+    .await
+    else {
         return;
     };
     assert!(correlation >= 0.95, "correlation {correlation:.4} < 0.95");
@@ -810,4 +848,183 @@ async fn browser_recordings_page_plays_draws_and_seeks() {
     eprintln!("screenshot: {}", shot.display());
     let _ = std::fs::copy(&shot, "/tmp/recordings-page.png");
     drop(browser);
+}
+
+/// A WHIP client in the page's JavaScript (what browser WHIP libraries
+/// do): the fake microphone over WebRTC to `POST /v1/whip`, events from the
+/// `cochlea-events` data channel, an ICE restart half-way with `PATCH`, and
+/// `DELETE` at the end. Sets `window.whip` as it goes.
+const WHIP_CLIENT: &str = r#"
+window.whip = { phase: "starting", events: [], error: null };
+(async () => {
+  const w = window.whip;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const gathered = (pc) => new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
+    setTimeout(resolve, 3000);
+  });
+  const field = (sdp, name) => sdp.match(new RegExp("a=" + name + ":(.*)"))[1].trim();
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
+    const pc = new RTCPeerConnection();
+    stream.getTracks().forEach((t) => pc.addTrack(t, stream));
+    const dc = pc.createDataChannel("cochlea-events");
+    dc.onmessage = (e) => {
+      const m = JSON.parse(e.data);
+      w.events.push(m);
+      if (m.type === "closed") w.phase = "closed";
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    const res = await fetch("/v1/whip?sinks=record", {
+      method: "POST",
+      headers: { "content-type": "application/sdp" },
+      body: pc.localDescription.sdp,
+    });
+    w.status = res.status;
+    w.location = res.headers.get("location");
+    const answer = await res.text();
+    if (res.status !== 201) throw new Error(`POST ${res.status}: ${answer}`);
+    await pc.setRemoteDescription({ type: "answer", sdp: answer });
+    w.phase = "streaming";
+    await sleep(RESTART_AFTER_MS);
+    // ICE restart (RFC 9725 §4.4): new credentials both ways over PATCH.
+    pc.restartIce();
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const fragment = `a=ice-ufrag:${field(offer.sdp, "ice-ufrag")}\r\n` +
+      `a=ice-pwd:${field(offer.sdp, "ice-pwd")}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n`;
+    const patched = await fetch(w.location, {
+      method: "PATCH",
+      headers: { "content-type": "application/trickle-ice-sdpfrag", "if-match": "*" },
+      body: fragment,
+    });
+    w.patchStatus = patched.status;
+    const reply = await patched.text();
+    if (patched.status !== 200) throw new Error(`PATCH ${patched.status}: ${reply}`);
+    const remote = pc.remoteDescription.sdp
+      .replace(/a=ice-ufrag:.*/g, `a=ice-ufrag:${field(reply, "ice-ufrag")}`)
+      .replace(/a=ice-pwd:.*/g, `a=ice-pwd:${field(reply, "ice-pwd")}`);
+    await pc.setRemoteDescription({ type: "answer", sdp: remote });
+    w.restarted = true;
+    await sleep(STREAM_MS - RESTART_AFTER_MS);
+    w.connectionState = pc.connectionState;
+    const deleted = await fetch(w.location, { method: "DELETE" });
+    w.deleteStatus = deleted.status;
+    for (let i = 0; i < 100 && w.phase !== "closed"; i++) await sleep(100);
+    stream.getTracks().forEach((t) => t.stop());
+    pc.close();
+    if (w.phase !== "closed") w.phase = "no-closed";
+  } catch (e) {
+    w.error = String(e);
+    w.phase = "failed";
+  }
+})();
+"done"
+"#;
+
+/// Chromium as a WHIP client: recorded as one file through an ICE
+/// restart, the recording is the speech, and the session's events came on
+/// the data channel.
+#[tokio::test]
+async fn chromium_pushes_the_microphone_over_whip_through_an_ice_restart() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let mut attempt = 1;
+    loop {
+        let (correlation, jumps) = whip_capture_once(&binary).await;
+        let disturbed = correlation < 0.95 || jumps > MAX_LAG_JUMPS;
+        if !disturbed || attempt == CAPTURE_ATTEMPTS {
+            assert!(jumps <= MAX_LAG_JUMPS, "{jumps} lag jumps");
+            assert!(correlation >= 0.95, "correlation {correlation:.4} < 0.95");
+            return;
+        }
+        eprintln!("attempt {attempt} looks disturbed (correlation {correlation:.4}, {jumps} lag jumps): once more");
+        attempt += 1;
+    }
+}
+
+async fn whip_capture_once(binary: &Path) -> (f64, usize) {
+    let server = Server::start_with(&["--recorder-sample-rate", "16000"], &[]);
+    let (microphone, source) = padded_speech(server.dir.path());
+    let stream_ms = (source.len() as f64 / 16.0) as u64 + 1000;
+    let url = format!("http://{}/healthz", server.addr);
+    let browser = Browser::launch(binary, &url, &microphone, true);
+    let mut page = Page::attach(&browser).await;
+    page.wait_loaded(&url).await;
+    let script = WHIP_CLIENT
+        .replace("RESTART_AFTER_MS", &(stream_ms / 2).to_string())
+        .replace("STREAM_MS", &stream_ms.to_string());
+    page.eval(&script).await;
+    let deadline = Instant::now() + Duration::from_millis(stream_ms) + WAIT;
+    let whip = loop {
+        let text = page.eval("JSON.stringify(window.whip)").await;
+        let whip: Value = serde_json::from_str(text.as_str().unwrap_or("null")).unwrap();
+        if !matches!(whip["phase"].as_str(), Some("starting" | "streaming")) {
+            break whip;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "WHIP client still {whip}\nconsole:\n{}\nserver log:\n{}",
+            page.console.join("\n"),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let context = || {
+        format!(
+            "{whip}\nconsole:\n{}\nchromium:\n{}\nserver log:\n{}",
+            page.console.join("\n"),
+            browser.stderr.lock().unwrap().join("\n"),
+            server.log()
+        )
+    };
+    assert_eq!(whip["phase"], "closed", "{}", context());
+    assert_eq!(whip["status"], 201);
+    assert_eq!(whip["patchStatus"], 200, "{}", context());
+    assert_eq!(whip["deleteStatus"], 200);
+    assert_eq!(whip["connectionState"], "connected", "{}", context());
+    let events = whip["events"].as_array().unwrap();
+    let of = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("started").len(), 1);
+    assert_eq!(of("started")[0]["format"]["encoding"], "opus");
+    assert!(of("ack").is_empty());
+    assert_eq!(
+        of("recording").len(),
+        1,
+        "one recording through the restart"
+    );
+    assert_eq!(of("closed")[0]["reason"], "stop");
+    assert!(
+        of("stats")
+            .iter()
+            .any(|s| s["webrtc"]["packets_received"].as_u64() > Some(0)),
+        "{events:?}"
+    );
+    let path = PathBuf::from(of("recording")[0]["path"].as_str().unwrap());
+    let recorded = to_f64(&read_wav_i16(&path).samples);
+    // As Chromium's VoIP-mode Opus encoder saw it (see `voip_high_pass`).
+    let source = voip_high_pass(&to_f64(&source), 16000);
+    let duration = recorded.len() as f64 / 16000.0;
+    if duration < 2.0 {
+        return (0.0, 0);
+    }
+    let first = best_alignment(&recorded[..24000], &source, 16000, 16000).1;
+    let tracked = tracked_alignment(&recorded, &source, 16000, 8000, first, 320, 320);
+    let jumps = tracked.jumps().len();
+    eprintln!(
+        "whip: {duration:.2} s, correlation {:.4} ({jumps} lag jumps)",
+        tracked.correlation
+    );
+    (tracked.correlation, jumps)
 }

@@ -223,3 +223,34 @@ fn alignment_finds_a_known_delay() {
     assert_eq!(lag, delay as isize);
     assert!(c > 0.999, "{c}");
 }
+
+/// `samples` through the high-pass filter libopus applies in its VoIP
+/// application (the mode WebRTC senders encode in): second order, 60 Hz.
+/// It shifts the phase of a voice's fundamental, so a recording from a
+/// WebRTC sender is compared with the source as the encoder saw it. Measured
+/// with libopus itself on samples/audio/speaker-16k.wav at 32 and 96 kbps:
+/// VoIP mode gives 0.929 and 0.928 against the source, and 0.999 and 1.000
+/// against the source through this filter; audio mode 0.999 against the
+/// source.
+pub fn voip_high_pass(samples: &[f64], sample_rate: u32) -> Vec<f64> {
+    // A Butterworth biquad (RBJ cookbook), cutoff 60 Hz.
+    let w0 = 2.0 * std::f64::consts::PI * 60.0 / f64::from(sample_rate);
+    let alpha = w0.sin() / (2.0 * std::f64::consts::FRAC_1_SQRT_2);
+    let cos = w0.cos();
+    let a0 = 1.0 + alpha;
+    let (b0, b1, b2) = (
+        (1.0 + cos) / 2.0 / a0,
+        -(1.0 + cos) / a0,
+        (1.0 + cos) / 2.0 / a0,
+    );
+    let (a1, a2) = (-2.0 * cos / a0, (1.0 - alpha) / a0);
+    let (mut x1, mut x2, mut y1, mut y2) = (0.0, 0.0, 0.0, 0.0);
+    samples
+        .iter()
+        .map(|&x| {
+            let y = b0 * x + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2;
+            (x2, x1, y2, y1) = (x1, x, y1, y);
+            y
+        })
+        .collect()
+}

@@ -18,6 +18,7 @@ pub mod config;
 mod endpoint;
 mod peer;
 pub mod sdp;
+mod timeline;
 pub mod whip;
 
 pub use config::WebrtcConfig;

@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::endpoint::{Datagram, Endpoint};
 use super::sdp::OpusOffer;
+use super::timeline::RtpTimeline;
 use super::WebrtcError;
-use crate::protocol::{SeqHeader, WebrtcStats};
+use crate::protocol::WebrtcStats;
 use crate::telemetry::names;
 
 /// The data channel events go out on, when the client opens one.
@@ -94,8 +95,7 @@ pub(super) struct Peer {
 }
 
 struct State {
-    /// Sequence number and media time of the first packet.
-    first: Option<(u64, u64)>,
+    timeline: RtpTimeline,
     nack_enabled: HashSet<u32>,
     events_channel: Option<ChannelId>,
     pending_texts: VecDeque<String>,
@@ -112,7 +112,7 @@ impl Peer {
     pub(super) async fn run(mut self) {
         metrics::gauge!(names::WEBRTC_PEERS).increment(1.0);
         let mut state = State {
-            first: None,
+            timeline: RtpTimeline::default(),
             nack_enabled: HashSet::new(),
             events_channel: None,
             pending_texts: VecDeque::new(),
@@ -123,9 +123,14 @@ impl Peer {
             linger_until: None,
         };
         let reason = self.drive(&mut state).await;
-        tracing::info!(%reason, dropped = state.media_dropped, "webrtc peer ended");
+        tracing::info!(
+            %reason,
+            dropped = state.media_dropped,
+            moved = state.timeline.moved_packets,
+            "webrtc peer ended"
+        );
         let _ = self.events.try_send(PeerEvent::Gone(reason));
-        self.rtc.disconnect();
+        self.close();
         self.endpoint
             .forget(&self.session_id, &self.ufrags, &state.sources);
         metrics::gauge!(names::WEBRTC_PEERS).decrement(1.0);
@@ -222,10 +227,10 @@ impl Peer {
                 IceConnectionState::Disconnected => {
                     state.give_up_at = Some(Instant::now() + DISCONNECTED_GRACE);
                 }
-                IceConnectionState::Connected | IceConnectionState::Completed => {
-                    if state.connected {
-                        state.give_up_at = None;
-                    }
+                IceConnectionState::Connected | IceConnectionState::Completed
+                    if state.connected =>
+                {
+                    state.give_up_at = None;
                 }
                 _ => {}
             },
@@ -264,20 +269,18 @@ impl Peer {
                 rx.suppress_nack(false);
             }
         }
-        let seq = *packet.seq_no;
-        let time = packet.time.numer();
-        let (first_seq, first_time) = *state.first.get_or_insert((seq, time));
-        // Older than the first packet: its media time is before the stream's start.
-        let (Some(seq), Some(time)) = (seq.checked_sub(first_seq), time.checked_sub(first_time))
+        // 48 kHz frames, from the packet's TOC byte; a packet too damaged
+        // to say is taken for the usual 20 ms (the decoder conceals it).
+        // (libopus's error codes come back negative, cast: over 120 ms.)
+        let frames = opus::packet::get_nb_samples(&packet.payload, 48_000)
+            .ok()
+            .filter(|n| (1..=5760).contains(n))
+            .map_or(960, |n| n as u64);
+        let Some(header) = state
+            .timeline
+            .place(*packet.seq_no, packet.time.numer(), frames)
         else {
             return;
-        };
-        let Ok(seq) = u32::try_from(seq) else {
-            return;
-        };
-        let header = SeqHeader {
-            seq,
-            timestamp: time,
         };
         let mut message = BytesMut::with_capacity(packet.payload.len() + 12);
         message.put_slice(&header.encode());
@@ -343,6 +346,7 @@ impl Peer {
             .accept_offer(parsed)
             .map_err(|e| WebrtcError::Negotiation(e.to_string()))?
             .to_sdp_string();
+
         if let Some(ufrag) = super::sdp::ice_ufrag(&answer) {
             if !self.ufrags.iter().any(|u| u == ufrag) {
                 self.ufrags.push(ufrag.to_owned());
@@ -351,6 +355,26 @@ impl Peer {
         }
         self.last_offer = sdp.to_owned();
         Ok(answer)
+    }
+
+    /// Tells the client it is over (RTCP BYE, SCTP shutdown, DTLS
+    /// close_notify) instead of leaving it to find out by ICE timeout.
+    fn close(&mut self) {
+        if self.rtc.close().is_ok() {
+            for _ in 0..64 {
+                match self.rtc.poll_output() {
+                    Ok(Output::Transmit(t)) => {
+                        let _ = self.socket.try_send_to(&t.contents, t.destination);
+                    }
+                    Ok(Output::Event(_)) => {}
+                    Ok(Output::Timeout(_)) | Err(_) => break,
+                }
+                if !self.rtc.is_alive() {
+                    break;
+                }
+            }
+        }
+        self.rtc.disconnect();
     }
 
     fn write_text(&mut self, id: ChannelId, text: &str) {

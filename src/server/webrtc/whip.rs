@@ -266,10 +266,10 @@ fn peer_of(
     req: &HttpRequest,
     state: &AppState,
     id: &str,
-) -> Result<mpsc::Sender<PeerCommand>, HttpResponse> {
+) -> Result<mpsc::Sender<PeerCommand>, Box<HttpResponse>> {
     let (query_token, _) = parse_query(req.query_string());
     if let Err(error) = authenticate(req, &state.auth, query_token.as_deref()) {
-        return Err(with_cors(req, refuse_http(&error)));
+        return Err(Box::new(with_cors(req, refuse_http(&error))));
     }
     state
         .env
@@ -277,12 +277,12 @@ fn peer_of(
         .get()
         .and_then(|endpoint| endpoint.whip_peer(id))
         .ok_or_else(|| {
-            refuse(
+            Box::new(refuse(
                 req,
                 StatusCode::NOT_FOUND,
                 ErrorCode::InvalidMessage,
                 "no WHIP session with that id on this server".into(),
-            )
+            ))
         })
 }
 
@@ -293,7 +293,7 @@ async fn delete(
 ) -> HttpResponse {
     let peer = match peer_of(&req, &state, &path) {
         Ok(peer) => peer,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if peer.send(PeerCommand::Stop).await.is_err() {
         return refuse(
@@ -314,7 +314,7 @@ async fn patch(
 ) -> HttpResponse {
     let peer = match peer_of(&req, &state, &path) {
         Ok(peer) => peer,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if !content_type_is(&req, SDP_FRAGMENT) {
         return refuse(

@@ -191,10 +191,12 @@ impl SessionCore {
             )
             .into());
         };
-        let channels = crate::server::webrtc::sdp::opus_offer(&offer)?.channels;
-        self.webrtc = true;
         request.transport = None;
-        Ok((request.for_webrtc(channels)?, Some(offer)))
+        // A format named beside the offer is refused before the offer is read.
+        let mut request = request.for_webrtc(1)?;
+        request.channels = Some(crate::server::webrtc::sdp::opus_offer(&offer)?.channels);
+        self.webrtc = true;
+        Ok((request, Some(offer)))
     }
 
     pub(super) fn open_sinks_when_format_known(&mut self) -> Result<(), SessionError> {
