@@ -378,9 +378,15 @@ impl Client {
     pub async fn finish(mut self) -> Transcript {
         let mut close = None;
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for the connection to end");
+            let Ok(next) = tokio::time::timeout(WAIT, self.ws.next()).await else {
+                // What came before the silence says where the server stalled.
+                let kinds: Vec<String> = self
+                    .received
+                    .iter()
+                    .map(|m| m["type"].as_str().unwrap_or("?").to_owned())
+                    .collect();
+                panic!("timed out waiting for the connection to end; received so far: {kinds:?}");
+            };
             match next {
                 Some(Ok(Message::Text(text))) => {
                     self.take(&text);

@@ -311,8 +311,28 @@ async fn a_full_backlog_sheds_the_oldest_and_says_how_many() {
             "0",
         ],
     );
-    let (samples, _) = speech_stream(5, 0.8);
-    let client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+    let (samples, regions) = speech_stream(5, 0.8);
+    // The first utterance alone, until its request is out: on a busy
+    // machine the sender might otherwise pick it up only after the next
+    // ones arrived, and shed it (seen in CI).
+    let first_end = (regions[1].0 * RATE as f64) as usize;
+    let mut client = stream(
+        &server,
+        "encoding=pcm_s16le&sample_rate=16000",
+        &samples[..first_end],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + crate::harness::WAIT;
+    while stub.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "utterance 0 never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client
+        .send_chunks(&s16_bytes(&samples[first_end..]), 640)
+        .await;
     let t = client.stop().await;
     assert_closed_last(&t);
 
