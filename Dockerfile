@@ -62,7 +62,9 @@ ENV COCHLEA_LISTEN=0.0.0.0:8080 \
 USER cochlea
 WORKDIR /data
 VOLUME ["/data/recordings"]
-EXPOSE 8080
+# 8080/udp: WebRTC media (WHIP, transport webrtc), one port for every peer;
+# behind NAT also set COCHLEA_WEBRTC_PUBLIC_IP.
+EXPOSE 8080 8080/udp
 
 # `cochlea healthcheck` is a plain HTTP GET built into the binary (no curl in
 # the image). If you change COCHLEA_LISTEN's port, override this too.

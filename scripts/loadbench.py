@@ -21,6 +21,10 @@ Scenarios:
         CPU <= 1.3x baseline, active session <= 256 KiB)
   opus  N x Opus decoded at 48 kHz, recorded at 16 kHz (recorder.sample_rate)
         (target: <= 1.5 ms CPU per stream-second)
+  webrtc N x the same Opus packets pushed over WebRTC (WHIP, str0m as the
+        client), recorded at 16 kHz, and in the same run N x WebSocket Opus
+        against a second server (cochlea-websocket): the ratio of their CPU
+        per stream-second
   idle  N idle sessions (started, recorded, no audio, a keepalive every
         --keepalive-ms, 10 s by default; above 25 s the server's idle timeout
         is raised to 3x that, so a value past the run measures sessions
@@ -221,7 +225,7 @@ def start_server(kind, tmp, scenario, max_sessions, keepalive_ms, s3_endpoint=No
         argv = [str(COCHLEA), "serve", "--listen", "127.0.0.1:0",
                 "--recordings-dir", str(tmp / "recordings"),
                 "--max-sessions", str(max_sessions)] + SERVER_ARGS
-        if scenario == "opus":
+        if scenario in ("opus", "webrtc"):
             argv += ["--recorder-sample-rate", "16000"]
         if scenario == "idle" and keepalive_ms > 25_000:
             argv += ["--idle-timeout-ms", str(3 * keepalive_ms)]
@@ -250,9 +254,13 @@ def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms, sink
     if scenario == "pcm":
         argv += ["--encoding", "pcm_s16le", "--sample-rate", "16000",
                  "--input", str(FIXTURE)]
-    elif scenario == "opus":
+    elif scenario in ("opus", "webrtc"):
         argv += ["--encoding", "opus", "--sample-rate", "48000",
                  "--input", str(FIXTURE)]
+        if scenario == "webrtc":
+            # Two generator threads: 300 str0m peers' SRTP and DTLS would
+            # otherwise make the generator, not the server, the bottleneck.
+            argv += ["--transport", "webrtc", "--threads", "2"]
     else:
         argv += ["--idle", "--keepalive-ms", str(keepalive_ms)]
     return argv
@@ -261,6 +269,9 @@ def loadgen_argv(addr, scenario, streams, duration_s, ramp_s, keepalive_ms, sink
 def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sinks):
     """One load against one server; returns the figures of the window."""
     moto, endpoint = start_moto(tmp) if kind == "cochlea-s3" else (None, None)
+    if kind == "cochlea-websocket":
+        # The webrtc scenario's comparison: the same Opus over the WebSocket.
+        kind, scenario = "cochlea", "opus"
     server, addr = start_server(kind, tmp, scenario, max(streams, 5000) + 100, keepalive_ms,
                                 endpoint)
     pid = server.proc.pid
@@ -326,11 +337,13 @@ def measure(kind, scenario, streams, duration_s, ramp_s, tmp, keepalive_ms, sink
 
 
 def scenario_runs(args, scenario, tmp_root):
-    streams = {"pcm": args.streams, "opus": args.opus_streams, "idle": args.idle_sessions}[scenario]
+    streams = {"pcm": args.streams, "opus": args.opus_streams, "webrtc": args.opus_streams,
+               "idle": args.idle_sessions}[scenario]
     ramp = {"idle": args.idle_ramp_s}.get(scenario, args.ramp_s)
     duration = args.duration_s if scenario != "idle" else ramp + SETTLE_S + args.idle_window_s + 3
     results = {}
-    kinds = ["cochlea"] if scenario == "idle" else ["cochlea", "baseline"]
+    kinds = {"idle": ["cochlea"], "webrtc": ["cochlea", "cochlea-websocket"]}.get(
+        scenario, ["cochlea", "baseline"])
     if args.s3 and scenario != "idle":
         kinds.append("cochlea-s3")
     for kind in kinds:
@@ -343,6 +356,10 @@ def scenario_runs(args, scenario, tmp_root):
                 log(f"kept {tmp}")
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
+    if "cochlea-websocket" in results:
+        c, w = results["cochlea"], results["cochlea-websocket"]
+        results["webrtc_over_websocket"] = c["cpu_ms_per_stream_s"] / w["cpu_ms_per_stream_s"] \
+            if w["cpu_ms_per_stream_s"] > 0 else None
     if "baseline" in results:
         c, b = results["cochlea"], results["baseline"]
         results["cpu_ratio"] = c["cpu_ms_per_stream_s"] / b["cpu_ms_per_stream_s"] \
@@ -364,7 +381,7 @@ def table(all_results):
             "send lateness p99 ms | failures |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, results in all_results.items():
-        for kind in ("cochlea", "baseline", "cochlea-s3"):
+        for kind in ("cochlea", "cochlea-websocket", "baseline", "cochlea-s3"):
             r = results.get(kind)
             if not r:
                 continue
@@ -377,6 +394,9 @@ def table(all_results):
                 f"{r['rss_per_session_kib']:.1f} | {r['peak_rss_kib'] / 1024:.0f} | "
                 f"{lg['frames_sent']} / {lg['frames_acked']} / {lg['frames_lost']} | "
                 f"{fmt(lg['lateness']['p99_ms'])} | {lg['failures']} |")
+        if results.get("webrtc_over_websocket") is not None:
+            rows.append(f"| {scenario} | **WebRTC ÷ WebSocket** | | | "
+                        f"**{results['webrtc_over_websocket']:.2f}×** | | | | | | | |")
         if results.get("cpu_ratio") is not None:
             rows.append(f"| {scenario} | **ratio** | | | **{results['cpu_ratio']:.2f}×** | | | | | | | |")
         if results.get("s3_extra_cpu_ms_per_stream_s") is not None:
@@ -431,7 +451,8 @@ def machine():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["pcm", "opus", "idle", "all"], default="all")
+    p.add_argument("--scenario", choices=["pcm", "opus", "webrtc", "idle", "all"], default="all",
+                   help="all runs pcm, opus and idle; webrtc runs on its own")
     p.add_argument("--streams", type=int, default=1000, help="PCM streams (default 1000)")
     p.add_argument("--opus-streams", type=int, default=300, help="Opus streams (default 300)")
     p.add_argument("--idle-sessions", type=int, default=5000, help="idle sessions (default 5000)")

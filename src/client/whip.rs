@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use str0m::change::SdpAnswer;
+use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::MediaTime;
 use str0m::media::{Direction, MediaKind, Mid};
@@ -53,38 +53,36 @@ pub struct WhipOutcome {
     pub packets_sent: u64,
 }
 
+/// How a push is going, for a caller that counts (the load generator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhipStep {
+    /// ICE and DTLS are up: media flows from here.
+    Connected,
+    /// One packet went out.
+    Sent,
+}
+
 /// Streams `packets` (one 20 ms Opus packet each, 960 frames at 48 kHz),
 /// paced in real time, then deletes the session and waits for `closed`.
 pub async fn push(options: &WhipOptions, packets: &[Vec<u8>]) -> Result<WhipOutcome, WhipError> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let local = socket.local_addr()?;
-    let mut rtc = Rtc::builder().build(Instant::now());
-    let candidate = Candidate::host(local, "udp").map_err(|e| WhipError::Rtc(e.to_string()))?;
-    rtc.add_local_candidate(candidate);
-    let mut change = rtc.sdp_api();
-    let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    change.add_channel(crate::server::webrtc::EVENTS_CHANNEL.to_owned());
-    let (offer, pending) = change
-        .apply()
-        .ok_or_else(|| WhipError::Rtc("nothing to offer".into()))?;
-    let mut offer_sdp = offer.to_sdp_string();
-    if options.channels == 2 {
-        offer_sdp = offer_sdp.replace("useinbandfec=1", "useinbandfec=1;stereo=1");
-    }
+    push_with(options, packets, &mut |_| {}).await
+}
+
+/// [`push`], telling `progress` each step.
+pub async fn push_with(
+    options: &WhipOptions,
+    packets: &[Vec<u8>],
+    progress: &mut (dyn FnMut(WhipStep) + Send),
+) -> Result<WhipOutcome, WhipError> {
+    let (mut sender, offer_sdp) = OpusSender::offer(options.channels, true).await?;
     // reqwest's TLS layer needs a process-wide provider, even for http.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
-    let mut request = client
+    let request = client
         .post(&options.url)
         .header("content-type", "application/sdp")
         .body(offer_sdp);
-    if let Some(token) = &options.token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| WhipError::Http(e.to_string()))?;
+    let response = send(request, options).await?;
     let status = response.status().as_u16();
     let location = response
         .headers()
@@ -99,35 +97,59 @@ pub async fn push(options: &WhipOptions, packets: &[Vec<u8>]) -> Result<WhipOutc
     if status != 201 {
         return Err(WhipError::Refused { status, body });
     }
-    let mut answer_sdp = body;
-    if let Some(via) = options.via {
-        answer_sdp = route_candidates_via(&answer_sdp, via);
-    }
-    let answer =
-        SdpAnswer::from_sdp_string(&answer_sdp).map_err(|e| WhipError::Rtc(e.to_string()))?;
-    rtc.sdp_api()
-        .accept_answer(pending, answer)
-        .map_err(|e| WhipError::Rtc(e.to_string()))?;
+    sender.accept(&body, options.via)?;
     let base = options
         .url
         .split("/v1/whip")
         .next()
         .unwrap_or_default()
         .to_owned();
-    let mut peer = ClientPeer {
-        rtc,
-        socket,
-        local,
-        mid,
-        outcome: WhipOutcome {
-            location,
-            ..WhipOutcome::default()
-        },
-        connected: false,
-        closed: false,
+    let mut outcome = WhipOutcome {
+        location,
+        ..WhipOutcome::default()
     };
-    peer.run(&client, &base, options, packets).await?;
-    Ok(peer.outcome)
+    sender.connect(Duration::from_secs(10)).await?;
+    progress(WhipStep::Connected);
+    let mut at = Instant::now();
+    for (k, packet) in packets.iter().enumerate() {
+        sender.pump(at).await?;
+        sender.send(packet, k as u64 * 960, at)?;
+        outcome.packets_sent += 1;
+        progress(WhipStep::Sent);
+        at += Duration::from_millis(20);
+    }
+    // What is on the wire arrives before the DELETE does.
+    sender.pump(at + Duration::from_millis(300)).await?;
+    let url = format!("{base}{}", outcome.location);
+    let response = send(client.delete(&url), options).await?;
+    if !response.status().is_success() {
+        return Err(WhipError::Refused {
+            status: response.status().as_u16(),
+            body: response.text().await.unwrap_or_default(),
+        });
+    }
+    let deadline = Instant::now() + options.close_wait;
+    while !sender.closed && Instant::now() < deadline {
+        sender
+            .pump(Instant::now() + Duration::from_millis(50))
+            .await?;
+    }
+    outcome.events = std::mem::take(&mut sender.events);
+    Ok(outcome)
+}
+
+/// Sends a WHIP request with the options' credentials.
+async fn send(
+    mut request: reqwest::RequestBuilder,
+    options: &WhipOptions,
+) -> Result<reqwest::Response, WhipError> {
+    if let Some(token) = &options.token {
+        request = request.bearer_auth(token);
+    }
+    request
+        .send()
+        .await
+        .map_err(|e| WhipError::Http(e.to_string()))
 }
 
 /// The answer's host candidates, all pointed at `via`.
@@ -149,85 +171,103 @@ fn route_candidates_via(answer: &str, via: SocketAddr) -> String {
         .collect()
 }
 
-struct ClientPeer {
+/// The client side of one WebRTC peer sending one Opus track (str0m, on
+/// its own UDP socket on 127.0.0.1), whatever carries the signalling.
+pub struct OpusSender {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
     mid: Mid,
-    outcome: WhipOutcome,
+    pending: Option<SdpPendingOffer>,
     connected: bool,
-    closed: bool,
+    /// Messages from the `cochlea-events` data channel, as sent.
+    pub events: Vec<serde_json::Value>,
+    /// A `closed` came on the data channel.
+    pub closed: bool,
+    buf: Vec<u8>,
 }
 
-impl ClientPeer {
-    async fn run(
-        &mut self,
-        client: &reqwest::Client,
-        base: &str,
-        options: &WhipOptions,
-        packets: &[Vec<u8>],
-    ) -> Result<(), WhipError> {
-        let connect_by = Instant::now() + Duration::from_secs(10);
-        let mut next_packet = 0usize;
-        let mut next_send_at: Option<Instant> = None;
-        let mut deleted_at: Option<Instant> = None;
-        let mut buf = vec![0u8; 2048];
+impl OpusSender {
+    /// A new peer and its SDP offer (`stereo=1` for 2 channels; the
+    /// `cochlea-events` data channel if `data_channel`).
+    pub async fn offer(channels: u16, data_channel: bool) -> Result<(Self, String), WhipError> {
+        let socket = UdpSocket::bind("127.0.0.1:0").await?;
+        let local = socket.local_addr()?;
+        let mut rtc = Rtc::builder().build(Instant::now());
+        let candidate = Candidate::host(local, "udp").map_err(|e| WhipError::Rtc(e.to_string()))?;
+        rtc.add_local_candidate(candidate);
+        let mut change = rtc.sdp_api();
+        let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        if data_channel {
+            change.add_channel(crate::server::webrtc::EVENTS_CHANNEL.to_owned());
+        }
+        let (offer, pending) = change
+            .apply()
+            .ok_or_else(|| WhipError::Rtc("nothing to offer".into()))?;
+        let mut offer_sdp = offer.to_sdp_string();
+        if channels == 2 {
+            offer_sdp = offer_sdp.replace("useinbandfec=1", "useinbandfec=1;stereo=1");
+        }
+        let sender = Self {
+            rtc,
+            socket,
+            local,
+            mid,
+            pending: Some(pending),
+            connected: false,
+            events: Vec::new(),
+            closed: false,
+            buf: vec![0u8; 2048],
+        };
+        Ok((sender, offer_sdp))
+    }
+
+    /// Takes the server's answer; with `via`, media goes to that address
+    /// instead of the server's candidates.
+    pub fn accept(&mut self, answer: &str, via: Option<SocketAddr>) -> Result<(), WhipError> {
+        let answer = match via {
+            Some(via) => route_candidates_via(answer, via),
+            None => answer.to_owned(),
+        };
+        let answer =
+            SdpAnswer::from_sdp_string(&answer).map_err(|e| WhipError::Rtc(e.to_string()))?;
+        let pending = self
+            .pending
+            .take()
+            .ok_or_else(|| WhipError::Rtc("no offer is waiting for an answer".into()))?;
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| WhipError::Rtc(e.to_string()))
+    }
+
+    /// Runs until ICE and DTLS are up.
+    pub async fn connect(&mut self, within: Duration) -> Result<(), WhipError> {
+        let deadline = Instant::now() + within;
+        while !self.connected {
+            if Instant::now() > deadline {
+                return Err(WhipError::Timeout(within));
+            }
+            self.pump(Instant::now() + Duration::from_millis(20))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Does str0m's IO (datagrams, timers, events) until `until`.
+    pub async fn pump(&mut self, until: Instant) -> Result<(), WhipError> {
         loop {
             let timeout = self.drain()?;
             let now = Instant::now();
-            if !self.connected && now > connect_by {
-                return Err(WhipError::Timeout(Duration::from_secs(10)));
-            }
-            if self.connected && next_send_at.is_none() {
-                next_send_at = Some(now);
-            }
-            if let Some(at) = next_send_at.filter(|at| *at <= now) {
-                if let Some(packet) = packets.get(next_packet) {
-                    self.write(packet, next_packet as u64 * 960, at)?;
-                    next_packet += 1;
-                    self.outcome.packets_sent += 1;
-                    next_send_at = Some(at + Duration::from_millis(20));
-                    continue;
-                }
-                if deleted_at.is_none() {
-                    // What is on the wire arrives before the DELETE does.
-                    if now < at + Duration::from_millis(300) {
-                        next_send_at = Some(at);
-                    } else {
-                        let url = format!("{base}{}", self.outcome.location);
-                        let mut request = client.delete(&url);
-                        if let Some(token) = &options.token {
-                            request = request.bearer_auth(token);
-                        }
-                        let response = request
-                            .send()
-                            .await
-                            .map_err(|e| WhipError::Http(e.to_string()))?;
-                        if !response.status().is_success() {
-                            return Err(WhipError::Refused {
-                                status: response.status().as_u16(),
-                                body: response.text().await.unwrap_or_default(),
-                            });
-                        }
-                        deleted_at = Some(Instant::now());
-                    }
-                }
-            }
-            if self.closed {
+            if now >= until {
                 return Ok(());
             }
-            if deleted_at.is_some_and(|at| at.elapsed() > options.close_wait) {
-                return Ok(());
-            }
-            let mut wake = timeout.min(now + Duration::from_millis(50));
-            if let Some(at) = next_send_at {
-                wake = wake.min(at.max(now));
-            }
+            let wake = timeout.min(until).max(now);
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake));
             tokio::select! {
-                received = self.socket.recv_from(&mut buf) => {
+                received = self.socket.recv_from(&mut self.buf) => {
                     let (len, source) = received?;
-                    let Some(data) = buf.get(..len) else { continue };
+                    let Some(data) = self.buf.get(..len) else { continue };
                     let Ok(contents) = data.try_into() else { continue };
                     let input = Input::Receive(Instant::now(), Receive {
                         proto: Protocol::Udp,
@@ -266,7 +306,7 @@ impl ClientPeer {
                         if event["type"] == "closed" {
                             self.closed = true;
                         }
-                        self.outcome.events.push(event);
+                        self.events.push(event);
                     }
                 }
                 Output::Event(_) => {}
@@ -274,7 +314,8 @@ impl ClientPeer {
         }
     }
 
-    fn write(&mut self, packet: &[u8], frame: u64, at: Instant) -> Result<(), WhipError> {
+    /// Sends one Opus packet starting at 48 kHz frame `frame`.
+    pub fn send(&mut self, packet: &[u8], frame: u64, at: Instant) -> Result<(), WhipError> {
         let writer = self
             .rtc
             .writer(self.mid)

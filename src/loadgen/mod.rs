@@ -15,6 +15,7 @@
 mod audio;
 mod histogram;
 mod stream;
+mod webrtc;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -132,6 +133,18 @@ pub struct LoadgenArgs {
     /// No per-second lines.
     #[arg(long)]
     pub quiet: bool,
+    /// `webrtc`: each stream pushes its Opus packets over WebRTC (WHIP on
+    /// the same host and port, str0m as the client) instead of the
+    /// WebSocket; needs `--encoding opus` and 20 ms frames.
+    #[arg(long, value_enum, default_value = "websocket")]
+    pub transport: LoadTransport,
+}
+
+/// How the streams reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadTransport {
+    Websocket,
+    Webrtc,
 }
 
 /// Send lateness percentiles, in milliseconds.
@@ -298,6 +311,11 @@ fn plan(args: &LoadgenArgs, addr: SocketAddr, url: String) -> Result<Plan, Loadg
     if args.keepalive_ms == 0 {
         return invalid("--keepalive-ms must be at least 1".into());
     }
+    if args.transport == LoadTransport::Webrtc
+        && (args.encoding != LoadEncoding::Opus || args.frame_ms != 20 || args.idle)
+    {
+        return invalid("--transport webrtc sends 20 ms Opus packets: --encoding opus, --frame-ms 20, no --idle".into());
+    }
     if args.encoding == LoadEncoding::Opus {
         if ![8_000, 12_000, 16_000, 24_000, 48_000].contains(&args.sample_rate) {
             return invalid(format!(
@@ -374,7 +392,19 @@ async fn drive(args: &LoadgenArgs, plan: Plan) -> Report {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let start_at = t0 + ramp.mul_f64(i as f64 / n as f64);
-            tokio::spawn(stream::run(i, plan.clone(), counters.clone(), start_at))
+            match args.transport {
+                LoadTransport::Websocket => {
+                    tokio::spawn(stream::run(i, plan.clone(), counters.clone(), start_at))
+                }
+                LoadTransport::Webrtc => tokio::spawn(webrtc::run(
+                    i,
+                    plan.clone(),
+                    counters.clone(),
+                    start_at,
+                    args.channels,
+                    args.sinks.clone(),
+                )),
+            }
         })
         .collect();
 

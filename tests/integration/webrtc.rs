@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cochlea::client::whip::{push, WhipOptions, WhipOutcome};
+use cochlea::client::whip::{push, OpusSender, WhipOptions, WhipOutcome};
 use serde_json::{json, Value};
 
 use crate::harness::*;
@@ -486,4 +486,80 @@ async fn transport_webrtc_on_the_socket_needs_an_offer_and_no_format() {
         .await;
     let t = client.finish().await;
     assert_eq!(t.of_type("error")[0]["code"], "invalid_message");
+}
+
+/// `transport: webrtc` on the socket, and the socket dropping mid-stream:
+/// the session parks while the media flows on over WebRTC, the client
+/// resumes with its token, and the recording is one file of the whole
+/// media time.
+#[tokio::test]
+async fn a_dropped_signalling_socket_resumes_while_the_media_flows_on() {
+    let server = Server::start_with(
+        &[
+            "--recorder-sample-rate",
+            "16000",
+            "--stats-interval-ms",
+            "500",
+        ],
+        &[],
+    );
+    let (source, packets) = speech_packets(1);
+    let (mut sender, offer) = OpusSender::offer(1, false).await.unwrap();
+    let mut client = Client::connect(&server, "sinks=record").await;
+    client
+        .send_json(json!({"type": "start", "transport": "webrtc", "sdp": offer}))
+        .await;
+    let started = client.expect("started").await;
+    assert_eq!(started["format"]["encoding"], "opus");
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    let token = started["resume_token"]
+        .as_str()
+        .expect("a resume token")
+        .to_owned();
+    let answer = client.expect("webrtc_answer").await;
+    sender
+        .accept(answer["sdp"].as_str().unwrap(), None)
+        .unwrap();
+    sender.connect(Duration::from_secs(10)).await.unwrap();
+    let mut at = std::time::Instant::now();
+    let dropped_at = packets.len() / 3;
+    let resumed_at = dropped_at + 75;
+    let mut client = Some(client);
+    for (k, packet) in packets.iter().enumerate() {
+        if k == dropped_at {
+            // Gone without a Close frame, as on a network change.
+            drop(client.take());
+        }
+        if k == resumed_at {
+            let mut again =
+                Client::connect(&server, &format!("resume={id}&resume_token={token}")).await;
+            let restarted = again.expect("started").await;
+            assert_eq!(restarted["session_id"], id.as_str());
+            client = Some(again);
+        }
+        sender.pump(at).await.unwrap();
+        sender.send(packet, k as u64 * 960, at).unwrap();
+        at += Duration::from_millis(20);
+    }
+    sender.pump(at + Duration::from_millis(300)).await.unwrap();
+    let mut client = client.expect("resumed");
+    client.send_json(json!({"type": "stop"})).await;
+    let t = client.finish().await;
+    assert_eq!(t.close_code(), 1000, "{:#?}", t.messages);
+    assert!(t.of_type("ack").is_empty());
+    let closed = t.of_type("closed");
+    assert_eq!(closed[0]["reason"], "stop");
+    let stats = t.of_type("stats");
+    assert_eq!(
+        stats.last().expect("stats after the resume")["resumes"],
+        1,
+        "{stats:#?}"
+    );
+    let recording = t.of_type("recording");
+    let path = PathBuf::from(recording[0]["path"].as_str().unwrap());
+    let recorded = read_wav_i16(&path).samples;
+    // Nothing lost while the socket was away: every packet's media time.
+    assert_eq!(recorded.len(), packets.len() * 320);
+    let c = correlation(&recorded, &source);
+    assert!(c >= 0.95, "correlation {c:.4}");
 }
