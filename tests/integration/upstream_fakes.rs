@@ -96,6 +96,18 @@ async fn accept(listener: &TcpListener, log: &Log) -> Option<(usize, WebSocketSt
     Some((index, ws))
 }
 
+/// A fake's mid-stream drop: a Close, then whatever the client still sends
+/// is read and thrown away until it hangs up. Closing the socket with that
+/// unread would make the kernel reset the connection, and a reset discards
+/// the replies the client has not read yet (under load the vosk test lost
+/// its "first" result that way, and the 300 ms pauses before the others'
+/// drops were not always enough).
+async fn drop_connection(ws: &mut WebSocketStream<TcpStream>) {
+    let _ = ws.send(Message::Close(None)).await;
+    let drained = async { while let Some(Ok(_)) = ws.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+}
+
 fn note_text(log: &Log, index: usize, text: &str) {
     log.lock().unwrap()[index].texts.push(text.to_owned());
 }
@@ -214,7 +226,7 @@ async fn fake_assemblyai(listener: TcpListener, log: Log) {
                             ws.send(turn(0, true, "first", &[("first", 200, 600)]))
                                 .await
                                 .unwrap();
-                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            drop_connection(&mut ws).await;
                             break;
                         }
                         ws.send(turn(0, false, "", &[("second", 500, 900)]))
@@ -387,6 +399,7 @@ async fn fake_vosk(listener: TcpListener, log: Log) {
                         } else if frames < 32_000 {
                             vosk_partial("sec")
                         } else {
+                            drop_connection(&mut ws).await;
                             break;
                         }
                     } else if frames < 8_000 {
@@ -543,9 +556,7 @@ async fn fake_openai(listener: TcpListener, log: Log) {
                             ]);
                         }
                         if ms >= 1_600 {
-                            // Time to read the replies before the drop (a
-                            // reset would discard them unread).
-                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            drop_connection(&mut ws).await;
                             break;
                         }
                     } else {
