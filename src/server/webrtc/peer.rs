@@ -137,6 +137,12 @@ impl Peer {
     }
 
     async fn drive(&mut self, state: &mut State) -> String {
+        // One timer for the peer's life, moved only when str0m's next
+        // deadline moves (not made anew for every datagram).
+        let mut armed = tokio::time::Instant::now();
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
+        let mut last_source = None;
         loop {
             let timeout = loop {
                 match self.rtc.poll_output() {
@@ -171,7 +177,11 @@ impl Peer {
             if let Some(at) = state.give_up_at.or(state.linger_until) {
                 wake = wake.min(at);
             }
-            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(now)));
+            let wanted = tokio::time::Instant::from_std(wake.max(now));
+            if wanted != armed {
+                armed = wanted;
+                timer.as_mut().reset(armed);
+            }
             let lingering = state.linger_until.is_some();
             tokio::select! {
                 // The session's last messages (queued before it ended) go
@@ -187,7 +197,10 @@ impl Peer {
                     let Some(datagram) = datagram else {
                         return "the server is shutting down".into();
                     };
-                    state.sources.insert(datagram.source);
+                    if last_source != Some(datagram.source) {
+                        last_source = Some(datagram.source);
+                        state.sources.insert(datagram.source);
+                    }
                     let Ok(contents) = datagram.data.as_slice().try_into() else {
                         continue;
                     };
@@ -206,7 +219,10 @@ impl Peer {
                     // events (SCTP may have to resend them).
                     state.linger_until = Some(Instant::now() + LINGER);
                 }
-                () = sleep => {
+                () = &mut timer => {
+                    // Fired: parked until the next deadline re-arms it.
+                    armed += Duration::from_secs(86_400);
+                    timer.as_mut().reset(armed);
                     if let Err(error) = self.rtc.handle_input(Input::Timeout(Instant::now())) {
                         return format!("webrtc error: {error}");
                     }
