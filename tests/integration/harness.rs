@@ -179,6 +179,13 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A failing test shows what each of its servers said last.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- last lines of the server on {} ---\n{tail}", self.addr);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -356,9 +363,14 @@ impl Client {
     /// Next server text message (schema-checked); panics on close or timeout.
     pub async fn next_message(&mut self) -> Value {
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for a server message");
+            let Ok(next) = tokio::time::timeout(WAIT, self.ws.next()).await else {
+                let kinds: Vec<&str> = self
+                    .received
+                    .iter()
+                    .map(|m| m["type"].as_str().unwrap_or("?"))
+                    .collect();
+                panic!("timed out waiting for a server message; had {kinds:?}");
+            };
             match next {
                 Some(Ok(Message::Text(text))) => return self.take(&text),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
