@@ -371,6 +371,8 @@ async fn drive(
     let shutdown_signal = wait_for_shutdown(env.shutdown.clone());
     tokio::pin!(shutdown_signal);
     let mut shutdown_seen = false;
+    // The client's side of the connection ended while the session finished.
+    let mut client_left = false;
     let mut takeover_signal = takeover.map(wait_for_takeover);
     let ingest_seconds = metrics::histogram!(names::INGEST_LATENCY_SECONDS);
     loop {
@@ -404,8 +406,13 @@ async fn drive(
             armed = wanted;
             timer.as_mut().reset(armed);
         }
-        let reading = connection.is_some() && session.core.wants_input();
         let watching = !session.core.is_finishing();
+        // While the sinks finish (a slow transcript can take the whole stop
+        // wait), the socket is still read, for its pings and its end alone:
+        // unanswered, a client's keepalive dropped the connection before
+        // the last transcript and `closed` reached it.
+        let reading =
+            connection.is_some() && (session.core.wants_input() || (!watching && !client_left));
         let input = tokio::select! {
             biased;
             () = &mut shutdown_signal, if watching && !shutdown_seen => {
@@ -452,7 +459,11 @@ async fn drive(
                 }
             }
             message = next_message(&mut connection), if reading => {
-                if let Some(connection) = connection.as_mut() {
+                if !watching {
+                    if let Some(connection) = connection.as_mut() {
+                        client_left = !answer_while_finishing(connection, message).await;
+                    }
+                } else if let Some(connection) = connection.as_mut() {
                     let now = std::time::Instant::now();
                     on_message(
                         &mut session.core,
@@ -557,6 +568,22 @@ async fn on_message(
             tracing::info!(?reason, "client closed the connection without stop");
             core.handle_input(Input::ClientGone { close_frame: true }, now);
         }
+    }
+}
+
+/// A message that arrived while the session finishes: a ping is answered,
+/// anything else is ignored. False once the client's side has ended.
+async fn answer_while_finishing(
+    connection: &mut Connection,
+    message: Option<Result<Message, actix_ws::ProtocolError>>,
+) -> bool {
+    match message {
+        Some(Ok(Message::Ping(payload))) => {
+            let _ = connection.ws.pong(&payload).await;
+            true
+        }
+        Some(Ok(Message::Close(_)) | Err(_)) | None => false,
+        Some(Ok(_)) => true,
     }
 }
 

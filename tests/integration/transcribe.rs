@@ -409,6 +409,55 @@ async fn stop_waits_for_transcripts_only_so_long() {
         .contains("session ended before the transcript arrived"));
 }
 
+/// Regression: while the sinks finished, the socket was not read, so a
+/// client's pings went unanswered and its keepalive (20 s in Python's
+/// `websockets`) dropped the connection before the last transcript came.
+#[tokio::test]
+async fn pings_are_answered_while_the_last_transcript_is_awaited() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let stub = Stub::start(|_, _| Reply::text("late words").after(Duration::from_secs(3))).await;
+    let server = server(&stub, &[]);
+    let (samples, _) = speech_stream(1, 0.6);
+    let mut client = stream(&server, "encoding=pcm_s16le&sample_rate=16000", &samples).await;
+    client.send_json(json!({"type": "stop"})).await;
+    client
+        .ws
+        .send(Message::Ping(b"still there?".to_vec().into()))
+        .await
+        .unwrap();
+    // The pong comes while the transcript is still awaited, and the text
+    // messages read on the way are kept for the transcript's check.
+    let mut before_pong = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), client.ws.next())
+            .await
+            .expect("no pong within 2 s while the transcript was awaited");
+        match next {
+            Some(Ok(Message::Pong(payload))) => {
+                assert_eq!(&payload[..], b"still there?");
+                break;
+            }
+            Some(Ok(Message::Text(text))) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                before_pong.push(message["type"].as_str().unwrap_or("?").to_owned());
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended before the pong: {other:?}"),
+        }
+    }
+    assert!(
+        !before_pong
+            .iter()
+            .any(|t| t == "transcript" || t == "closed"),
+        "{before_pong:?}"
+    );
+    let t = client.finish().await;
+    assert_closed_last(&t);
+    assert_eq!(transcripts(&t).len(), 1, "{:#?}", t.messages);
+    assert_eq!(transcripts(&t)[0]["text"], "late words");
+}
+
 #[tokio::test]
 async fn flush_sends_the_open_utterance_now() {
     let stub = Stub::start(|_, request| Reply::text(&format!("u{}", utterance_of(request)))).await;
