@@ -196,11 +196,16 @@ impl Auth {
         max_session_ms: Option<u64>,
         now: SystemTime,
     ) -> (String, TokenClaims) {
-        let exp = now
+        // Rounded up: whole seconds truncated gave a token minted late in a
+        // second up to a second less than its ttl (a 1 s token could be
+        // expired 0.1 s after minting).
+        let until = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
-            .saturating_add(ttl)
-            .as_secs();
+            .saturating_add(ttl);
+        let exp = until
+            .as_secs()
+            .saturating_add(u64::from(until.subsec_nanos() > 0));
         let claims = TokenClaims {
             kid: principal.key_id.clone(),
             exp,
@@ -357,6 +362,29 @@ mod tests {
             Err(AuthError::BadToken(_))
         ));
         assert!(claims.exp > 0);
+    }
+
+    /// Regression: the expiry was truncated to whole seconds.
+    #[test]
+    fn a_token_lives_at_least_its_ttl() {
+        let auth = auth();
+        let principal = auth
+            .check(Some("k-two"), SystemTime::now())
+            .unwrap()
+            .unwrap();
+        let late_in_a_second = UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
+        let ttl = Duration::from_secs(1);
+        let (token, _) = auth.mint(&principal, ttl, None, late_in_a_second);
+        let almost = late_in_a_second + ttl - Duration::from_millis(1);
+        assert!(auth.check(Some(&token), almost).is_ok());
+        // And at most a second more.
+        assert_eq!(
+            auth.check(
+                Some(&token),
+                late_in_a_second + ttl + Duration::from_secs(1)
+            ),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]
