@@ -90,6 +90,8 @@ pub fn drive(kind: DialectKind, data: &[u8]) -> Run {
                 | Inbound::Stop
                 | Inbound::Reply(_)
                 | Inbound::Event { .. } => {}
+                // Only the native protocol negotiates WebRTC.
+                Inbound::WebrtcOffer(_) => panic!("a telephony dialect produced a WebRTC offer"),
             }
         }
     };
