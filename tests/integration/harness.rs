@@ -360,15 +360,19 @@ impl Client {
         value
     }
 
+    /// The types of the messages read so far, for a timeout's panic.
+    fn received_kinds(&self) -> Vec<&str> {
+        self.received
+            .iter()
+            .map(|m| m["type"].as_str().unwrap_or("?"))
+            .collect()
+    }
+
     /// Next server text message (schema-checked); panics on close or timeout.
     pub async fn next_message(&mut self) -> Value {
         loop {
             let Ok(next) = tokio::time::timeout(WAIT, self.ws.next()).await else {
-                let kinds: Vec<&str> = self
-                    .received
-                    .iter()
-                    .map(|m| m["type"].as_str().unwrap_or("?"))
-                    .collect();
+                let kinds = self.received_kinds();
                 panic!("timed out waiting for a server message; had {kinds:?}");
             };
             match next {
@@ -392,11 +396,7 @@ impl Client {
         loop {
             let Ok(next) = tokio::time::timeout(WAIT, self.ws.next()).await else {
                 // What came before the silence says where the server stalled.
-                let kinds: Vec<String> = self
-                    .received
-                    .iter()
-                    .map(|m| m["type"].as_str().unwrap_or("?").to_owned())
-                    .collect();
+                let kinds = self.received_kinds();
                 panic!("timed out waiting for the connection to end; received so far: {kinds:?}");
             };
             match next {
